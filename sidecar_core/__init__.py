@@ -1,0 +1,93 @@
+"""sidecar: move tensors and small Python objects between the processes of an ML serving system.
+
+Public API::
+
+    from sidecar_core import Sidecar, SidecarConfig
+
+    with Sidecar(SidecarConfig(sidecar_rank=0)) as sidecar:
+        sidecar.send(torch.ones(4), id="req-1", dst_sidecar_ranks=[[1]]).result()
+
+Transports and serializers are plugins (entry-point group ``sidecar``); see ``docs/``.
+"""
+
+from sidecar_core._client import Sidecar, SidecarConfig
+from sidecar_core._codec import Codec
+from sidecar_core._errors import (
+    AlreadyDoneError,
+    AuthenticationError,
+    CapacityError,
+    DuplicateChunkError,
+    FrameError,
+    PeerLostError,
+    PeerUnreachableError,
+    PluginError,
+    PluginUnavailableError,
+    RecvTimeoutError,
+    RemoteError,
+    SendTimeoutError,
+    SerializationError,
+    SettingsError,
+    SidecarClosedError,
+    SidecarError,
+    TransportNotFoundError,
+)
+from sidecar_core._frame import (
+    Buffer,
+    Frame,
+    Header,
+    buffer_nbytes,
+    decode_header,
+    encode_header,
+    header_length,
+)
+from sidecar_core._hooks import hookimpl, hookspec
+from sidecar_core._plugins import PluginEntry, Registry, build_registry, get_registry
+from sidecar_core._serializer import Encoded, Serializer
+from sidecar_core._settings import SidecarSettings, load_settings
+from sidecar_core._transport import Inbox, Transport, TransportContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyDoneError",
+    "AuthenticationError",
+    "Buffer",
+    "CapacityError",
+    "Codec",
+    "DuplicateChunkError",
+    "Encoded",
+    "Frame",
+    "FrameError",
+    "Header",
+    "Inbox",
+    "PeerLostError",
+    "PeerUnreachableError",
+    "PluginEntry",
+    "PluginError",
+    "PluginUnavailableError",
+    "RecvTimeoutError",
+    "Registry",
+    "RemoteError",
+    "SendTimeoutError",
+    "SerializationError",
+    "Serializer",
+    "SettingsError",
+    "Sidecar",
+    "SidecarClosedError",
+    "SidecarConfig",
+    "SidecarError",
+    "SidecarSettings",
+    "Transport",
+    "TransportContext",
+    "TransportNotFoundError",
+    "__version__",
+    "buffer_nbytes",
+    "build_registry",
+    "decode_header",
+    "encode_header",
+    "get_registry",
+    "header_length",
+    "hookimpl",
+    "hookspec",
+    "load_settings",
+]

@@ -1,0 +1,428 @@
+"""The public client: :class:`Sidecar` and :class:`SidecarConfig`.
+
+Each ``Sidecar`` owns one event loop on a background thread. The transport, the receive store and
+all network I/O live on that loop; the public methods hand work to it, so they can be called from
+any thread and from any asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sidecar_core._codec import Codec
+from sidecar_core._errors import SendTimeoutError, SidecarClosedError, SidecarError
+from sidecar_core._frame import Frame, Header
+from sidecar_core._plugins import Registry, get_registry
+from sidecar_core._settings import SidecarSettings, load_settings
+from sidecar_core._store import ReceiveStore
+from sidecar_core._transport import Transport, TransportContext
+
+logger = logging.getLogger("sidecar")
+
+T = TypeVar("T")
+Ranks = int | Sequence[int] | Sequence[Sequence[int]]
+
+
+@dataclass
+class SidecarConfig:
+    """Per-process configuration; accepts the fields of Cornserve's ``SidecarConfig``.
+
+    Args:
+        sidecar_rank: This process's rank.
+        group: The tensor-parallel group this rank belongs to (defaults to ``[sidecar_rank]``).
+        max_workers: Accepted for compatibility; the sidecar uses one event-loop thread.
+        send_tensor_dtype: Accepted for compatibility (Cornserve's slot sizing hint); unused.
+        send_tensor_shape: Accepted for compatibility; unused.
+        recv_tensor_dtype: Accepted for compatibility; unused.
+        recv_tensor_shape: Accepted for compatibility; unused.
+        concurrent_copy: Accepted for compatibility; unused.
+        transport: Overrides ``SIDECAR_TRANSPORT``.
+        settings: Overrides for any :class:`SidecarSettings` field (e.g. ``{"recv_timeout": 5}``).
+
+    Raises:
+        ValueError: ``sidecar_rank`` is negative or not in ``group``.
+    """
+
+    sidecar_rank: int
+    group: list[int] | None = None
+    max_workers: int = 8
+    send_tensor_dtype: Any = None
+    send_tensor_shape: tuple[int, ...] | None = None
+    recv_tensor_dtype: Any = None
+    recv_tensor_shape: tuple[int, ...] | None = None
+    concurrent_copy: bool = True
+    transport: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sidecar_rank < 0:
+            raise ValueError(f"sidecar_rank must be >= 0, got {self.sidecar_rank}")
+        self.group = sorted(self.group) if self.group is not None else [self.sidecar_rank]
+        if self.sidecar_rank not in self.group:
+            raise ValueError(f"sidecar_rank {self.sidecar_rank} is not in its group {self.group}")
+
+
+def flatten_ranks(dst: Ranks) -> list[int]:
+    """Turn ``3``, ``[3, 4]`` or ``[[3, 4], [5]]`` into the unique ranks ``[3, 4, 5]``.
+
+    Raises:
+        ValueError: A rank is negative or not an int, or no rank is given.
+    """
+    items: list[Any] = [dst] if isinstance(dst, int) else list(dst)
+    ranks: list[int] = []
+    for item in items:
+        for rank in [item] if isinstance(item, int) else item:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise ValueError(f"destination ranks must be ints >= 0, got {rank!r} in {dst!r}")
+            if rank not in ranks:
+                ranks.append(rank)
+    if not ranks:
+        raise ValueError("dst_sidecar_ranks is empty; name at least one destination rank")
+    return ranks
+
+
+class _LoopThread:
+    """An asyncio loop running on a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("a blocking sidecar call was made on the sidecar's own thread; use the async form")
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class Sidecar:
+    """Sends and receives ``(id, chunk_id)``-addressed data to and from other sidecar ranks.
+
+    Construction starts the selected transport (it listens for peers) and returns once it is ready.
+    Use it as a context manager, or call :meth:`shutdown_sync` / :meth:`shutdown` when done.
+
+    Args:
+        config: Rank and overrides; ``None`` reads ``SIDECAR_RANK``.
+        registry: Plugin registry (defaults to the process-wide one).
+
+    Raises:
+        SettingsError: A setting is invalid (the message names the variable).
+        TransportNotFoundError: ``SIDECAR_TRANSPORT`` names no installed transport.
+        PluginUnavailableError: The transport is installed but cannot load here.
+        PeerUnreachableError: The transport could not start listening.
+    """
+
+    def __init__(self, config: SidecarConfig | None = None, *, registry: Registry | None = None) -> None:
+        overrides = dict(config.settings) if config is not None else {}
+        if config is not None:
+            overrides["rank"] = config.sidecar_rank
+            overrides["transport"] = config.transport
+        self.settings = load_settings(SidecarSettings, **overrides)
+        if self.settings.rank is None:
+            raise SidecarError("no sidecar rank: pass SidecarConfig(sidecar_rank=N) or set SIDECAR_RANK")
+        self.config = config or SidecarConfig(sidecar_rank=self.settings.rank)
+        self.sidecar_rank: int = self.settings.rank
+        self.group = self.config.group
+        self._registry = registry or get_registry()
+        self.transport_name = self.settings.transport_name
+        transport_cls = self._registry.load_transport(self.transport_name)
+        self.codec = Codec(self._registry.load_serializers())
+        self._hooks = self._registry.manager.hook
+        self._closed = False
+        self._loop_thread = _LoopThread(f"sidecar-{self.sidecar_rank}")
+        self._store = ReceiveStore(
+            self.codec,
+            rank=self.sidecar_rank,
+            transport=self.transport_name,
+            max_bytes=self.settings.max_buffered_bytes,
+            device=self.settings.recv_device,
+            on_recv=self._report_recv,
+        )
+        try:
+            self._transport: Transport = self._loop_thread.call(self._start(transport_cls))
+        except BaseException:
+            self._loop_thread.stop()
+            raise
+        limits = [x for x in (self.settings.chunk_size, self._transport.max_part_bytes) if x is not None]
+        self._max_part_bytes = min(limits) if limits else None
+
+    async def _start(self, transport_cls: type[Transport]) -> Transport:
+        ctx = TransportContext(
+            rank=self.sidecar_rank,
+            settings=self.settings,
+            inbox=self._store,
+            codec=self.codec,
+            loop=asyncio.get_running_loop(),
+        )
+        transport = transport_cls(ctx)
+        await transport.start()
+        return transport
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(
+        self,
+        data: Any,
+        id: str,
+        dst_sidecar_ranks: Ranks,
+        chunk_id: int = 0,
+        num_chunks: int = 1,
+        stream: bool = False,
+        *,
+        serializer: str | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Send ``data`` as chunk ``chunk_id`` of ``id`` to every rank of every destination group.
+
+        Returns at once. The object is encoded before this returns, but its memory is read until
+        the future resolves: do not modify it in place before then.
+
+        Args:
+            data: A tensor, list/tuple of tensors, JSON-compatible dict/list, or primitive.
+            id: The message id the receivers ``recv`` by.
+            dst_sidecar_ranks: ``[[r0, r1], [r2]]`` (tensor-parallel groups), ``[r0, r2]`` or ``r0``.
+            chunk_id: Which chunk of ``id`` this is.
+            num_chunks: How many chunks ``id`` has (ignored when ``stream``).
+            stream: The number of chunks is not known yet; end the stream with :meth:`close_stream`.
+            serializer: Force a serializer by name instead of choosing by type.
+
+        Returns:
+            A future that resolves to ``None`` once every destination holds the data, or raises
+            (:class:`PeerUnreachableError`, :class:`RemoteError`, :class:`SendTimeoutError`, ...).
+
+        Raises:
+            ValueError: Bad destination ranks or chunk numbers.
+            SerializationError: No serializer accepts ``data``.
+            SidecarClosedError: The sidecar was shut down.
+        """
+        self._check_open()
+        ranks = self._destinations(dst_sidecar_ranks)
+        if chunk_id < 0 or (not stream and not 0 <= chunk_id < num_chunks):
+            raise ValueError(f"chunk_id {chunk_id} must be in [0, num_chunks={num_chunks}) for id {id!r}")
+        frames = self.codec.frames(
+            data,
+            id=id,
+            chunk_id=chunk_id,
+            num_chunks=None if stream else num_chunks,
+            src=self.sidecar_rank,
+            max_part_bytes=self._max_part_bytes,
+            serializer=serializer,
+        )
+        return self._track(self._loop_thread.submit(self._send_all(ranks, frames)), f"send id={id!r} chunk={chunk_id}")
+
+    def close_stream(self, id: str, num_chunks: int, dst_sidecar_ranks: Ranks) -> concurrent.futures.Future[None]:
+        """Tell every destination that stream ``id`` has ``num_chunks`` chunks.
+
+        It may be sent before any chunk; receivers then return ``None`` for ``recv`` of a chunk at or
+        past ``num_chunks``.
+
+        Returns:
+            A future that resolves once every destination has recorded the end.
+
+        Raises:
+            ValueError: Bad destination ranks or a negative ``num_chunks``.
+            SidecarClosedError: The sidecar was shut down.
+        """
+        self._check_open()
+        ranks = self._destinations(dst_sidecar_ranks)
+        if num_chunks < 0:
+            raise ValueError(f"num_chunks must be >= 0, got {num_chunks}")
+        frame = Frame(Header(kind="close", id=id, num_chunks=num_chunks, src=self.sidecar_rank))
+        return self._track(self._loop_thread.submit(self._send_all(ranks, [frame])), f"close_stream id={id!r}")
+
+    def _destinations(self, dst: Ranks) -> list[int]:
+        ranks = flatten_ranks(dst)
+        if self.sidecar_rank in ranks:
+            raise ValueError(f"rank {self.sidecar_rank} cannot send to itself (dst_sidecar_ranks={dst!r})")
+        return ranks
+
+    async def _send_all(self, ranks: list[int], frames: list[Frame]) -> None:
+        results = await asyncio.gather(*(self._send_one(rank, frames) for rank in ranks), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+            raise type(errors[0])(f"{len(errors)} of {len(ranks)} destinations failed: {summary}") from errors[0]
+
+    async def _send_one(self, rank: int, frames: list[Frame]) -> None:
+        start = time.perf_counter()
+        timeout = self.settings.send_timeout
+        try:
+            for frame in frames:
+                await asyncio.wait_for(self._transport.send(rank, frame), timeout)
+        except TimeoutError:
+            h = frames[0].header
+            error = SendTimeoutError(
+                f"send {h.describe()} to {self._transport.describe_peer(rank)} over {self.transport_name} did not "
+                f"complete within SIDECAR_SEND_TIMEOUT={timeout:g}s; is the peer running and reading?"
+            )
+            self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+            raise error from None
+        except Exception as error:
+            self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+            raise
+        h = frames[0].header
+        if h.kind == "data":
+            self._hooks.sidecar_on_send(
+                id=h.id,
+                chunk_id=h.chunk_id,
+                dst_rank=rank,
+                nbytes=h.total_bytes,
+                seconds=time.perf_counter() - start,
+                transport=self.transport_name,
+            )
+
+    def _report_recv(self, header: Header, nbytes: int) -> None:
+        self._hooks.sidecar_on_recv(
+            id=header.id,
+            chunk_id=header.chunk_id,
+            src_rank=header.src,
+            nbytes=nbytes,
+            transport=self.transport_name,
+        )
+
+    @staticmethod
+    def _track(future: concurrent.futures.Future[T], what: str) -> concurrent.futures.Future[T]:
+        """Log a failed future whose error nobody retrieved, so errors are never silent."""
+
+        def check(done: concurrent.futures.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                logger.error("%s failed: %s", what, done.exception())
+
+        future.add_done_callback(check)
+        return future
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    async def _recv(self, id: str, chunk_id: int, timeout: float | None) -> Any:
+        await self._transport.want(id, chunk_id)
+        return await self._store.get(id, chunk_id, self.settings.recv_timeout if timeout is None else timeout)
+
+    async def recv(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
+        """Wait for chunk ``chunk_id`` of ``id`` and return it; idempotent until :meth:`mark_done`.
+
+        Args:
+            id: The message id.
+            chunk_id: The chunk to wait for.
+            timeout: Seconds to wait (default ``SIDECAR_RECV_TIMEOUT``).
+
+        Returns:
+            The object, or ``None`` if ``chunk_id`` is at or past the end of a closed stream.
+
+        Raises:
+            RecvTimeoutError: Nothing arrived in time (the message names id, chunk, transport, peer).
+            AlreadyDoneError: The chunk was released with :meth:`mark_done`.
+            PeerLostError: The peer sending this id disconnected before sending the chunk.
+            SidecarClosedError: The sidecar was shut down.
+        """
+        self._check_open()
+        return await asyncio.wrap_future(self._loop_thread.submit(self._recv(id, chunk_id, timeout)))
+
+    def recv_sync(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
+        """Blocking form of :meth:`recv` (same arguments, result and errors)."""
+        self._check_open()
+        return self._loop_thread.call(self._recv(id, chunk_id, timeout))
+
+    async def iter_chunks(self, id: str, start: int = 0, *, mark_done: bool = False) -> AsyncIterator[Any]:
+        """Yield the chunks of ``id`` in order until the end of the stream.
+
+        Args:
+            id: The stream's id.
+            start: First chunk to yield.
+            mark_done: Release each chunk once the loop body has processed it and asked for the next.
+
+        Raises:
+            RecvTimeoutError: A chunk did not arrive within the receive timeout.
+            PeerLostError: The sender disconnected mid-stream.
+        """
+        chunk_id = start
+        while True:
+            value = await self.recv(id, chunk_id)
+            if value is None:
+                return
+            yield value
+            if mark_done:
+                await self.mark_done(id, chunk_id)
+            chunk_id += 1
+
+    async def mark_done(self, id: str, chunk_id: int = 0) -> None:
+        """Release chunk ``chunk_id`` of ``id``: its memory is freed and a later ``recv`` raises.
+
+        Tensors received zero-copy are views of transport memory that may be reused after this
+        call: copy what you want to keep first. Marking an unknown chunk does nothing.
+
+        Raises:
+            SidecarClosedError: The sidecar was shut down.
+        """
+        self._check_open()
+        await asyncio.wrap_future(self._loop_thread.submit(self._mark_done(id, chunk_id)))
+
+    def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
+        """Blocking form of :meth:`mark_done`."""
+        self._check_open()
+        self._loop_thread.call(self._mark_done(id, chunk_id))
+
+    async def _mark_done(self, id: str, chunk_id: int) -> None:
+        self._store.mark_done(id, chunk_id)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SidecarClosedError(f"sidecar rank {self.sidecar_rank} was shut down; create a new Sidecar")
+
+    async def _close(self) -> None:
+        self._store.close()
+        with contextlib.suppress(Exception):
+            await self._transport.close()
+
+    def shutdown_sync(self) -> None:
+        """Stop the transport, release received memory and stop the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._loop_thread.call(self._close())
+        self._loop_thread.stop()
+
+    async def shutdown(self) -> None:
+        """Async form of :meth:`shutdown_sync`."""
+        await asyncio.to_thread(self.shutdown_sync)
+
+    def __enter__(self) -> Sidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown_sync()
+
+    async def __aenter__(self) -> Sidecar:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Sidecar rank={self.sidecar_rank} transport={self.transport_name} {state}>"

@@ -1,0 +1,130 @@
+"""Objects to frames and back: serializer choice, part splitting, decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar_core._errors import FrameError, SerializationError
+from sidecar_core._frame import Buffer, Frame, Header, buffer_nbytes
+from sidecar_core._serializer import Encoded, Serializer
+
+
+class Codec:
+    """Encodes objects with the first serializer that accepts them and decodes frames by name."""
+
+    def __init__(self, serializers: Sequence[Serializer]) -> None:
+        self._ordered = list(serializers)
+        self._by_name = {s.NAME: s for s in self._ordered}
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the loaded serializers, in the order they are tried."""
+        return [s.NAME for s in self._ordered]
+
+    def encode(self, obj: object, serializer: str | None = None) -> tuple[str, Encoded]:
+        """Encode ``obj`` with ``serializer`` or the first one that accepts it.
+
+        Raises:
+            SerializationError: No serializer accepts ``obj`` (or the named one is unknown).
+        """
+        if serializer is not None:
+            chosen = self._by_name.get(serializer)
+            if chosen is None:
+                raise SerializationError(f"unknown serializer {serializer!r}; installed: {', '.join(self.names)}")
+            return chosen.NAME, chosen.encode(obj)
+        for candidate in self._ordered:
+            if candidate.accepts(obj):
+                return candidate.NAME, candidate.encode(obj)
+        raise SerializationError(
+            f"no serializer accepts {type(obj).__module__}.{type(obj).__qualname__}. Send a tensor, a "
+            "list/tuple of tensors, a JSON-compatible dict or list, or None/bool/int/float/str/bytes; "
+            f"installed serializers: {', '.join(self.names)}"
+        )
+
+    def frames(
+        self,
+        obj: object,
+        *,
+        id: str,
+        chunk_id: int,
+        num_chunks: int | None,
+        src: int,
+        max_part_bytes: int | None,
+        serializer: str | None = None,
+    ) -> list[Frame]:
+        """Encode ``obj`` into one frame, or into parts of at most ``max_part_bytes`` each.
+
+        Raises:
+            SerializationError: No serializer accepts ``obj``.
+        """
+        name, enc = self.encode(obj, serializer)
+        layout = [buffer_nbytes(b) for b in enc.buffers]
+        total = sum(layout)
+        base: dict[str, Any] = {
+            "kind": "data",
+            "id": id,
+            "chunk_id": chunk_id,
+            "num_chunks": num_chunks,
+            "src": src,
+            "serializer": name,
+            "meta": enc.meta,
+            "layout": layout,
+            "device": enc.device,
+        }
+        if max_part_bytes is None or total <= max_part_bytes:
+            return [Frame(Header(**base, sizes=layout), list(enc.buffers))]
+        pieces = list(_split(enc.buffers, layout, max_part_bytes))
+        return [
+            Frame(Header(**base, part=i, num_parts=len(pieces), offset=offset, sizes=sizes), bufs)
+            for i, (offset, sizes, bufs) in enumerate(pieces)
+        ]
+
+    def decode(self, header: Header, buffers: Sequence[Buffer], device: str) -> object:
+        """Rebuild the object of a complete message.
+
+        Raises:
+            FrameError: Unknown serializer, or metadata inconsistent with the buffers.
+        """
+        serializer = self._by_name.get(header.serializer)
+        if serializer is None:
+            raise FrameError(
+                f"{header.describe()}: unknown serializer {header.serializer!r}; this sidecar has "
+                f"{', '.join(self.names)}. Install the same serializer plugins on both sides."
+            )
+        try:
+            return serializer.decode(header.meta, buffers, device)
+        except FrameError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise FrameError(
+                f"{header.describe()}: serializer {header.serializer!r} rejected the frame: {exc}"
+            ) from exc
+
+
+def _split(buffers: Sequence[Buffer], layout: Sequence[int], limit: int) -> list[tuple[int, list[int], list[Buffer]]]:
+    """Cut the concatenation of ``buffers`` into windows of ``limit`` bytes, without copying."""
+    parts: list[tuple[int, list[int], list[Buffer]]] = []
+    offset = 0
+    sizes: list[int] = []
+    bufs: list[Buffer] = []
+    room = limit
+    start = 0
+    for buf, size in zip(buffers, layout, strict=True):
+        flat = buf.cast("B") if isinstance(buf, memoryview) else buf
+        pos = 0
+        while pos < size or (size == 0 and pos == 0):
+            take = min(room, size - pos)
+            sizes.append(take)
+            bufs.append(flat[pos : pos + take])
+            pos += take
+            room -= take
+            if room == 0:
+                parts.append((start, sizes, bufs))
+                offset += limit
+                start, sizes, bufs, room = offset, [], [], limit
+            if size == 0:
+                break
+    if sizes:
+        parts.append((start, sizes, bufs))
+    return parts

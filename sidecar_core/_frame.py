@@ -1,0 +1,139 @@
+"""The frame: what the core hands a transport and a transport hands back.
+
+A frame is a small JSON header plus payload buffers that are never copied into the header. A
+message (one ``(id, chunk_id)``) travels as one frame, or as several *parts* when it is larger than
+the chunk size; the receiving core joins parts back together.
+
+On byte streams (sockets) a frame is written as::
+
+    b"SCF1" | header length (u32, little endian) | header (UTF-8 JSON) | buffers, back to back
+
+Headers are validated (sizes, counts, ids) before the receiver allocates anything for the payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sidecar_core._errors import FrameError
+
+if TYPE_CHECKING:
+    import torch
+
+MAGIC = b"SCF1"
+PREFIX = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 1 << 20
+MAX_BUFFERS = 4096
+
+#: A payload buffer: host memory as a flat byte ``memoryview``, or a flat ``torch.uint8`` tensor
+#: (on CUDA for GPU payloads, or a CPU tensor where a transport already holds one).
+Buffer: TypeAlias = "memoryview | torch.Tensor"
+
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+class Header(BaseModel):
+    """The metadata of one frame. Unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    kind: Literal["data", "close"]
+    id: Annotated[str, Field(min_length=1, max_length=1024)]
+    chunk_id: NonNegative = 0
+    #: Total chunks of the id; ``None`` while streaming (the end comes with a ``close`` frame).
+    num_chunks: NonNegative | None = 1
+    src: NonNegative
+    part: NonNegative = 0
+    num_parts: Annotated[int, Field(ge=1)] = 1
+    serializer: str = ""
+    meta: dict[str, Any] = Field(default_factory=dict)
+    #: Sizes of the message's buffers once all parts are joined.
+    layout: Annotated[list[NonNegative], Field(max_length=MAX_BUFFERS)] = Field(default_factory=list)
+    #: Where this frame's bytes start in the message's payload (its buffers laid end to end).
+    offset: NonNegative = 0
+    #: Sizes of the buffers this frame carries.
+    sizes: Annotated[list[NonNegative], Field(max_length=MAX_BUFFERS)] = Field(default_factory=list)
+    #: Device class of the sender's buffers: lets a transport pick a GPU path.
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Header:
+        if self.part >= self.num_parts:
+            raise ValueError(f"part {self.part} is not below num_parts {self.num_parts}")
+        total = sum(self.layout)
+        if self.offset + sum(self.sizes) > total:
+            raise ValueError(f"frame bytes {self.offset}+{sum(self.sizes)} exceed the message's {total}")
+        if self.num_parts == 1 and (self.offset != 0 or self.sizes != self.layout):
+            raise ValueError("a single-part frame must carry exactly the message layout")
+        if self.kind == "close" and (self.num_chunks is None or self.sizes or self.layout):
+            raise ValueError("a close frame carries num_chunks and no buffers")
+        if self.num_chunks is not None and self.kind == "data" and self.chunk_id >= self.num_chunks:
+            raise ValueError(f"chunk_id {self.chunk_id} is not below num_chunks {self.num_chunks}")
+        return self
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole message payload (all parts)."""
+        return sum(self.layout)
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of the payload this frame carries."""
+        return sum(self.sizes)
+
+    def describe(self) -> str:
+        """Short human form used in error messages."""
+        return f"id={self.id!r} chunk={self.chunk_id}"
+
+
+@dataclass(slots=True)
+class Frame:
+    """A header and the buffers it describes (``len(buffers) == len(header.sizes)``)."""
+
+    header: Header
+    buffers: list[Buffer] = field(default_factory=list)
+
+
+def buffer_nbytes(buf: Buffer) -> int:
+    """Size in bytes of a payload buffer."""
+    if isinstance(buf, memoryview):
+        return buf.nbytes
+    return int(buf.numel()) * int(buf.element_size())
+
+
+def encode_header(header: Header) -> bytes:
+    """Return the wire prefix and JSON header of a frame (payload buffers follow it)."""
+    body = header.model_dump_json(exclude_defaults=True).encode()
+    return PREFIX.pack(MAGIC, len(body)) + body
+
+
+def header_length(prefix: bytes) -> int:
+    """Validate the 8-byte wire prefix and return the JSON header's length.
+
+    Raises:
+        FrameError: The magic is wrong (the peer is not a sidecar) or the header is too large.
+    """
+    magic, length = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"bad frame magic {magic!r}: the peer is not a sidecar or speaks another version")
+    if length > MAX_HEADER_BYTES:
+        raise FrameError(f"frame header of {length} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    return int(length)
+
+
+def decode_header(body: bytes | bytearray) -> Header:
+    """Parse and validate a JSON frame header.
+
+    Raises:
+        FrameError: The header is not valid JSON or breaks a rule (the message says which).
+    """
+    try:
+        return Header.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'header'}: {e['msg']}" for e in exc.errors())
+        raise FrameError(f"malformed frame header: {problems}") from None

@@ -1,0 +1,118 @@
+"""Settings read from the environment (prefix ``SIDECAR_``), with Cornserve's names kept working.
+
+Every field maps to one environment variable, ``SIDECAR_<FIELD>``; the ``Field`` descriptions
+below are the settings reference (``docs/settings.md`` is generated from them). A transport may
+add its own settings class with the prefix ``SIDECAR_<TRANSPORT>__`` (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, TypeVar
+
+import pydantic
+import pydantic_settings
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sidecar_core._errors import SettingsError
+
+_GiB = 1 << 30
+
+Rank = Annotated[int, Field(ge=0)]
+
+
+class SidecarSettings(BaseSettings):
+    """The core settings of one sidecar process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SIDECAR_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+    )
+
+    transport: str = Field(
+        "localhost", description="Transport plugin that moves frames (`sidecar plugins` lists them)."
+    )
+    rank: Rank | None = Field(None, description="This process's sidecar rank (`SidecarConfig` overrides).")
+    is_local: bool = Field(False, description="Route every rank to loopback, whatever the host template says.")
+    host_template: str = Field(
+        "127.0.0.1",
+        description="Host of rank N, `{rank}` replaced, e.g. `sidecar-{rank}.sidecar.default.svc`.",
+    )
+    base_port: int = Field(19000, ge=1, le=65535, description="Rank N listens on `base_port + N` (network transports).")
+    peers: dict[Rank, str] | None = Field(
+        None, description='Explicit JSON map of rank to `host:port`, e.g. `{"0": "10.0.0.5:19000"}`.'
+    )
+    recv_timeout: float = Field(60.0, gt=0, description="Seconds `recv` waits for a chunk.")
+    send_timeout: float = Field(60.0, gt=0, description="Seconds `send` waits for every destination.")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait when connecting to a peer.")
+    max_buffered_bytes: int = Field(8 * _GiB, gt=0, description="Bound on received bytes held until `mark_done`.")
+    chunk_size: int | None = Field(
+        None, gt=0, description="Split messages above this many bytes into parts (unset: transport's choice)."
+    )
+    auth_token: SecretStr | None = Field(None, description="Shared secret; peers without it are refused.")
+    recv_device: str = Field(
+        "cpu", description="Where received tensors land: `cpu`, or `cuda`/`cuda:N` where the transport can."
+    )
+    mock_sidecar: bool = Field(
+        False,
+        validation_alias=AliasChoices("CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR"),
+        description="Cornserve's switch: `1`/`true` selects the `mock-file` transport.",
+    )
+
+    @field_validator("recv_device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @property
+    def transport_name(self) -> str:
+        """The transport to use, with ``CORNSERVE_MOCK_SIDECAR`` taking precedence."""
+        return "mock-file" if self.mock_sidecar else self.transport
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def env_name(settings_cls: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets ``field`` of ``settings_cls``."""
+    info = settings_cls.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    prefix = str(settings_cls.model_config.get("env_prefix", ""))
+    return f"{prefix}{field}".upper()
+
+
+def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """Build ``settings_cls`` from the environment plus explicit overrides.
+
+    Args:
+        settings_cls: A pydantic-settings class (the core's or a transport's).
+        **overrides: Values that win over the environment (``None`` values are ignored).
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        SettingsError: A value is malformed; the message names the environment variable, the value
+            that was given and what is expected.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return settings_cls(**given)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            value = json.dumps(err.get("input"), default=str)
+            problems.append(f"{env_name(settings_cls, field)}={value}: {err['msg']}")
+        raise SettingsError("invalid sidecar setting: " + "; ".join(problems)) from None
+    except pydantic_settings.SettingsError as exc:
+        # Raised for values that must be JSON (maps, lists) and are not.
+        field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        raise SettingsError(
+            f"invalid sidecar setting: {env_name(settings_cls, field)} is not valid JSON "
+            f'({exc.__cause__ or exc}); give a JSON object, e.g. \'{{"0": "127.0.0.1:19000"}}\''
+        ) from None

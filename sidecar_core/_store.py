@@ -1,0 +1,289 @@
+"""The receive store: arrived chunks keyed by ``(id, chunk_id)`` until ``mark_done``.
+
+Everything here runs on the sidecar's event-loop thread, so there are no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from sidecar_core._codec import Codec
+from sidecar_core._errors import (
+    AlreadyDoneError,
+    CapacityError,
+    DuplicateChunkError,
+    FrameError,
+    PeerLostError,
+    RecvTimeoutError,
+)
+from sidecar_core._frame import Buffer, Frame, Header
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+Release = Callable[[], None]
+
+#: How many released keys are remembered, so that a late ``recv`` of one raises at once.
+DONE_MEMORY = 1 << 16
+
+
+@dataclass(slots=True)
+class _Held:
+    value: object
+    nbytes: int
+    src: int
+    release: Release | None
+
+
+@dataclass(slots=True)
+class _Assembly:
+    first: Header
+    dest: torch.Tensor
+    parts: set[int] = field(default_factory=set)
+
+
+def _call(release: Release | None) -> None:
+    if release is not None:
+        try:
+            release()
+        except Exception:  # a transport bug must not break the store
+            logger.exception("releasing a frame's buffers failed")
+
+
+class ReceiveStore:
+    """Holds received chunks, wakes waiting receivers, enforces the memory bound."""
+
+    def __init__(
+        self,
+        codec: Codec,
+        *,
+        rank: int,
+        transport: str,
+        max_bytes: int,
+        device: str,
+        on_recv: Callable[[Header, int], None] | None = None,
+    ) -> None:
+        self._codec = codec
+        self._rank = rank
+        self._transport = transport
+        self._max_bytes = max_bytes
+        self._device = device
+        self._on_recv = on_recv
+        self._held: dict[Key, _Held] = {}
+        self._assembling: dict[Key, _Assembly] = {}
+        self._done: OrderedDict[Key, None] = OrderedDict()
+        # Per-id facts, forgotten oldest first beyond DONE_MEMORY ids.
+        self._ends: OrderedDict[str, int] = OrderedDict()
+        self._sources: OrderedDict[str, int] = OrderedDict()
+        self._lost: dict[str, str] = {}
+        self._waiters: defaultdict[Key, list[asyncio.Future[object]]] = defaultdict(list)
+        self.buffered_bytes = 0
+
+    # -- the transport side -------------------------------------------------------------------
+
+    def deliver(self, frame: Frame, release: Release | None = None) -> None:
+        """Store an arrived frame (see :meth:`sidecar_core.Inbox.deliver`)."""
+        try:
+            self._deliver(frame, release)
+        except BaseException:
+            _call(release)
+            raise
+
+    def _deliver(self, frame: Frame, release: Release | None) -> None:
+        h = frame.header
+        if len(frame.buffers) != len(h.sizes):
+            raise FrameError(f"{h.describe()}: header lists {len(h.sizes)} buffers, {len(frame.buffers)} arrived")
+        _remember(self._sources, h.id, h.src)
+        self._lost.pop(h.id, None)
+        if h.kind == "close":
+            assert h.num_chunks is not None  # enforced by Header validation
+            self._set_end(h.id, h.num_chunks)
+            _call(release)
+            return
+        key = (h.id, h.chunk_id)
+        if key in self._held or key in self._done:
+            state = "is already held" if key in self._held else "was already marked done"
+            raise DuplicateChunkError(
+                f"{h.describe()} {state} on rank {self._rank}; use a fresh id or mark_done it before resending"
+            )
+        if h.num_parts == 1:
+            self._check_room(h, h.total_bytes)
+            value = self._codec.decode(h, frame.buffers, self._device)
+            self._hold(key, h, value, h.total_bytes, release)
+            return
+        self._add_part(key, frame)
+        _call(release)  # the part was copied into the assembly
+
+    def _add_part(self, key: Key, frame: Frame) -> None:
+        h = frame.header
+        assembly = self._assembling.get(key)
+        if assembly is None:
+            self._check_room(h, h.total_bytes)
+            dest = torch.empty(h.total_bytes, dtype=torch.uint8, device=self._land_device(h))
+            assembly = self._assembling[key] = _Assembly(h, dest)
+            self.buffered_bytes += h.total_bytes
+        first = assembly.first
+        if (h.num_parts, h.layout, h.serializer, h.meta) != (
+            first.num_parts,
+            first.layout,
+            first.serializer,
+            first.meta,
+        ):
+            raise FrameError(f"{h.describe()}: part {h.part} disagrees with part {first.part} on layout or metadata")
+        if h.part in assembly.parts:
+            raise FrameError(f"{h.describe()}: part {h.part} arrived twice")
+        pos = h.offset
+        for buf, size in zip(frame.buffers, h.sizes, strict=True):
+            assembly.dest[pos : pos + size].copy_(_as_tensor(buf), non_blocking=False)
+            pos += size
+        assembly.parts.add(h.part)
+        if len(assembly.parts) < first.num_parts:
+            return
+        del self._assembling[key]
+        self.buffered_bytes -= h.total_bytes
+        views: list[Buffer] = []
+        pos = 0
+        for size in first.layout:
+            views.append(assembly.dest[pos : pos + size])
+            pos += size
+        value = self._codec.decode(first, views, self._device)
+        self._hold(key, first, value, first.total_bytes, None)
+
+    def _land_device(self, h: Header) -> str:
+        return self._device if self._device.startswith("cuda") else "cpu"
+
+    def _check_room(self, h: Header, nbytes: int) -> None:
+        if self.buffered_bytes + nbytes > self._max_bytes:
+            raise CapacityError(
+                f"{h.describe()}: {nbytes} bytes would exceed SIDECAR_MAX_BUFFERED_BYTES="
+                f"{self._max_bytes} on rank {self._rank} ({self.buffered_bytes} held); the receiver "
+                "must mark_done chunks it has consumed, or raise the bound"
+            )
+
+    def _hold(self, key: Key, h: Header, value: object, nbytes: int, release: Release | None) -> None:
+        self._held[key] = _Held(value, nbytes, h.src, release)
+        self.buffered_bytes += nbytes
+        if h.num_chunks is not None:
+            self._set_end(h.id, h.num_chunks)
+        for waiter in self._waiters.pop(key, []):
+            if not waiter.done():
+                waiter.set_result(value)
+        if self._on_recv is not None:
+            self._on_recv(h, nbytes)
+
+    def _set_end(self, id: str, num_chunks: int) -> None:
+        # The smallest end wins: a pull-based transport may learn the end one missing chunk at a time.
+        end = min(num_chunks, self._ends.get(id, num_chunks))
+        _remember(self._ends, id, end)
+        for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
+            for waiter in self._waiters.pop(key):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def peer_lost(self, rank: int, reason: str) -> None:
+        """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
+        for key in [k for k in self._assembling if self._assembling[k].first.src == rank]:
+            self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
+        ids = {id for id, src in self._sources.items() if src == rank}
+        for id in ids:
+            self._lost[id] = f"rank {rank} was lost: {reason}"
+        for key in [k for k in self._waiters if k[0] in ids]:
+            error = self._lost_error(key)
+            for waiter in self._waiters.pop(key):
+                if not waiter.done():
+                    waiter.set_exception(error)
+
+    def _lost_error(self, key: Key) -> PeerLostError:
+        return PeerLostError(
+            f"recv id={key[0]!r} chunk={key[1]} on rank {self._rank} ({self._transport}): {self._lost[key[0]]} "
+            "before it sent this chunk"
+        )
+
+    # -- the user side ------------------------------------------------------------------------
+
+    async def get(self, id: str, chunk_id: int, timeout: float) -> object:
+        """Wait for a chunk; ``None`` if it is at or past the end of its id.
+
+        Raises:
+            AlreadyDoneError: The chunk was released with ``mark_done``.
+            RecvTimeoutError: Nothing arrived within ``timeout`` seconds.
+            PeerLostError: The peer that was sending this id disconnected.
+        """
+        key = (id, chunk_id)
+        held = self._held.get(key)
+        if held is not None:
+            return held.value
+        if key in self._done:
+            raise AlreadyDoneError(
+                f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
+            )
+        end = self._ends.get(id)
+        if end is not None and chunk_id >= end:
+            return None
+        if id in self._lost:
+            raise self._lost_error(key)
+        waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._waiters[key].append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            src = self._sources.get(id)
+            peer = f"last data for this id came from rank {src}" if src is not None else "no peer has sent this id yet"
+            raise RecvTimeoutError(
+                f"recv id={id!r} chunk={chunk_id} timed out after {timeout:g}s on rank {self._rank} "
+                f"(transport {self._transport}; {peer}). Check that the sender sends to rank {self._rank} "
+                "with the same id and chunk, or raise SIDECAR_RECV_TIMEOUT."
+            ) from None
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[key]
+
+    def mark_done(self, id: str, chunk_id: int) -> None:
+        """Release a chunk's memory; later receives of it raise. Unknown chunks are ignored."""
+        key = (id, chunk_id)
+        assembly = self._assembling.pop(key, None)
+        if assembly is not None:
+            self.buffered_bytes -= assembly.first.total_bytes
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        self.buffered_bytes -= held.nbytes
+        _call(held.release)
+        _remember(self._done, key, None)
+
+    def close(self) -> None:
+        """Release everything and fail all waiting receives."""
+        for held in self._held.values():
+            _call(held.release)
+        self._held.clear()
+        self._assembling.clear()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.cancel()
+        self._waiters.clear()
+        self.buffered_bytes = 0
+
+
+def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    if len(table) > DONE_MEMORY:
+        table.popitem(last=False)
+
+
+def _as_tensor(buf: Buffer) -> torch.Tensor:
+    if isinstance(buf, memoryview):
+        return torch.frombuffer(buf, dtype=torch.uint8) if buf.nbytes else torch.empty(0, dtype=torch.uint8)
+    return buf

@@ -1,0 +1,133 @@
+"""The transport interface: the one thing a transport plugin implements.
+
+A transport moves :class:`~sidecar_core.Frame` objects between sidecar ranks. It knows nothing about
+serializers, chunks, streams or ``mark_done``: the core does all of that.
+
+Concurrency: every method is called on the sidecar's own event-loop thread (one per ``Sidecar``),
+and a transport calls its :class:`Inbox` only from that thread. ``send`` may be called
+concurrently for different destinations and for different frames to the same destination; frames
+of one message to one destination are sent one after another.
+
+Cancellation: ``send`` is cancelled (by ``asyncio.wait_for``) when the send timeout expires. A
+cancelled ``send`` must leave the transport usable, for example by dropping the peer's connection
+so that the next ``send`` makes a new one.
+
+Closing: ``close`` is called once, after which no method is called again. It must release sockets,
+listeners, shared memory and background tasks, and must not raise.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from sidecar_core._frame import Frame
+
+if TYPE_CHECKING:
+    from sidecar_core._codec import Codec
+    from sidecar_core._settings import SidecarSettings
+
+
+class Inbox(Protocol):
+    """Where a transport hands what arrives: implemented by the core's receive store."""
+
+    def deliver(self, frame: Frame, release: Callable[[], None] | None = None) -> None:
+        """Store an arrived frame.
+
+        Args:
+            frame: The frame; its buffers may be views into transport-owned memory.
+            release: Called exactly once when the core no longer needs the buffers (after
+                ``mark_done``, after copying a part, or when the frame is rejected).
+
+        Raises:
+            FrameError: The frame is malformed; report it to the sender, keep serving.
+            DuplicateChunkError: The chunk is already held or was marked done.
+            CapacityError: Storing it would exceed ``SIDECAR_MAX_BUFFERED_BYTES``.
+        """
+
+    def peer_lost(self, rank: int, reason: str) -> None:
+        """Tell the core that the connection from ``rank`` broke; waiting receives fail fast."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportContext:
+    """What the core gives a transport when it creates it."""
+
+    rank: int
+    settings: SidecarSettings
+    inbox: Inbox
+    codec: Codec
+    loop: asyncio.AbstractEventLoop
+
+
+class Transport(abc.ABC):
+    """Moves frames between ranks. Subclass it and register the class with a plugin hook."""
+
+    #: The name users select with ``SIDECAR_TRANSPORT``.
+    name: ClassVar[str]
+    #: Largest frame payload this transport moves in one piece (``None``: no limit). The core
+    #: splits larger messages into parts of at most this size (or ``SIDECAR_CHUNK_SIZE``).
+    max_part_bytes: int | None = None
+    #: A peerless transport (``mock-file``) has no peers: data is "sent" to storage and any process
+    #: can read it back. The conformance suite skips the tests that need a live peer for it.
+    peerless: ClassVar[bool] = False
+
+    @classmethod
+    def test_environment(cls, workdir: Path) -> dict[str, str]:
+        """Environment variables that give tests a private deployment of this transport.
+
+        The conformance suite applies them to every process of one test (free ports, a socket
+        directory inside ``workdir``, ...), so that parallel test runs never meet.
+
+        Args:
+            workdir: An empty directory that lives as long as the test.
+        """
+        return {}
+
+    def __init__(self, ctx: TransportContext) -> None:
+        """Create the transport; do no I/O here (``start`` does).
+
+        Raises:
+            SettingsError: The transport's own settings are invalid.
+        """
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start listening so that peers can reach this rank.
+
+        Raises:
+            PeerUnreachableError: The listening address is taken or cannot be bound.
+        """
+
+    @abc.abstractmethod
+    async def send(self, dst: int, frame: Frame) -> None:
+        """Deliver ``frame`` to rank ``dst``; return once ``dst``'s inbox accepted it.
+
+        Raises:
+            PeerUnreachableError: ``dst`` cannot be connected to.
+            PeerLostError: The connection broke before ``dst`` acknowledged.
+            RemoteError: ``dst`` rejected the frame (its reason is in the message).
+            AuthenticationError: ``dst`` refused this sidecar's auth token.
+        """
+
+    async def want(self, id: str, chunk_id: int) -> None:  # noqa: B027 - optional hook
+        """A ``recv`` is waiting for ``(id, chunk_id)``; pull-based transports fetch it here.
+
+        Push-based transports (the default) ignore this.
+
+        Raises:
+            LookupError: The transport can never provide this key (the message says why).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource. Must not raise."""
+
+    def describe_peer(self, rank: int) -> str:
+        """Where ``rank`` is reached, for error messages (e.g. ``rank 1 at 10.0.0.2:19001``)."""
+        return f"rank {rank}"
