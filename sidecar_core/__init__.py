@@ -10,7 +10,7 @@ Public API::
 Transports and serializers are plugins (entry-point group ``sidecar``); see ``docs/``.
 """
 
-from sidecar_core._client import Sidecar, SidecarConfig
+from sidecar_core._client import SendFuture, Sidecar, SidecarConfig
 from sidecar_core._codec import Codec
 from sidecar_core._errors import (
     AlreadyDoneError,
@@ -30,6 +30,7 @@ from sidecar_core._errors import (
     SidecarClosedError,
     SidecarError,
     TransportNotFoundError,
+    UnknownKeyError,
 )
 from sidecar_core._frame import (
     Buffer,
@@ -68,6 +69,7 @@ __all__ = [
     "RecvTimeoutError",
     "Registry",
     "RemoteError",
+    "SendFuture",
     "SendTimeoutError",
     "SerializationError",
     "Serializer",
@@ -80,6 +82,7 @@ __all__ = [
     "Transport",
     "TransportContext",
     "TransportNotFoundError",
+    "UnknownKeyError",
     "__version__",
     "buffer_nbytes",
     "build_registry",

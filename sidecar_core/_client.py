@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from sidecar_core._errors import SendTimeoutError, SidecarClosedError, SidecarEr
 from sidecar_core._frame import Frame, Header
 from sidecar_core._plugins import Registry, get_registry
 from sidecar_core._settings import SidecarSettings, load_settings
-from sidecar_core._store import ReceiveStore
+from sidecar_core._store import ReceiveStore, Waiter
 from sidecar_core._transport import Transport, TransportContext
 
 logger = logging.getLogger("sidecar")
@@ -89,6 +89,37 @@ def flatten_ranks(dst: Ranks) -> list[int]:
     return ranks
 
 
+class SendFuture(concurrent.futures.Future[T]):
+    """The future ``send`` and ``close_stream`` return.
+
+    A ``concurrent.futures.Future`` (use ``result()``, or ``await asyncio.wrap_future(f)``) that logs
+    its error when it is garbage-collected without anyone having looked at it.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self._what = what
+        self._retrieved = False
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait for completion; raise the send's error if it failed (see ``Sidecar.send``)."""
+        self._retrieved = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for completion and return the send's error, or ``None``."""
+        self._retrieved = True
+        return super().exception(timeout)
+
+    def __del__(self) -> None:
+        if not self._retrieved and self.done() and not self.cancelled():
+            error = super().exception(0)
+            if error is not None:
+                logger.error(
+                    "%s failed and nobody retrieved the error: %s: %s", self._what, type(error).__name__, error
+                )
+
+
 class _LoopThread:
     """An asyncio loop running on a daemon thread."""
 
@@ -100,14 +131,34 @@ class _LoopThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+        # Let work in flight finish (receives failed by the shutdown), cancel what is stuck, and run
+        # the callbacks that hand results to callers: no caller may wait on a stopped loop.
+        pending = asyncio.all_tasks(self.loop)
+        if pending:
+            _, stuck = self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                self.loop.run_until_complete(asyncio.wait(stuck, timeout=1.0))
+        self.loop.run_until_complete(asyncio.sleep(0))
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed
+            raise SidecarClosedError("the sidecar was shut down; create a new Sidecar") from None
+
+    def check_not_on_loop(self) -> None:
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("a blocking sidecar call was made on the sidecar's own thread; use the async form")
+
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self.thread:
             coro.close()
-            raise RuntimeError("a blocking sidecar call was made on the sidecar's own thread; use the async form")
+            self.check_not_on_loop()
         return self.submit(coro).result()
 
     def stop(self) -> None:
@@ -165,6 +216,8 @@ class Sidecar:
         except BaseException:
             self._loop_thread.stop()
             raise
+        # Pull-based transports (mock-file) fetch on demand; push-based ones leave ``want`` alone.
+        self._pulls = type(self._transport).want is not Transport.want
         limits = [x for x in (self.settings.chunk_size, self._transport.max_part_bytes) if x is not None]
         self._max_part_bytes = min(limits) if limits else None
 
@@ -192,7 +245,7 @@ class Sidecar:
         stream: bool = False,
         *,
         serializer: str | None = None,
-    ) -> concurrent.futures.Future[None]:
+    ) -> SendFuture[None]:
         """Send ``data`` as chunk ``chunk_id`` of ``id`` to every rank of every destination group.
 
         Returns at once. The object is encoded before this returns, but its memory is read until
@@ -218,6 +271,11 @@ class Sidecar:
         """
         self._check_open()
         ranks = self._destinations(dst_sidecar_ranks)
+        if data is None and (stream or num_chunks > 1):
+            raise ValueError(
+                f"cannot send None as chunk {chunk_id} of {id!r}: recv returns None for the end of a stream or "
+                "of a chunked message, so a None chunk would end it early; send a sentinel such as {} instead"
+            )
         if chunk_id < 0 or (not stream and not 0 <= chunk_id < num_chunks):
             raise ValueError(f"chunk_id {chunk_id} must be in [0, num_chunks={num_chunks}) for id {id!r}")
         frames = self.codec.frames(
@@ -231,7 +289,7 @@ class Sidecar:
         )
         return self._track(self._loop_thread.submit(self._send_all(ranks, frames)), f"send id={id!r} chunk={chunk_id}")
 
-    def close_stream(self, id: str, num_chunks: int, dst_sidecar_ranks: Ranks) -> concurrent.futures.Future[None]:
+    def close_stream(self, id: str, num_chunks: int, dst_sidecar_ranks: Ranks) -> SendFuture[None]:
         """Tell every destination that stream ``id`` has ``num_chunks`` chunks.
 
         It may be sent before any chunk; receivers then return ``None`` for ``recv`` of a chunk at or
@@ -252,12 +310,19 @@ class Sidecar:
         return self._track(self._loop_thread.submit(self._send_all(ranks, [frame])), f"close_stream id={id!r}")
 
     def _destinations(self, dst: Ranks) -> list[int]:
+        if self._transport.peerless:
+            # Storage, not peers: the data is stored once, whoever reads it back. Destinations are not
+            # used (Cornserve's mock mode sends to ``[[]]`` and to the sender's own rank).
+            return [self.sidecar_rank]
         ranks = flatten_ranks(dst)
         if self.sidecar_rank in ranks:
             raise ValueError(f"rank {self.sidecar_rank} cannot send to itself (dst_sidecar_ranks={dst!r})")
         return ranks
 
     async def _send_all(self, ranks: list[int], frames: list[Frame]) -> None:
+        if len(ranks) == 1:  # the common case, without the task gather would make
+            await self._send_one(ranks[0], frames)
+            return
         results = await asyncio.gather(*(self._send_one(rank, frames) for rank in ranks), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == 1:
@@ -271,7 +336,8 @@ class Sidecar:
         timeout = self.settings.send_timeout
         try:
             for frame in frames:
-                await asyncio.wait_for(self._transport.send(rank, frame), timeout)
+                async with asyncio.timeout(timeout):  # unlike wait_for, runs send in this task
+                    await self._transport.send(rank, frame)
         except TimeoutError:
             h = frames[0].header
             error = SendTimeoutError(
@@ -304,21 +370,57 @@ class Sidecar:
         )
 
     @staticmethod
-    def _track(future: concurrent.futures.Future[T], what: str) -> concurrent.futures.Future[T]:
-        """Log a failed future whose error nobody retrieved, so errors are never silent."""
+    def _track(future: concurrent.futures.Future[T], what: str) -> SendFuture[T]:
+        """Wrap a loop future so that an error nobody retrieves is logged, never silent."""
+        tracked: SendFuture[T] = SendFuture(what)
 
-        def check(done: concurrent.futures.Future[T]) -> None:
-            if not done.cancelled() and done.exception() is not None:
-                logger.error("%s failed: %s", what, done.exception())
+        def copy(done: concurrent.futures.Future[T]) -> None:
+            if done.cancelled():
+                tracked.cancel()
+            elif tracked.cancelled():
+                return
+            elif (error := done.exception()) is not None:
+                tracked.set_exception(error)
+            else:
+                tracked.set_result(done.result())
 
-        future.add_done_callback(check)
-        return future
+        def propagate_cancel(outer: concurrent.futures.Future[T]) -> None:
+            if outer.cancelled():
+                future.cancel()
+
+        future.add_done_callback(copy)
+        tracked.add_done_callback(propagate_cancel)
+        return tracked
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def _recv(self, id: str, chunk_id: int, timeout: float | None) -> Any:
-        await self._transport.want(id, chunk_id)
-        return await self._store.get(id, chunk_id, self.settings.recv_timeout if timeout is None else timeout)
+    def _waiter(self, id: str, chunk_id: int) -> Waiter:
+        """A thread-safe future for the chunk, registered with the store on the loop thread.
+
+        A chunk already held is answered here, without a hop through the loop.
+        """
+        self._check_open()
+        waiter: Waiter = concurrent.futures.Future()
+        found, value = self._store.peek(id, chunk_id)
+        if found:
+            waiter.set_result(value)
+        elif self._pulls:
+            self._loop_thread.submit(self._pull(id, chunk_id, waiter))
+        else:
+            self._loop_thread.call_soon(self._store.add_waiter, id, chunk_id, waiter)
+        return waiter
+
+    async def _pull(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        try:
+            await self._transport.want(id, chunk_id)
+        except Exception as error:
+            waiter.set_exception(error)
+            return
+        self._store.add_waiter(id, chunk_id, waiter)
+
+    def _give_up(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        with contextlib.suppress(SidecarClosedError):
+            self._loop_thread.call_soon(self._store.drop_waiter, id, chunk_id, waiter)
 
     async def recv(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
         """Wait for chunk ``chunk_id`` of ``id`` and return it; idempotent until :meth:`mark_done`.
@@ -337,13 +439,27 @@ class Sidecar:
             PeerLostError: The peer sending this id disconnected before sending the chunk.
             SidecarClosedError: The sidecar was shut down.
         """
-        self._check_open()
-        return await asyncio.wrap_future(self._loop_thread.submit(self._recv(id, chunk_id, timeout)))
+        timeout = self.settings.recv_timeout if timeout is None else timeout
+        waiter = self._waiter(id, chunk_id)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
+        except TimeoutError:
+            self._give_up(id, chunk_id, waiter)
+            raise self._store.timeout_error(id, chunk_id, timeout) from None
+        except asyncio.CancelledError:
+            self._give_up(id, chunk_id, waiter)
+            raise
 
     def recv_sync(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
         """Blocking form of :meth:`recv` (same arguments, result and errors)."""
-        self._check_open()
-        return self._loop_thread.call(self._recv(id, chunk_id, timeout))
+        self._loop_thread.check_not_on_loop()
+        timeout = self.settings.recv_timeout if timeout is None else timeout
+        waiter = self._waiter(id, chunk_id)
+        try:
+            return waiter.result(timeout)
+        except TimeoutError:
+            self._give_up(id, chunk_id, waiter)
+            raise self._store.timeout_error(id, chunk_id, timeout) from None
 
     async def iter_chunks(self, id: str, start: int = 0, *, mark_done: bool = False) -> AsyncIterator[Any]:
         """Yield the chunks of ``id`` in order until the end of the stream.

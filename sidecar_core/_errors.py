@@ -97,6 +97,17 @@ class AlreadyDoneError(SidecarError, LookupError):
     """The chunk was already released with ``mark_done``; it cannot be received again."""
 
 
+class UnknownKeyError(SidecarError, KeyError):
+    """A peerless transport has no place for an ``(id, chunk_id)``: the key is not in its mapping.
+
+    The message names the key and the setting that maps keys; add the key there.
+    """
+
+    def __str__(self) -> str:
+        # KeyError would show the message quoted, as if it were the key itself.
+        return str(self.args[0]) if self.args else ""
+
+
 class DuplicateChunkError(SidecarError, ValueError):
     """A chunk arrived for an ``(id, chunk_id)`` that is already held or was marked done.
 

@@ -197,10 +197,21 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
             continue
         if manager.is_registered(plugin):
             continue
-        manager.register(plugin, name=ep.name)
+        try:
+            manager.register(plugin, name=ep.name)
+            _check_hook_names(manager, plugin)
+        except pluggy.PluginValidationError as exc:
+            if manager.is_registered(plugin):
+                manager.unregister(plugin)
+            registry.broken.append(BrokenPlugin(ep.name, source, f"invalid hook implementation: {exc}"))
+            logger.warning("sidecar plugin %r from %s has an invalid hook implementation: %s", ep.name, source, exc)
+            continue
         sources[ep.name] = source
     for plugin in extra_plugins:
-        name = manager.register(plugin)
+        try:
+            name = manager.register(plugin)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"invalid sidecar plugin: {exc}") from None
         if name is not None:
             sources[name] = f"in-process plugin {name}"
     try:
@@ -216,6 +227,18 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
             source = sources.get(impl.plugin_name, impl.plugin_name)
             impl.function(register=registry._register(cast(Kind, kind), source))
     return registry
+
+
+def _check_hook_names(manager: pluggy.PluginManager, plugin: object) -> None:
+    """Refuse a plugin that implements a hook no spec defines (usually a misspelt name).
+
+    Raises:
+        pluggy.PluginValidationError: The plugin implements an unknown hook.
+    """
+    for attr in dir(plugin):
+        if manager.parse_hookimpl_opts(plugin, attr) is not None and not hasattr(HookSpecs, attr):
+            known = ", ".join(name for name in dir(HookSpecs) if name.startswith(f"{PROJECT}_"))
+            raise pluggy.PluginValidationError(plugin, f"unknown hook {attr!r}; the hooks are: {known}")
 
 
 @functools.cache

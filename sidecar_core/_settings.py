@@ -7,7 +7,10 @@ add its own settings class with the prefix ``SIDECAR_<TRANSPORT>__`` (see :func:
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import os
 from typing import Annotated, Any, TypeVar
 
 import pydantic
@@ -18,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sidecar_core._errors import SettingsError
 
 _GiB = 1 << 30
+logger = logging.getLogger("sidecar")
 
 Rank = Annotated[int, Field(ge=0)]
 
@@ -77,12 +81,37 @@ SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
 def env_name(settings_cls: type[BaseSettings], field: str) -> str:
-    """The environment variable that sets ``field`` of ``settings_cls``."""
-    info = settings_cls.model_fields.get(field)
-    if info is not None and isinstance(info.validation_alias, AliasChoices):
-        return str(info.validation_alias.choices[0])
+    """The environment variable that sets ``field`` (a field name or one of its aliases) of ``settings_cls``.
+
+    For a field with several names, the one set in the environment is named (else the first).
+    """
+    for name, info in settings_cls.model_fields.items():
+        alias = info.validation_alias
+        choices = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else []
+        if field == name or field in choices:
+            if choices:
+                present = {key.upper() for key in os.environ}
+                return next((c for c in choices if c.upper() in present), choices[0])
+            break
     prefix = str(settings_cls.model_config.get("env_prefix", ""))
     return f"{prefix}{field}".upper()
+
+
+def _warn_unknown(settings_cls: type[BaseSettings]) -> None:
+    """Log environment variables with the class's prefix that name no field (usually typos)."""
+    prefix = str(settings_cls.model_config.get("env_prefix", "")).upper()
+    if not prefix:
+        return
+    known = {env_name(settings_cls, field) for field in settings_cls.model_fields}
+    for key in os.environ:
+        name = key.upper()
+        rest = name[len(prefix) :]
+        # Nested prefixes (SIDECAR_UCX__...) belong to transports; SIDECAR_TEST_* to the test suite.
+        if not name.startswith(prefix) or "__" in rest or rest.startswith("TEST_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        guess = f"; did you mean {close[0]}?" if close else ""
+        logger.warning("ignoring unknown sidecar setting %s%s", key, guess)
 
 
 def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
@@ -100,6 +129,7 @@ def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
             that was given and what is expected.
     """
     given = {key: value for key, value in overrides.items() if value is not None}
+    _warn_unknown(settings_cls)
     try:
         return settings_cls(**given)
     except pydantic.ValidationError as exc:
@@ -112,7 +142,9 @@ def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
     except pydantic_settings.SettingsError as exc:
         # Raised for values that must be JSON (maps, lists) and are not.
         field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        info = settings_cls.model_fields.get(field)
+        expected = f" ({info.description})" if info is not None and info.description else ""
         raise SettingsError(
             f"invalid sidecar setting: {env_name(settings_cls, field)} is not valid JSON "
-            f'({exc.__cause__ or exc}); give a JSON object, e.g. \'{{"0": "127.0.0.1:19000"}}\''
+            f"({exc.__cause__ or exc}); give valid JSON{expected}"
         ) from None

@@ -6,7 +6,9 @@ Everything here runs on the sidecar's event-loop thread, so there are no locks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from sidecar_core._errors import (
     FrameError,
     PeerLostError,
     RecvTimeoutError,
+    SidecarClosedError,
 )
 from sidecar_core._frame import Buffer, Frame, Header
 
@@ -31,6 +34,8 @@ Key = tuple[str, int]
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 Release = Callable[[], None]
+#: A receive waiting for a chunk: a thread-safe future, resolved on the loop thread.
+Waiter = concurrent.futures.Future[object]
 
 #: How many released keys are remembered, so that a late ``recv`` of one raises at once.
 DONE_MEMORY = 1 << 16
@@ -49,6 +54,17 @@ class _Assembly:
     first: Header
     dest: torch.Tensor
     parts: set[int] = field(default_factory=set)
+
+
+def _settle(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
+    """Resolve a waiter unless its receiver already gave up (timed out or cancelled)."""
+    try:
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _call(release: Release | None) -> None:
@@ -85,7 +101,7 @@ class ReceiveStore:
         self._ends: OrderedDict[str, int] = OrderedDict()
         self._sources: OrderedDict[str, int] = OrderedDict()
         self._lost: dict[str, str] = {}
-        self._waiters: defaultdict[Key, list[asyncio.Future[object]]] = defaultdict(list)
+        self._waiters: defaultdict[Key, list[Waiter]] = defaultdict(list)
         self.buffered_bytes = 0
 
     # -- the transport side -------------------------------------------------------------------
@@ -175,8 +191,7 @@ class ReceiveStore:
         if h.num_chunks is not None:
             self._set_end(h.id, h.num_chunks)
         for waiter in self._waiters.pop(key, []):
-            if not waiter.done():
-                waiter.set_result(value)
+            _settle(waiter, value)
         if self._on_recv is not None:
             self._on_recv(h, nbytes)
 
@@ -186,8 +201,7 @@ class ReceiveStore:
         _remember(self._ends, id, end)
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
             for waiter in self._waiters.pop(key):
-                if not waiter.done():
-                    waiter.set_result(None)
+                _settle(waiter, None)
 
     def peer_lost(self, rank: int, reason: str) -> None:
         """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
@@ -199,8 +213,7 @@ class ReceiveStore:
         for key in [k for k in self._waiters if k[0] in ids]:
             error = self._lost_error(key)
             for waiter in self._waiters.pop(key):
-                if not waiter.done():
-                    waiter.set_exception(error)
+                _settle(waiter, error=error)
 
     def _lost_error(self, key: Key) -> PeerLostError:
         return PeerLostError(
@@ -210,45 +223,76 @@ class ReceiveStore:
 
     # -- the user side ------------------------------------------------------------------------
 
+    def peek(self, id: str, chunk_id: int) -> tuple[bool, object]:
+        """``(True, value)`` if the chunk is held, else ``(False, None)``.
+
+        Safe to call from any thread: it only reads one dict entry, which is atomic in Python.
+        """
+        held = self._held.get((id, chunk_id))
+        return (True, held.value) if held is not None else (False, None)
+
+    def add_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        """Resolve ``waiter`` with the chunk (``None`` past the end of its id) now or when it arrives.
+
+        ``waiter`` is a thread-safe future, so the receiving thread wakes without another hop through
+        the event loop. It fails with :class:`AlreadyDoneError` (released with ``mark_done``) or
+        :class:`PeerLostError` (the sender of this id disconnected). Timeouts are the waiting side's
+        business: it calls :meth:`drop_waiter` and :meth:`timeout_error`.
+        """
+        key = (id, chunk_id)
+        held = self._held.get(key)
+        end = self._ends.get(id)
+        if held is not None:
+            _settle(waiter, held.value)
+        elif key in self._done:
+            _settle(
+                waiter,
+                error=AlreadyDoneError(
+                    f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
+                ),
+            )
+        elif end is not None and chunk_id >= end:
+            _settle(waiter, None)
+        elif id in self._lost:
+            _settle(waiter, error=self._lost_error(key))
+        else:
+            self._waiters[key].append(waiter)
+
+    def drop_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        """Forget a waiter that gave up (timed out or was cancelled)."""
+        key = (id, chunk_id)
+        waiters = self._waiters.get(key)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[key]
+
+    def timeout_error(self, id: str, chunk_id: int, timeout: float) -> RecvTimeoutError:
+        """The error for a receive of ``(id, chunk_id)`` that waited ``timeout`` seconds in vain."""
+        src = self._sources.get(id)
+        peer = f"last data for this id came from rank {src}" if src is not None else "no peer has sent this id yet"
+        return RecvTimeoutError(
+            f"recv id={id!r} chunk={chunk_id} timed out after {timeout:g}s on rank {self._rank} "
+            f"(transport {self._transport}; {peer}). Check that the sender sends to rank {self._rank} "
+            "with the same id and chunk, or raise SIDECAR_RECV_TIMEOUT."
+        )
+
     async def get(self, id: str, chunk_id: int, timeout: float) -> object:
-        """Wait for a chunk; ``None`` if it is at or past the end of its id.
+        """Wait for a chunk on the store's own loop; ``None`` if it is at or past the end of its id.
 
         Raises:
             AlreadyDoneError: The chunk was released with ``mark_done``.
             RecvTimeoutError: Nothing arrived within ``timeout`` seconds.
             PeerLostError: The peer that was sending this id disconnected.
         """
-        key = (id, chunk_id)
-        held = self._held.get(key)
-        if held is not None:
-            return held.value
-        if key in self._done:
-            raise AlreadyDoneError(
-                f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
-            )
-        end = self._ends.get(id)
-        if end is not None and chunk_id >= end:
-            return None
-        if id in self._lost:
-            raise self._lost_error(key)
-        waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._waiters[key].append(waiter)
+        waiter: Waiter = concurrent.futures.Future()
+        self.add_waiter(id, chunk_id, waiter)
         try:
-            return await asyncio.wait_for(waiter, timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
         except TimeoutError:
-            src = self._sources.get(id)
-            peer = f"last data for this id came from rank {src}" if src is not None else "no peer has sent this id yet"
-            raise RecvTimeoutError(
-                f"recv id={id!r} chunk={chunk_id} timed out after {timeout:g}s on rank {self._rank} "
-                f"(transport {self._transport}; {peer}). Check that the sender sends to rank {self._rank} "
-                "with the same id and chunk, or raise SIDECAR_RECV_TIMEOUT."
-            ) from None
+            raise self.timeout_error(id, chunk_id, timeout) from None
         finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[key]
+            self.drop_waiter(id, chunk_id, waiter)
 
     def mark_done(self, id: str, chunk_id: int) -> None:
         """Release a chunk's memory; later receives of it raise. Unknown chunks are ignored."""
@@ -264,14 +308,19 @@ class ReceiveStore:
         _remember(self._done, key, None)
 
     def close(self) -> None:
-        """Release everything and fail all waiting receives."""
+        """Release everything and fail all waiting receives with :class:`SidecarClosedError`."""
         for held in self._held.values():
             _call(held.release)
         self._held.clear()
         self._assembling.clear()
-        for waiters in self._waiters.values():
+        for (id, chunk_id), waiters in self._waiters.items():
             for waiter in waiters:
-                waiter.cancel()
+                _settle(
+                    waiter,
+                    error=SidecarClosedError(
+                        f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down"
+                    ),
+                )
         self._waiters.clear()
         self.buffered_bytes = 0
 
@@ -285,5 +334,10 @@ def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:
 
 def _as_tensor(buf: Buffer) -> torch.Tensor:
     if isinstance(buf, memoryview):
-        return torch.frombuffer(buf, dtype=torch.uint8) if buf.nbytes else torch.empty(0, dtype=torch.uint8)
+        if not buf.nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        with warnings.catch_warnings():
+            # Only read from (copied into the assembly), so a read-only buffer is fine.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(buf, dtype=torch.uint8)
     return buf

@@ -1,0 +1,113 @@
+"""The ``json`` serializer: dicts and lists of JSON values.
+
+The JSON text (UTF-8, compact) travels in one buffer, never in the frame header; metadata is ``{}``.
+
+The receiver must get back exactly what was sent, so :func:`accepts` takes only what JSON holds
+exactly and refuses everything else (which then goes to another serializer, or ``send`` raises
+:class:`~sidecar_core.SerializationError`):
+
+- containers: exact ``dict`` (``str`` keys only) and ``list``; not tuples (they would come back as
+  lists), not ``OrderedDict``/``defaultdict`` or other subclasses;
+- values: exact ``str``, ``int``, ``float``, ``bool`` and ``None``; not ``nan`` or ``±inf`` (JSON has
+  no such numbers; send them with the ``primitives`` serializer or in a tensor), not ``IntEnum`` and
+  other subclasses;
+- ints of at most :data:`MAX_INT_BITS` bits (Python refuses to parse longer decimal numbers);
+- nesting at most :data:`MAX_DEPTH` deep (this also refuses containers that hold themselves).
+
+Strings that are not valid UTF-8 (a lone surrogate) are accepted but make :func:`encode` raise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from serializers._buffers import expect_buffers, expect_keys, host_view
+from sidecar_core import Buffer, Encoded, FrameError, SerializationError
+
+NAME = "json"
+PRIORITY = 40
+#: Deepest nesting of dicts and lists that is accepted.
+MAX_DEPTH = 256
+#: Largest int accepted, in bits: below Python's default limit of 4300 decimal digits.
+MAX_INT_BITS = 14_000
+
+_SCALARS = (str, bool, type(None))
+
+
+def accepts(obj: object) -> bool:
+    """Whether ``obj`` is a dict or list that JSON represents exactly (see the module docstring)."""
+    if type(obj) is not dict and type(obj) is not list:
+        return False
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if type(value) is dict:
+            if depth > MAX_DEPTH or not all(type(key) is str for key in value):
+                return False
+            stack.extend((item, depth + 1) for item in value.values())
+        elif type(value) is list:
+            if depth > MAX_DEPTH:
+                return False
+            stack.extend((item, depth + 1) for item in value)
+        elif type(value) is float:
+            if not math.isfinite(value):
+                return False
+        elif type(value) is int:
+            if value.bit_length() > MAX_INT_BITS:
+                return False
+        elif type(value) not in _SCALARS:
+            return False
+    return True
+
+
+def encode(obj: dict[str, Any] | list[Any]) -> Encoded:
+    """Write ``obj`` as compact UTF-8 JSON text into one buffer.
+
+    Raises:
+        SerializationError: ``obj`` holds something JSON cannot hold exactly, or a str that is not
+            valid UTF-8.
+    """
+    if not accepts(obj):
+        raise SerializationError(
+            "json takes only dicts and lists of str, int, finite float, bool and None with str keys "
+            f"(nested at most {MAX_DEPTH} deep)"
+        )
+    try:
+        data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"a str in the object is not valid UTF-8 ({exc.reason}); send such text as bytes"
+        ) from None
+    return Encoded(meta={}, buffers=[memoryview(data)])
+
+
+def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> dict[str, Any] | list[Any]:
+    """Parse the JSON text (``device`` does not apply).
+
+    Raises:
+        FrameError: The metadata is not ``{}``, or the buffer is not UTF-8 JSON text of a dict or list.
+    """
+    expect_keys("meta", meta, set())
+    expect_buffers(buffers, 1, NAME)
+    try:
+        text = str(host_view(buffers[0]), "utf-8")
+    except UnicodeDecodeError as exc:
+        raise FrameError(f"json buffer is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except FrameError:
+        raise
+    except ValueError as exc:  # JSONDecodeError, or an int longer than Python parses
+        raise FrameError(f"json buffer is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FrameError("json buffer nests too deeply to parse") from None
+    if type(value) is not dict and type(value) is not list:
+        raise FrameError(f"json buffer holds a {type(value).__name__}; expected an object or an array")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise FrameError(f"json buffer holds {name}, which JSON does not allow")

@@ -1,0 +1,1 @@
+"""An example sidecar transport plugin: ``example-tcp`` (plain asyncio TCP with acknowledgements)."""

@@ -1,0 +1,378 @@
+"""The public client: Sidecar and SidecarConfig, over the in-process ``memory`` transport."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from sidecar_core import (
+    AlreadyDoneError,
+    DuplicateChunkError,
+    PeerUnreachableError,
+    Registry,
+    RemoteError,
+    SerializationError,
+    Sidecar,
+    SidecarClosedError,
+    SidecarConfig,
+    SidecarError,
+    build_registry,
+    hookimpl,
+)
+from sidecar_core._client import flatten_ranks
+from sidecar_core.testing import MemoryPlugin
+
+WAIT = 10.0
+
+
+@dataclass
+class Event:
+    hook: str
+    id: str
+    chunk_id: int
+    rank: int
+    nbytes: int
+    transport: str
+    thread: str
+
+
+class Recorder:
+    """An in-process plugin that records the observability hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.errors: list[tuple[str, BaseException, str]] = []
+
+    @hookimpl
+    def sidecar_on_send(
+        self, id: str, chunk_id: int, dst_rank: int, nbytes: int, seconds: float, transport: str
+    ) -> None:
+        assert seconds >= 0
+        self.events.append(Event("send", id, chunk_id, dst_rank, nbytes, transport, threading.current_thread().name))
+
+    @hookimpl
+    def sidecar_on_recv(self, id: str, chunk_id: int, src_rank: int, nbytes: int, transport: str) -> None:
+        self.events.append(Event("recv", id, chunk_id, src_rank, nbytes, transport, threading.current_thread().name))
+
+    @hookimpl
+    def sidecar_on_error(self, operation: str, error: BaseException, transport: str) -> None:
+        self.errors.append((operation, error, transport))
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def registry(recorder: Recorder) -> Registry:
+    return build_registry(extra_plugins=(MemoryPlugin(), recorder))
+
+
+def make(registry: Registry, rank: int, **settings: object) -> Sidecar:
+    return Sidecar(SidecarConfig(sidecar_rank=rank, transport="memory", settings=dict(settings)), registry=registry)
+
+
+@pytest.fixture
+def pair(registry: Registry) -> Iterator[tuple[Sidecar, Sidecar]]:
+    with make(registry, 0) as a, make(registry, 1) as b:
+        yield a, b
+
+
+# -- flatten_ranks and SidecarConfig ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dst", "ranks"),
+    [(3, [3]), ([3, 4], [3, 4]), ([[3, 4], [5]], [3, 4, 5]), ([[2], [2, 1]], [2, 1]), ((7,), [7]), ([[0]], [0])],
+)
+def test_flatten_ranks(dst: object, ranks: list[int]) -> None:
+    assert flatten_ranks(dst) == ranks  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("dst", "message"),
+    [
+        (-1, "got -1 in -1"),
+        ([1, -2], r"got -2 in \[1, -2\]"),
+        ([[True]], "got True"),
+        (["1"], "got '1'"),
+        ([[1.0]], "got 1.0"),
+        ([], "dst_sidecar_ranks is empty"),
+        ([[]], "dst_sidecar_ranks is empty"),
+    ],
+)
+def test_flatten_ranks_rejects(dst: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        flatten_ranks(dst)  # type: ignore[arg-type]
+
+
+def test_sidecar_config_accepts_cornserve_fields() -> None:
+    config = SidecarConfig(
+        sidecar_rank=1,
+        group=[3, 1],
+        max_workers=4,
+        send_tensor_dtype=torch.bfloat16,
+        send_tensor_shape=(1, 4096),
+        recv_tensor_dtype=torch.float16,
+        recv_tensor_shape=(2, 8),
+        concurrent_copy=False,
+    )
+    assert config.group == [1, 3]
+    assert SidecarConfig(sidecar_rank=2).group == [2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"sidecar_rank": -1}, "sidecar_rank must be >= 0"), ({"sidecar_rank": 1, "group": [0, 2]}, "not in its group")],
+)
+def test_sidecar_config_rejects(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SidecarConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_rank_from_environment(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_TRANSPORT", "memory")
+    monkeypatch.setenv("SIDECAR_RANK", "4")
+    with Sidecar(registry=registry) as sidecar:
+        assert sidecar.sidecar_rank == 4
+        assert sidecar.group == [4]
+        assert repr(sidecar) == "<Sidecar rank=4 transport=memory open>"
+    monkeypatch.delenv("SIDECAR_RANK")
+    with pytest.raises(SidecarError, match="no sidecar rank"):
+        Sidecar(registry=registry)
+
+
+def test_config_settings_override_the_environment(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_RECV_TIMEOUT", "30")
+    with make(registry, 0, recv_timeout=0.05) as sidecar:
+        assert sidecar.settings.recv_timeout == 0.05
+        with pytest.raises(TimeoutError, match=r"timed out after 0\.05s"):
+            sidecar.recv_sync("nothing")
+
+
+# -- sending and receiving ----------------------------------------------------------------------
+
+
+def test_send_and_receive(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # non-contiguous
+    assert a.send(tensor, "t", [[1]]).result(WAIT) is None
+    got = b.recv_sync("t")
+    assert torch.equal(got, tensor)
+    assert got.dtype == torch.float32
+    assert b.recv_sync("t") is got  # idempotent until mark_done
+    b.mark_done_sync("t")
+    with pytest.raises(AlreadyDoneError):
+        b.recv_sync("t")
+
+
+def test_async_api(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+
+    async def main() -> list[object]:
+        waiting = asyncio.create_task(b.recv("obj", 1))
+        for chunk_id, value in enumerate([{"k": [1, 2]}, "two"]):
+            await asyncio.wrap_future(a.send(value, "obj", 1, chunk_id=chunk_id, num_chunks=2))
+        got = [await b.recv("obj", 0), await waiting, await b.recv("obj", 2)]
+        await b.mark_done("obj", 0)
+        return got
+
+    assert asyncio.run(main()) == [{"k": [1, 2]}, "two", None]
+
+
+def test_stream_and_iter_chunks(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    for chunk_id in range(3):
+        a.send(torch.full((2,), chunk_id), "s", 1, chunk_id=chunk_id, stream=True).result(WAIT)
+    a.close_stream("s", 3, 1).result(WAIT)
+
+    async def main() -> list[list[int]]:
+        return [chunk.tolist() async for chunk in b.iter_chunks("s", mark_done=True)]
+
+    assert asyncio.run(main()) == [[0, 0], [1, 1], [2, 2]]
+    with pytest.raises(AlreadyDoneError):
+        b.recv_sync("s", 2)
+
+
+def test_send_to_self_is_a_value_error(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, _ = pair
+    with pytest.raises(ValueError, match="rank 0 cannot send to itself"):
+        a.send(1, "x", [[1], [0]])
+    with pytest.raises(ValueError, match="cannot send to itself"):
+        a.close_stream("x", 1, 0)
+
+
+@pytest.mark.parametrize(("chunk_id", "num_chunks"), [(-1, 1), (1, 1), (5, 3)])
+def test_chunk_id_out_of_range(pair: tuple[Sidecar, Sidecar], chunk_id: int, num_chunks: int) -> None:
+    a, _ = pair
+    with pytest.raises(ValueError, match=rf"chunk_id {chunk_id} must be in \[0, num_chunks={num_chunks}\)"):
+        a.send(1, "x", 1, chunk_id=chunk_id, num_chunks=num_chunks)
+
+
+def test_stream_chunk_ids_are_unbounded_and_close_needs_a_count(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    a.send(b"far", "far", 1, chunk_id=100, stream=True).result(WAIT)
+    assert b.recv_sync("far", 100) == b"far"
+    with pytest.raises(ValueError, match="num_chunks must be >= 0"):
+        a.close_stream("far", -1, 1)
+    with pytest.raises(ValueError, match="chunk_id -1"):
+        a.send(b"", "far", 1, chunk_id=-1, stream=True)
+
+
+def test_unserializable_object_fails_at_once(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, _ = pair
+    with pytest.raises(SerializationError, match=r"no serializer accepts builtins\.object"):
+        a.send(object(), "x", 1)
+    with pytest.raises(SerializationError, match="unknown serializer 'nope'"):
+        a.send(1, "x", 1, serializer="nope")
+
+
+def test_forced_serializer(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    a.send([1, 2], "forced", 1, serializer="json").result(WAIT)
+    assert b.recv_sync("forced") == [1, 2]
+
+
+def test_send_errors_come_through_the_future(pair: tuple[Sidecar, Sidecar], recorder: Recorder) -> None:
+    a, b = pair
+    with pytest.raises(PeerUnreachableError, match="rank 7 is not served"):
+        a.send(1, "lost", 7).result(WAIT)
+    a.send(1, "dup", 1).result(WAIT)
+    with pytest.raises(RemoteError, match="already held on rank 1"):
+        a.send(2, "dup", 1).result(WAIT)
+    assert b.recv_sync("dup") == 1
+    with pytest.raises(PeerUnreachableError, match="rank 8 is not served"):
+        a.send(3, "half", [[1], [8]]).result(WAIT)
+    assert b.recv_sync("half") == 3  # the reachable destination got it
+    with pytest.raises(PeerUnreachableError, match=r"2 of 3 destinations failed: .*rank 8.*; .*rank 9"):
+        a.send(4, "most", [[1], [8, 9]]).result(WAIT)
+    operations = [(op, type(error), transport) for op, error, transport in recorder.errors]
+    assert operations == [
+        ("send", PeerUnreachableError, "memory"),
+        ("send", RemoteError, "memory"),
+        ("send", PeerUnreachableError, "memory"),
+        ("send", PeerUnreachableError, "memory"),
+        ("send", PeerUnreachableError, "memory"),
+    ]
+
+
+def test_rejections_name_the_receivers_reason(registry: Registry) -> None:
+    with make(registry, 0) as a, make(registry, 1, max_buffered_bytes=100) as b:
+        with pytest.raises(RemoteError, match="SIDECAR_MAX_BUFFERED_BYTES=100 on rank 1"):
+            a.send(torch.zeros(100), "big", 1).result(WAIT)
+        a.send(torch.zeros(10), "small", 1).result(WAIT)
+        assert b.recv_sync("small").shape == (10,)
+
+
+def test_chunk_size_splits_messages(registry: Registry) -> None:
+    with make(registry, 0, chunk_size=64) as a, make(registry, 1) as b:
+        tensors = [torch.randn(50), torch.arange(33), torch.empty(0)]
+        a.send(tensors, "parts", 1).result(WAIT)
+        got = b.recv_sync("parts")
+        assert [torch.equal(x, y) for x, y in zip(got, tensors, strict=True)] == [True] * 3
+
+
+def test_hooks_see_sends_and_receives(pair: tuple[Sidecar, Sidecar], recorder: Recorder) -> None:
+    a, b = pair
+    a.send(torch.zeros(4, dtype=torch.float64), "h", 1, chunk_id=1, num_chunks=2).result(WAIT)
+    b.recv_sync("h", 1)
+    a.close_stream("h", 2, 1).result(WAIT)  # control frames are not reported as sends
+    got = [(e.hook, e.id, e.chunk_id, e.rank, e.nbytes, e.transport) for e in recorder.events]
+    assert sorted(got) == [("recv", "h", 1, 0, 32, "memory"), ("send", "h", 1, 1, 32, "memory")]
+    assert {e.thread for e in recorder.events} == {"sidecar-0", "sidecar-1"}  # on the sidecars' own loops
+
+
+def test_duplicate_chunk_error_is_the_receivers_reason(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, _ = pair
+    a.send(1, "again", 1).result(WAIT)
+    with pytest.raises(RemoteError) as info:
+        a.send(1, "again", 1).result(WAIT)
+    assert DuplicateChunkError.__name__ not in str(info.value)  # the reason, not the class, travels
+    assert "use a fresh id or mark_done it before resending" in str(info.value)
+
+
+def test_calls_from_many_threads(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+
+    def roundtrip(i: int) -> int:
+        a.send(i, f"thread-{i}", 1).result(WAIT)
+        value: int = b.recv_sync(f"thread-{i}")
+        b.mark_done_sync(f"thread-{i}")
+        return value
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(roundtrip, range(32))) == list(range(32))
+
+
+def test_blocking_call_on_the_sidecars_own_thread_is_refused(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, _ = pair
+
+    async def inside() -> None:
+        a.recv_sync("x", timeout=0.1)
+
+    with pytest.raises(RuntimeError, match="use the async form"):
+        a._loop_thread.submit(inside()).result(WAIT)
+
+
+# -- life cycle ---------------------------------------------------------------------------------
+
+
+def test_context_managers(registry: Registry) -> None:
+    with make(registry, 0) as sidecar:
+        thread = sidecar._loop_thread.thread
+        assert thread.is_alive()
+    assert repr(sidecar) == "<Sidecar rank=0 transport=memory closed>"
+    assert not thread.is_alive()
+
+    async def main() -> Sidecar:
+        async with make(registry, 0) as inner:
+            assert repr(inner).endswith("open>")
+        return inner
+
+    assert repr(asyncio.run(main())).endswith("closed>")
+    with make(registry, 0):  # the rank is free again
+        pass
+
+
+def test_shutdown_is_idempotent(registry: Registry) -> None:
+    sidecar = make(registry, 0)
+    sidecar.shutdown_sync()
+    sidecar.shutdown_sync()
+    asyncio.run(sidecar.shutdown())
+    assert repr(sidecar).endswith("closed>")
+
+
+CLOSED_CALLS: dict[str, Callable[[Sidecar], object]] = {
+    "send": lambda s: s.send(1, "x", 1),
+    "close_stream": lambda s: s.close_stream("x", 1, 1),
+    "recv_sync": lambda s: s.recv_sync("x"),
+    "mark_done_sync": lambda s: s.mark_done_sync("x"),
+    "recv": lambda s: asyncio.run(s.recv("x")),
+    "mark_done": lambda s: asyncio.run(s.mark_done("x")),
+}
+
+
+@pytest.mark.parametrize("call", CLOSED_CALLS.values(), ids=CLOSED_CALLS.keys())
+def test_calls_after_shutdown_raise(registry: Registry, call: Callable[[Sidecar], object]) -> None:
+    sidecar = make(registry, 0)
+    sidecar.shutdown_sync()
+    with pytest.raises(SidecarClosedError, match="sidecar rank 0 was shut down; create a new Sidecar"):
+        call(sidecar)
+
+
+def test_shutdown_ends_a_waiting_recv(registry: Registry) -> None:
+    sidecar = make(registry, 0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(sidecar.recv_sync, "never", 0, 30.0)
+        time.sleep(0.2)
+        sidecar.shutdown_sync()
+        with pytest.raises(SidecarClosedError, match="recv id='never' chunk=0: sidecar rank 0 was shut down"):
+            waiting.result(WAIT)

@@ -1,0 +1,508 @@
+"""Behaviour specific to the localhost transport, with real peer processes.
+
+Generic round trips (every serializer, streams, broadcast, duplicate chunks, ...) are covered by the
+conformance suite (``tests/test_conformance.py``); this module covers what only localhost does:
+its socket directory and files, auth handshake, malformed control-socket input, shared memory
+(zero-copy views, the bounded pool, cleanup after SIGKILL) and connection loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+
+from sidecar_core import (
+    AuthenticationError,
+    CapacityError,
+    PeerLostError,
+    PeerUnreachableError,
+    RemoteError,
+    SettingsError,
+    Sidecar,
+    SidecarConfig,
+)
+from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
+from sidecar_core.testing import PeerProcess
+from transports.localhost import LocalhostTransport
+from transports.localhost._protocol import ENVELOPE, MAX_BODY, VERSION, Hello, Msg, Problem, envelope
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
+
+TOKEN = "localhost-test-token"
+WAIT = 20.0
+MiB = 1 << 20
+
+# -- helpers run in peer processes ---------------------------------------------------------------
+
+#: Tensors a peer keeps referencing after recv (to show what a view sees after mark_done).
+_KEPT: dict[str, torch.Tensor] = {}
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _memfd_ranges() -> list[tuple[int, int, int]]:
+    """(start, end, inode) of this process's mappings of sidecar pools."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "memfd:sidecar-pool" in line:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end, int(fields[4])))
+    return ranges
+
+
+def peer_recv_digest(sidecar: Sidecar, id: str, keep: bool = False) -> dict[str, Any]:
+    """Receive a tensor; its digest, whether it is a view of a peer's pool; keep or release it."""
+    tensor = sidecar.recv_sync(id, timeout=WAIT)
+    pointer = tensor.data_ptr()
+    in_pool = any(start <= pointer < end for start, end, _ in _memfd_ranges())
+    result = {"digest": _digest(tensor), "in_pool": in_pool, "device": str(tensor.device)}
+    if keep:
+        _KEPT[id] = tensor
+    else:
+        sidecar.mark_done_sync(id)
+    return result
+
+
+def peer_kept_digest(sidecar: Sidecar, id: str) -> str:
+    return _digest(_KEPT[id])
+
+
+def peer_mark_done(sidecar: Sidecar, *ids: str) -> None:
+    for id in ids:
+        sidecar.mark_done_sync(id)
+
+
+def peer_recv_values(sidecar: Sidecar, ids: list[str]) -> list[Any]:
+    values = []
+    for id in ids:
+        values.append(sidecar.recv_sync(id, timeout=WAIT))
+        sidecar.mark_done_sync(id)
+    return values
+
+
+def peer_send(sidecar: Sidecar, obj: Any, id: str, dst: int, chunk_id: int = 0, stream: bool = False) -> None:
+    sidecar.send(obj, id, dst, chunk_id=chunk_id, stream=stream).result(WAIT)
+
+
+def peer_send_random(sidecar: Sidecar, nbytes: int, seed: int, id: str, dst: int) -> None:
+    """Send random bytes made here (tensors passed through the harness pipe would use /dev/shm)."""
+    sidecar.send(random_bytes(nbytes, seed), id, dst).result(WAIT)
+
+
+def peer_pool_inode(sidecar: Sidecar) -> int:
+    """The inode of this process's own pool (the one its fd points to)."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:sidecar-pool"):
+                return os.stat(f"/proc/self/fd/{fd}").st_ino
+    raise AssertionError("no pool descriptor")
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in (*env, *remove)}
+    try:
+        for key in remove:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lh") / "localhost"
+
+
+@pytest.fixture(scope="module")
+def env(socket_dir: Path) -> dict[str, str]:
+    return {
+        **LocalhostTransport.test_environment(socket_dir.parent),
+        "SIDECAR_TRANSPORT": "localhost",
+        "SIDECAR_AUTH_TOKEN": TOKEN,
+        "SIDECAR_CONNECT_TIMEOUT": "1",
+        "SIDECAR_SEND_TIMEOUT": "10",
+        "SIDECAR_RECV_TIMEOUT": "10",
+        "SIDECAR_LOCALHOST__SHM_THRESHOLD": "4096",
+    }
+
+
+@pytest.fixture(scope="module")
+def peer(env: dict[str, str]) -> Iterator[PeerProcess]:
+    with PeerProcess(1, env) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def peer2(env: dict[str, str]) -> Iterator[PeerProcess]:
+    with PeerProcess(2, env) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def local(env: Mapping[str, str], rank: int, remove: tuple[str, ...] = (), **settings: Any) -> Iterator[Sidecar]:
+    """A sidecar of ``rank`` in this process, built under ``env``."""
+    kept = {key: value for key, value in env.items() if key not in remove}
+    with environment(kept, remove):
+        sidecar = Sidecar(SidecarConfig(sidecar_rank=rank, settings=settings))
+    try:
+        yield sidecar
+    finally:
+        sidecar.shutdown_sync()
+
+
+@pytest.fixture(scope="module")
+def sender(env: dict[str, str]) -> Iterator[Sidecar]:
+    with local(env, 0) as sidecar:
+        yield sidecar
+
+
+def transport(sidecar: Sidecar) -> LocalhostTransport:
+    return cast(LocalhostTransport, sidecar._transport)
+
+
+def wait_until(condition: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+def random_bytes(nbytes: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# -- files, settings, ranks ----------------------------------------------------------------------
+
+
+def test_socket_dir_and_files_are_private(sender: Sidecar, peer: PeerProcess, socket_dir: Path) -> None:
+    sender.send(random_bytes(MiB, 1), "modes", 1).result(WAIT)
+    assert peer.call(peer_recv_digest, "modes")["in_pool"]
+    assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+    sock = socket_dir / "rank-1.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE((socket_dir / "rank-1.lock").stat().st_mode) == 0o600
+    pools = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:sidecar-pool"):
+                pools.append(stat.S_IMODE(os.stat(f"/proc/self/fd/{fd}").st_mode))
+    # The pool's descriptor and the one its mapping keeps: both private.
+    assert pools, "no pool descriptor is open"
+    assert set(pools) == {0o600}, f"the pool must be a memfd of mode 0600, found modes {pools}"
+
+
+def test_open_socket_dir_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    refused = pytest.raises(SettingsError, match=r"SIDECAR_LOCALHOST__SOCKET_DIR=.*open to other users.*chmod 700")
+    with refused, local({**env, "SIDECAR_LOCALHOST__SOCKET_DIR": str(open_dir)}, 30):
+        pass
+
+
+def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:
+    with (
+        pytest.raises(SettingsError, match="SIDECAR_LOCALHOST__POOL_BYTES"),
+        local({**env, "SIDECAR_LOCALHOST__POOL_BYTES": "12"}, 31),
+    ):
+        pass
+
+
+def test_second_live_sidecar_on_a_rank_is_refused(env: dict[str, str], peer: PeerProcess, socket_dir: Path) -> None:
+    with pytest.raises(PeerUnreachableError) as info, local(env, 1):
+        pass
+    message = str(info.value)
+    assert "rank 1 is already served" in message
+    assert str(socket_dir / "rank-1.sock") in message
+    assert peer.call(peer_recv_values, []) == []  # the first one is unharmed
+
+
+def test_unreachable_rank_names_rank_and_path(sender: Sidecar, socket_dir: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(PeerUnreachableError) as info:
+        sender.send(5, "nobody", 9).result(WAIT)
+    elapsed = time.monotonic() - start
+    assert "rank 9" in str(info.value)
+    assert str(socket_dir / "rank-9.sock") in str(info.value)
+    assert "SIDECAR_CONNECT_TIMEOUT" in str(info.value)
+    assert elapsed < 1.0 + 4.0, f"gave up after {elapsed:.2f}s, SIDECAR_CONNECT_TIMEOUT is 1s"
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("token", "presented"), [(None, "no auth token"), ("wrong-token", "a wrong auth token")])
+def test_auth_token_refused(env: dict[str, str], peer: PeerProcess, token: str | None, presented: str) -> None:
+    settings = {"auth_token": token} if token else {}
+    with (
+        local(env, 20, remove=("SIDECAR_AUTH_TOKEN",), **settings) as intruder,
+        pytest.raises(AuthenticationError) as info,
+    ):
+        intruder.send(1, "intruder", 1).result(WAIT)
+    assert "rank 1" in str(info.value)
+    assert presented in str(info.value)
+    assert "SIDECAR_AUTH_TOKEN" in str(info.value)
+    with local(env, 21) as friend:  # the listener keeps serving
+        friend.send({"ok": True}, f"friend-{token}", 1).result(WAIT)
+    assert peer.call(peer_recv_values, [f"friend-{token}"]) == [{"ok": True}]
+
+
+# -- malformed input on the control socket -------------------------------------------------------
+
+
+def _hello() -> bytes:
+    body = Hello(version=VERSION, rank=40, pid=os.getpid(), token=TOKEN).model_dump_json().encode()
+    return envelope(Msg.HELLO, len(body)) + body
+
+
+def _frame_message(frame: bytes, declared: int | None = None) -> bytes:
+    return envelope(Msg.FRAME, len(frame) if declared is None else declared, 1) + frame
+
+
+def _header(**fields: Any) -> bytes:
+    import json
+
+    body = json.dumps({"kind": "data", "id": "raw", "src": 40, **fields}).encode()
+    return PREFIX.pack(b"SCF1", len(body)) + body
+
+
+MALFORMED = {
+    "garbage": (b"GET / HTTP/1.1\r\nHost: sidecar\r\n\r\n", "bad message magic"),
+    "oversized-message": (envelope(Msg.HELLO, MAX_BODY + 1), "exceeds the"),
+    "frame-before-hello": (_frame_message(_header(layout=[1], sizes=[1]) + b"x"), "expected HELLO"),
+    "bad-frame-magic": (_hello() + _frame_message(PREFIX.pack(b"XXXX", 2) + b"{}"), "bad frame magic"),
+    "oversized-header": (
+        _hello() + _frame_message(PREFIX.pack(b"SCF1", MAX_HEADER_BYTES + 1)),
+        f"exceeds the {MAX_HEADER_BYTES}-byte limit",
+    ),
+    "header-not-json": (_hello() + _frame_message(PREFIX.pack(b"SCF1", 9) + b"{not json"), "malformed frame header"),
+    "buffer-count-mismatch": (
+        _hello() + _frame_message(_header(layout=[16], sizes=[16]) + b"12345678"),
+        "lists 1 buffers of 16 bytes in all, but 8 bytes follow",
+    ),
+    "shm-frame-without-pool": (
+        _hello()
+        + envelope(Msg.SHM_FRAME, 16 + len(_header(layout=[8], sizes=[8])), 1)
+        + bytes(16)
+        + _header(layout=[8], sizes=[8]),
+        "before the peer shared its pool",
+    ),
+    "truncated": (
+        _hello() + _frame_message(_header(layout=[64], sizes=[64]) + b"only-part", declared=200),
+        "truncated message",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def held_before_malformed(sender: Sidecar, peer: PeerProcess) -> str:
+    sender.send(random_bytes(2 * MiB, 7), "held-before-malformed", 1).result(WAIT)
+    return "held-before-malformed"
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_input_is_rejected_and_the_peer_keeps_serving(
+    case: str, socket_dir: Path, sender: Sidecar, peer: PeerProcess, held_before_malformed: str
+) -> None:
+    data, expected = MALFORMED[case]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(WAIT)
+        raw.connect(str(socket_dir / "rank-1.sock"))
+        raw.sendall(data)
+        raw.shutdown(socket.SHUT_WR)  # a truncated message ends here
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := raw.recv(65536):
+                reply += chunk
+    messages = []
+    while len(reply) >= ENVELOPE.size:
+        _, kind, length, _ = ENVELOPE.unpack_from(reply)
+        messages.append((Msg(kind), reply[ENVELOPE.size : ENVELOPE.size + length]))
+        reply = reply[ENVELOPE.size + length :]
+    errors = [Problem.model_validate_json(body) for kind, body in messages if kind is Msg.ERROR]
+    assert errors, f"{case}: no ERROR came back, got {[kind.name for kind, _ in messages]}"
+    assert expected in errors[0].message, f"{case}: unclear error {errors[0].message!r}"
+    # Everything received before is kept; the listener serves the next peer.
+    assert peer.call(peer_recv_digest, held_before_malformed, True)["digest"] == _digest(random_bytes(2 * MiB, 7))
+    sender.send(case, f"after-{case}", 1).result(WAIT)
+    assert peer.call(peer_recv_values, [f"after-{case}"]) == [case]
+
+
+# -- shared memory -------------------------------------------------------------------------------
+
+
+def test_large_tensor_arrives_exactly_as_a_zero_copy_view(sender: Sidecar, peer: PeerProcess) -> None:
+    tensor = random_bytes(64 * MiB, 2).view(torch.float32).reshape(4096, -1)
+    call = peer.submit(peer_recv_digest, "large")
+    sender.send(tensor, "large", 1).result(WAIT)
+    got = call.result(WAIT)
+    assert got["digest"] == _digest(tensor)
+    assert got["in_pool"], "the received tensor must be a view of the sender's shared-memory pool"
+
+
+def test_many_small_messages(sender: Sidecar, peer: PeerProcess) -> None:
+    objects: list[Any] = [i if i % 2 else {"i": i, "pad": "x" * 80} for i in range(400)]
+    ids = [f"small-{i}" for i in range(len(objects))]
+    call = peer.submit(peer_recv_values, ids)
+    futures = [sender.send(obj, id, 1) for obj, id in zip(objects, ids, strict=True)]
+    for future in futures:
+        future.result(WAIT)
+    assert call.result(WAIT) == objects
+    link = transport(sender)._links[1]
+    sender.send(0, "small-last", 1).result(WAIT)
+    assert transport(sender)._links[1] is link, "sends to one peer must reuse one connection"
+    assert peer.call(peer_recv_values, ["small-last"]) == [0]
+
+
+def test_view_is_valid_until_mark_done_then_the_slot_is_reused(env: dict[str, str], peer: PeerProcess) -> None:
+    with local(env, 22) as own:
+        pool = transport(own)._pool
+        first, second, third = (torch.full((MiB,), value, dtype=torch.uint8) for value in (1, 2, 3))
+        own.send(first, "view-1", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "view-1", True)["in_pool"]
+        own.send(second, "view-2", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "view-2", True)["digest"] == _digest(second)
+        assert peer.call(peer_kept_digest, "view-1") == _digest(first), "a held view changed before mark_done"
+        assert pool.used == 2 * MiB
+        peer.call(peer_mark_done, "view-1", "view-2")
+        wait_until(lambda: pool.used == 0, "the receiver's mark_done released both slots")
+        own.send(third, "view-3", 1).result(WAIT)
+        # The first slot was handed to the third tensor: the stale view of the first now shows it.
+        assert peer.call(peer_kept_digest, "view-1") == _digest(third)
+        peer.call(peer_mark_done, "view-3")
+
+
+def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerProcess) -> None:
+    tensor = random_bytes(8 * MiB, 3)
+    pool = transport(sender)._pool
+    before = pool.used  # slots other tests' receivers still hold
+    sender.send(tensor, "broadcast", [[1, 2]]).result(WAIT)
+    assert pool.used - before == 8 * MiB, "both destinations must share one slot"
+    assert peer.call(peer_recv_digest, "broadcast")["digest"] == _digest(tensor)
+    assert peer2.call(peer_recv_digest, "broadcast")["digest"] == _digest(tensor)
+    wait_until(lambda: pool.used == before, "both releases freed the shared slot")
+
+
+def test_full_pool_waits_for_mark_done_then_gives_up(env: dict[str, str], peer: PeerProcess) -> None:
+    small_pool = {**env, "SIDECAR_LOCALHOST__POOL_BYTES": str(4 * MiB), "SIDECAR_SEND_TIMEOUT": "2"}
+    with local(small_pool, 23) as own:
+        tensors = [random_bytes(MiB, 10 + i) for i in range(6)]
+        for i in range(4):
+            own.send(tensors[i], f"full-{i}", 1).result(WAIT)
+        waiting = own.send(tensors[4], "full-4", 1)
+        time.sleep(0.3)
+        assert not waiting.done(), "the send must wait while the pool is full"
+        peer.call(peer_mark_done, "full-0")
+        waiting.result(WAIT)
+        start = time.monotonic()
+        with pytest.raises(CapacityError) as info:
+            own.send(tensors[5], "full-5", 1).result(WAIT)
+        # It waited (most of SIDECAR_SEND_TIMEOUT=2) and then said why, instead of a generic send timeout.
+        assert time.monotonic() - start > 1.5
+        message = str(info.value)
+        assert "pool is full" in message
+        assert "mark_done" in message
+        assert "SIDECAR_LOCALHOST__POOL_BYTES" in message
+        assert "rank 1: 4 frames" in message
+        peer.call(peer_mark_done, *(f"full-{i}" for i in range(1, 5)))
+        own.send(tensors[5], "full-5", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "full-5")["digest"] == _digest(tensors[5])
+
+
+def test_inbox_error_comes_back_and_frees_the_slot(sender: Sidecar, peer: PeerProcess) -> None:
+    pool = transport(sender)._pool
+    sender.send(random_bytes(MiB, 4), "dup", 1).result(WAIT)
+    used = pool.used
+    with pytest.raises(RemoteError, match=r"DuplicateChunkError.*already held"):
+        sender.send(random_bytes(MiB, 5), "dup", 1).result(WAIT)
+    wait_until(lambda: pool.used == used, "the refused frame's slot was released")
+    assert peer.call(peer_recv_digest, "dup")["digest"] == _digest(random_bytes(MiB, 4))
+
+
+# -- dead peers ----------------------------------------------------------------------------------
+
+
+def test_receiver_killed_mid_send_then_restarted(env: dict[str, str], sender: Sidecar) -> None:
+    victim = PeerProcess(6, env)
+    try:
+        sender.send(1, "before-kill", 6).result(WAIT)
+        pool = transport(sender)._pool
+        before = pool.used  # slots other tests' receivers still hold
+        assert victim.process.pid is not None
+        os.kill(victim.process.pid, signal.SIGSTOP)  # it holds the frame but never acknowledges it
+        pending = sender.send(random_bytes(4 * MiB, 6), "killed-mid-send", 6)
+        time.sleep(0.2)
+        assert not pending.done()
+        assert pool.used == before + 4 * MiB  # the unacknowledged frame's slot
+        victim.kill()
+        with pytest.raises(PeerLostError, match=r"rank 6 at .*rank-6\.sock was lost before it acknowledged"):
+            pending.result(WAIT)
+        wait_until(lambda: pool.used == before, "the dead peer's slot returned to the pool")
+    finally:
+        victim.close()
+    with PeerProcess(6, env) as again:  # the stale socket does not stop a new sidecar on rank 6
+        sender.send(2, "after-restart", 6).result(WAIT)  # over a new connection
+        assert again.call(peer_recv_values, ["after-restart"]) == [2]
+
+
+def test_sigkill_leaves_nothing_behind(env: dict[str, str], socket_dir: Path) -> None:
+    with local(env, 24) as receiver:
+        victim = PeerProcess(7, env)
+        try:
+            tensor = random_bytes(4 * MiB, 8)
+            victim.call(peer_send_random, 4 * MiB, 8, "from-victim", 24)
+            victim.call(peer_send, 1, "stream", 24, 0, True)
+            inode = victim.call(peer_pool_inode)
+            view = receiver.recv_sync("from-victim", timeout=WAIT)
+            assert any(node == inode for _, _, node in _memfd_ranges()), "the receiver maps the victim's pool"
+            assert victim.process.pid is not None
+            pid = victim.process.pid
+            names = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert not [n for n in names if n.startswith("/dev/shm")], f"files in /dev/shm: {names}"
+            victim.kill()
+            with pytest.raises(PeerLostError, match="rank 7"):
+                receiver.recv_sync("stream", 1, timeout=WAIT)
+            # A view received before the owner died stays valid until mark_done.
+            assert _digest(view) == _digest(tensor)
+            receiver.mark_done_sync("from-victim")
+            del view
+            gc.collect()
+            wait_until(
+                lambda: all(node != inode for _, _, node in _memfd_ranges()),
+                "the dead peer's pool memory was unmapped",
+            )
+            assert not Path(f"/proc/{pid}").exists()
+        finally:
+            victim.close()
+    assert (socket_dir / "rank-7.sock").exists(), "a killed sidecar cannot remove its own socket"
+    with local(env, 25):  # any sidecar that starts removes stale sockets and locks
+        assert not (socket_dir / "rank-7.sock").exists()
+        assert not (socket_dir / "rank-7.lock").exists()
+    with local(env, 7) as again:
+        assert again.sidecar_rank == 7

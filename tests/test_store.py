@@ -1,0 +1,382 @@
+"""The receive store's semantics, in-process: ReceiveStore fed by a Codec's frames."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from sidecar_core import (
+    AlreadyDoneError,
+    Buffer,
+    CapacityError,
+    Codec,
+    DuplicateChunkError,
+    Encoded,
+    Frame,
+    FrameError,
+    Header,
+    PeerLostError,
+    RecvTimeoutError,
+    SidecarClosedError,
+)
+from sidecar_core._store import ReceiveStore
+
+
+class RawBytes:
+    """A minimal serializer: bytes in one buffer (parts arrive joined as a uint8 tensor)."""
+
+    NAME = "raw"
+    PRIORITY = 0
+
+    @staticmethod
+    def accepts(obj: object) -> bool:
+        return type(obj) is bytes
+
+    @staticmethod
+    def encode(obj: bytes) -> Encoded:
+        return Encoded(meta={"n": len(obj)}, buffers=[memoryview(obj)])
+
+    @staticmethod
+    def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
+        (buf,) = buffers
+        data = bytes(buf) if isinstance(buf, memoryview) else buf.numpy().tobytes()
+        if len(data) != meta["n"]:
+            raise FrameError(f"raw: meta says {meta['n']} bytes, {len(data)} arrived")
+        return data
+
+
+class Pair:
+    """Two bytes buffers in one message (exercises parts that cross buffer boundaries)."""
+
+    NAME = "pair"
+    PRIORITY = 1
+
+    @staticmethod
+    def accepts(obj: object) -> bool:
+        return isinstance(obj, tuple)
+
+    @staticmethod
+    def encode(obj: tuple[bytes, bytes]) -> Encoded:
+        return Encoded(buffers=[memoryview(obj[0]), memoryview(obj[1])])
+
+    @staticmethod
+    def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
+        return tuple(bytes(b) if isinstance(b, memoryview) else b.numpy().tobytes() for b in buffers)
+
+
+CODEC = Codec([RawBytes(), Pair()])
+
+
+class Releases:
+    """Counts release() calls per label."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, label: str) -> Callable[[], None]:
+        def release() -> None:
+            self.calls[label] = self.calls.get(label, 0) + 1
+
+        return release
+
+
+def make_store(max_bytes: int = 1 << 20, on_recv: Callable[[Header, int], None] | None = None) -> ReceiveStore:
+    return ReceiveStore(CODEC, rank=5, transport="memory", max_bytes=max_bytes, device="cpu", on_recv=on_recv)
+
+
+def frames(
+    obj: object, id: str = "m", chunk_id: int = 0, num_chunks: int | None = 1, src: int = 1, part: int | None = None
+) -> list[Frame]:
+    return CODEC.frames(obj, id=id, chunk_id=chunk_id, num_chunks=num_chunks, src=src, max_part_bytes=part)
+
+
+def close_frame(id: str, num_chunks: int, src: int = 1) -> Frame:
+    return Frame(Header(kind="close", id=id, num_chunks=num_chunks, src=src))
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def test_recv_after_deliver_and_idempotent() -> None:
+    async def main() -> None:
+        store = make_store()
+        store.deliver(frames(b"hello")[0])
+        first = await store.get("m", 0, 1.0)
+        second = await store.get("m", 0, 1.0)
+        assert first == b"hello"
+        assert second is first
+
+    run(main())
+
+
+def test_recv_before_deliver_waits() -> None:
+    async def main() -> None:
+        store = make_store()
+        waiting = [asyncio.create_task(store.get("m", 0, 5.0)) for _ in range(2)]
+        await settle()
+        assert not any(task.done() for task in waiting)
+        store.deliver(frames(b"late")[0])
+        assert await asyncio.gather(*waiting) == [b"late", b"late"]
+
+    run(main())
+
+
+def test_mark_done_releases_and_later_recv_raises() -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        store.deliver(frames(b"abc", id="done")[0], releases("done"))
+        assert store.buffered_bytes == 3
+        assert await store.get("done", 0, 1.0) == b"abc"
+        store.mark_done("done", 0)
+        assert releases.calls == {"done": 1}
+        assert store.buffered_bytes == 0
+        with pytest.raises(AlreadyDoneError, match="id='done' chunk=0 was marked done on rank 5"):
+            await store.get("done", 0, 1.0)
+        store.mark_done("done", 0)  # a second mark_done, and one of an unknown chunk, do nothing
+        store.mark_done("never-seen", 3)
+        assert releases.calls == {"done": 1}
+
+    run(main())
+
+
+def test_close_before_data() -> None:
+    async def main() -> None:
+        store = make_store()
+        store.deliver(close_frame("s", 2))
+        assert await store.get("s", 2, 1.0) is None
+        assert await store.get("s", 9, 1.0) is None
+        waiting = asyncio.create_task(store.get("s", 1, 5.0))
+        store.deliver(frames(b"zero", id="s", num_chunks=None)[0])
+        store.deliver(frames(b"one", id="s", chunk_id=1, num_chunks=None)[0])
+        assert await waiting == b"one"
+        assert await store.get("s", 0, 1.0) == b"zero"
+
+    run(main())
+
+
+def test_close_wakes_receivers_past_the_end() -> None:
+    async def main() -> None:
+        store = make_store()
+        past = asyncio.create_task(store.get("s", 3, 5.0))
+        inside = asyncio.create_task(store.get("s", 0, 0.3))
+        await settle()
+        store.deliver(close_frame("s", 1))
+        assert await past is None
+        with pytest.raises(RecvTimeoutError):
+            await inside
+
+    run(main())
+
+
+def test_end_from_num_chunks() -> None:
+    async def main() -> None:
+        store = make_store()
+        store.deliver(frames(b"a", id="n", chunk_id=0, num_chunks=2)[0])
+        assert await store.get("n", 2, 1.0) is None
+        assert await store.get("n", 5, 1.0) is None
+        with pytest.raises(RecvTimeoutError):
+            await store.get("n", 1, 0.05)
+
+    run(main())
+
+
+def test_timeout_message_names_id_chunk_transport_and_rank() -> None:
+    async def main() -> None:
+        store = make_store()
+        with pytest.raises(RecvTimeoutError) as info:
+            await store.get("nobody-sent-this", 3, 0.05)
+        message = str(info.value)
+        for part in ("'nobody-sent-this'", "chunk=3", "transport memory", "rank 5", "SIDECAR_RECV_TIMEOUT"):
+            assert part in message
+        assert isinstance(info.value, TimeoutError)
+        store.deliver(frames(b"x", id="known", num_chunks=3)[0])
+        with pytest.raises(RecvTimeoutError, match="last data for this id came from rank 1"):
+            await store.get("known", 1, 0.05)
+
+    run(main())
+
+
+def test_capacity_bound() -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store(max_bytes=100)
+        store.deliver(frames(b"x" * 60, id="a")[0], releases("a"))
+        with pytest.raises(CapacityError, match="SIDECAR_MAX_BUFFERED_BYTES=100 on rank 5") as info:
+            store.deliver(frames(b"y" * 60, id="b")[0], releases("b"))
+        assert isinstance(info.value, MemoryError)
+        assert releases.calls == {"b": 1}  # the rejected frame's buffers go back at once
+        assert store.buffered_bytes == 60
+        with pytest.raises(CapacityError):  # a message in parts is bounded as a whole
+            store.deliver(frames(b"z" * 60, id="c", part=16)[0])
+        store.mark_done("a", 0)
+        store.deliver(frames(b"y" * 60, id="b")[0])
+        assert await store.get("b", 0, 1.0) == b"y" * 60
+        assert store.buffered_bytes == 60
+
+    run(main())
+
+
+def test_peer_lost_fails_waiters_of_that_peer_only() -> None:
+    async def main() -> None:
+        store = make_store()
+        store.deliver(frames(b"first", id="from-1", num_chunks=None, src=1)[0])
+        store.deliver(frames(b"first", id="from-2", num_chunks=None, src=2)[0])
+        lost = asyncio.create_task(store.get("from-1", 1, 5.0))
+        other = asyncio.create_task(store.get("from-2", 1, 5.0))
+        await settle()
+        store.peer_lost(1, "its connection broke")
+        with pytest.raises(PeerLostError) as info:
+            await lost
+        assert "rank 1 was lost: its connection broke" in str(info.value)
+        assert "id='from-1' chunk=1 on rank 5" in str(info.value)
+        assert isinstance(info.value, ConnectionError)
+        with pytest.raises(PeerLostError):  # later receives of the id fail at once
+            await store.get("from-1", 2, 5.0)
+        assert await store.get("from-1", 0, 1.0) == b"first"  # what already arrived is kept
+        assert not other.done()
+        store.deliver(frames(b"second", id="from-2", chunk_id=1, num_chunks=None, src=2)[0])
+        assert await other == b"second"
+        # The peer came back and sends the id again: receiving works again.
+        store.deliver(frames(b"again", id="from-1", chunk_id=2, num_chunks=None, src=1)[0])
+        assert await store.get("from-1", 2, 1.0) == b"again"
+
+    run(main())
+
+
+def test_peer_lost_drops_its_unfinished_parts() -> None:
+    store = make_store()
+    store.deliver(frames(b"p" * 40, id="parts", part=16)[0])
+    assert store.buffered_bytes == 40
+    store.peer_lost(1, "gone")
+    assert store.buffered_bytes == 0
+
+
+def test_duplicate_chunk() -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        store.deliver(frames(b"one")[0])
+        with pytest.raises(DuplicateChunkError, match="id='m' chunk=0 is already held on rank 5") as info:
+            store.deliver(frames(b"two")[0], releases("dup"))
+        assert isinstance(info.value, ValueError)
+        assert releases.calls == {"dup": 1}
+        assert await store.get("m", 0, 1.0) == b"one"  # the first copy is kept
+        store.mark_done("m", 0)
+        with pytest.raises(DuplicateChunkError, match="was already marked done"):
+            store.deliver(frames(b"three")[0])
+
+    run(main())
+
+
+@pytest.mark.parametrize("part", [1, 3, 7, 16])
+@pytest.mark.parametrize("value", [(bytes(range(37)), b"tail-bytes"), (b"", bytes(range(30)))], ids=["full", "empty"])
+def test_parts_join_in_any_order(part: int, value: tuple[bytes, bytes]) -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        pieces = frames(value, part=part)
+        assert len(pieces) > 1
+        random.Random(part).shuffle(pieces)
+        waiting = asyncio.create_task(store.get("m", 0, 5.0))
+        for i, piece in enumerate(pieces):
+            store.deliver(piece, releases(f"part-{i}"))
+        assert await waiting == value
+        # Each part's buffers are released once they are copied, not at mark_done.
+        assert releases.calls == {f"part-{i}": 1 for i in range(len(pieces))}
+        assert store.buffered_bytes == len(value[0]) + len(value[1])
+
+    run(main())
+
+
+def test_part_errors() -> None:
+    store = make_store()
+    pieces = frames(b"0123456789", part=4)
+    store.deliver(pieces[0])
+    with pytest.raises(FrameError, match="part 0 arrived twice"):
+        store.deliver(pieces[0])
+    other = frames(b"abcdefghijkl", part=4)[1]  # a part of another layout under the same key
+    with pytest.raises(FrameError, match="disagrees with part 0"):
+        store.deliver(other)
+
+
+def test_bad_frames_are_rejected_and_the_store_goes_on() -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        good = frames(b"kept", id="good")[0]
+        store.deliver(good)
+        unknown = Frame(
+            Header(kind="data", id="u", src=1, serializer="nope", layout=[1], sizes=[1]), [memoryview(b"x")]
+        )
+        with pytest.raises(FrameError, match="unknown serializer 'nope'"):
+            store.deliver(unknown, releases("unknown"))
+        short = Frame(Header(kind="data", id="s", src=1, serializer="raw", layout=[1], sizes=[1]), [])
+        with pytest.raises(FrameError, match="header lists 1 buffers, 0 arrived"):
+            store.deliver(short, releases("short"))
+        lying = Frame(
+            Header(kind="data", id="l", src=1, serializer="raw", meta={"n": 9}, layout=[2], sizes=[2]),
+            [memoryview(b"ab")],
+        )
+        with pytest.raises(FrameError, match="meta says 9 bytes"):
+            store.deliver(lying, releases("lying"))
+        assert releases.calls == {"unknown": 1, "short": 1, "lying": 1}
+        assert store.buffered_bytes == 4
+        assert await store.get("good", 0, 1.0) == b"kept"
+
+    run(main())
+
+
+def test_on_recv_reports_whole_messages() -> None:
+    seen: list[tuple[str, int, int, int]] = []
+    store = make_store(on_recv=lambda h, n: seen.append((h.id, h.chunk_id, h.src, n)))
+    store.deliver(frames(b"abc", id="x", chunk_id=1, num_chunks=2, src=3)[0])
+    for piece in frames(b"0123456789", id="y", src=4, part=4):
+        store.deliver(piece)
+    store.deliver(close_frame("x", 2))
+    assert seen == [("x", 1, 3, 3), ("y", 0, 4, 10)]
+
+
+def test_parts_land_as_uint8_tensors() -> None:
+    captured: list[Sequence[Buffer]] = []
+
+    class Capture(RawBytes):
+        @staticmethod
+        def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
+            captured.append(buffers)
+            return RawBytes.decode(meta, buffers, device)
+
+    store = ReceiveStore(Codec([Capture()]), rank=0, transport="memory", max_bytes=1 << 20, device="cpu")
+    for piece in frames(b"0123456789", part=3):
+        store.deliver(piece)
+    (buffers,) = captured
+    assert [(b.dtype, b.device.type, b.numel()) for b in buffers if isinstance(b, torch.Tensor)] == [
+        (torch.uint8, "cpu", 10)
+    ]
+
+
+def test_close_releases_everything_and_ends_waiters() -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        store.deliver(frames(b"held")[0], releases("held"))
+        waiting = asyncio.create_task(store.get("other", 0, 5.0))
+        await settle()
+        store.close()
+        assert releases.calls == {"held": 1}
+        assert store.buffered_bytes == 0
+        with pytest.raises(SidecarClosedError, match="recv id='other' chunk=0: sidecar rank 5 was shut down"):
+            await waiting
+
+    run(main())

@@ -1,0 +1,303 @@
+"""Protocol messages over one connected Unix stream socket, driven by the event loop.
+
+A :class:`Channel` reads with ``recvmsg`` (so file descriptors passed with ``SCM_RIGHTS`` are never
+lost) and writes with ``sendmsg`` (scatter/gather: an envelope, a header and payload views go out in
+one system call, without joining them first).
+
+Concurrency: every method runs on the event-loop thread; reading and writing are callbacks of the
+loop's selector (no task per connection, no task per message). While a read callback dispatches
+messages, writes are batched ("corked") and flushed together when it returns, so a burst of frames
+is acknowledged with one system call.
+
+Cancellation: nothing here awaits except :meth:`Channel.drain`; a message passed to :meth:`write` is
+always written whole or not at all (if the connection breaks), never half, so a cancelled caller
+cannot leave a torn message on the socket.
+
+Closing: :meth:`close` is idempotent. It stops reading at once, optionally flushes what is queued
+(bounded by a timeout), closes the socket and any received descriptors nobody took, and calls
+``on_close`` exactly once with the reason.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+
+from sidecar_core import FrameError
+from transports.localhost._protocol import ENVELOPE, Msg, ProtocolError, envelope, parse_envelope, problem_body
+
+logger = logging.getLogger(__name__)
+
+_MAX_FDS = 8
+_ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_INITIAL = 1 << 18
+_MIN_ROOM = 1 << 16
+_FLUSH_TIMEOUT = 2.0
+
+#: ``on_message(kind, arg, body)``; ``body`` is a fresh ``bytearray`` the callee may keep.
+OnMessage = Callable[[Msg, int, bytearray], None]
+OnClose = Callable[[str], None]
+Bytes = bytes | bytearray | memoryview
+
+
+class Channel:
+    """One connection's message I/O (see the module docstring for the rules).
+
+    Args:
+        sock: A connected ``AF_UNIX`` stream socket; the channel owns it from now on.
+        loop: The event loop that drives it.
+        allowed: Message types this side accepts; anything else is a protocol error.
+        on_message: Called for each complete message. A :class:`FrameError` it raises is treated as
+            malformed input (see ``reply_errors``).
+        on_close: Called once when the channel closes, with the reason.
+        reply_errors: Answer malformed input with an ``ERROR`` message before closing (the listening
+            side does; the connecting side just closes).
+        name: Used in log messages.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        allowed: frozenset[Msg],
+        on_message: OnMessage,
+        on_close: OnClose,
+        reply_errors: bool,
+        name: str,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.name = name
+        self._fileno = sock.fileno()
+        self._loop = loop
+        self._allowed = allowed
+        self._on_message = on_message
+        self._on_close = on_close
+        self._reply_errors = reply_errors
+        self._buf = bytearray(_INITIAL)
+        self._start = 0
+        self._end = 0
+        self._need = 0
+        self._fds: collections.deque[int] = collections.deque()
+        self._out: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
+        self._writing = False
+        self._corked = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.closed: str | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        loop.add_reader(self._fileno, self._on_readable)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def take_fd(self) -> int:
+        """Pop the oldest file descriptor received and not yet taken (the caller owns it).
+
+        Raises:
+            ProtocolError: None arrived with the message that needs one.
+        """
+        if not self._fds:
+            raise ProtocolError("a POOL message arrived without its file descriptor")
+        return self._fds.popleft()
+
+    def _on_readable(self) -> None:
+        eof = False
+        try:
+            for _ in range(8):
+                if len(self._buf) - self._end < max(_MIN_ROOM, self._need - (self._end - self._start)):
+                    self._make_room()
+                with memoryview(self._buf) as view:
+                    room = len(view) - self._end
+                    nbytes, ancdata, flags, _ = self.sock.recvmsg_into([view[self._end :]], _ANC_SPACE)
+                self._collect_fds(ancdata)
+                if flags & socket.MSG_CTRUNC:
+                    self._malformed(FrameError("file descriptors passed with a message were truncated"), 0)
+                    return
+                if nbytes == 0:
+                    eof = True
+                    break
+                self._end += nbytes
+                if nbytes < room:
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._parse()
+            self.close(f"connection broke: {exc.strerror or exc}")
+            return
+        self._parse()
+        if eof and self.closed is None:
+            pending = self._end - self._start
+            if pending:
+                self._malformed(
+                    FrameError(f"truncated message: the connection closed {pending} bytes into a message"), 0
+                )
+            else:
+                self.close("the peer closed the connection")
+
+    def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+
+    def _make_room(self) -> None:
+        pending = self._end - self._start
+        if self._start:
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        want = pending + max(_MIN_ROOM, self._need - pending)
+        if len(self._buf) < want:
+            self._buf.extend(bytes(want - len(self._buf)))
+
+    def _parse(self) -> None:
+        self._corked = True
+        try:
+            while self.closed is None and self._end - self._start >= ENVELOPE.size:
+                arg = 0
+                try:
+                    kind, length, arg = parse_envelope(self._buf, self._start, self._allowed)
+                    total = ENVELOPE.size + length
+                    if self._end - self._start < total:
+                        self._need = total
+                        break
+                    self._need = 0
+                    body = self._buf[self._start + ENVELOPE.size : self._start + total]
+                    self._start += total
+                    self._on_message(kind, arg, body)
+                except FrameError as exc:
+                    self._malformed(exc, arg)
+                    return
+                except Exception as exc:  # a bug here must cost this connection only, not the loop
+                    logger.exception("%s: handling a message failed", self.name)
+                    self._malformed(FrameError(f"internal error while handling the message: {exc!r}"), arg)
+                    return
+            if self._start == self._end:
+                self._start = self._end = 0
+        finally:
+            self._corked = False
+            if self.closed is None or self._linger is not None:
+                self._flush()
+
+    def _malformed(self, exc: FrameError, arg: int) -> None:
+        logger.warning("%s: rejecting malformed input and closing the connection: %s", self.name, exc)
+        if self._reply_errors and self.closed is None:
+            body = problem_body(exc)
+            self.write(envelope(Msg.ERROR, len(body), arg), body)
+        self.close(f"malformed input: {exc}", flush=self._reply_errors)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write(self, *parts: Bytes, fds: Sequence[int] = ()) -> None:
+        """Queue one message (its parts back to back) and send what the socket takes now.
+
+        Args:
+            parts: The message's bytes; views are not copied, so keep them unchanged until flushed.
+            fds: File descriptors to pass with the message's first byte (they stay open here).
+
+        Raises:
+            BrokenPipeError: The channel is closed (the message names why).
+        """
+        if self.closed is not None:
+            raise BrokenPipeError(f"connection {self.name} is closed: {self.closed}")
+        for index, part in enumerate(parts):
+            view = memoryview(part).cast("B")
+            if view.nbytes:
+                self._out.append((view, fds if index == 0 else ()))
+        if not self._corked and not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            views: list[memoryview] = []
+            fds: Sequence[int] = ()
+            for index, (view, view_fds) in enumerate(self._out):
+                if view_fds and index > 0:
+                    break
+                fds = view_fds if index == 0 else fds
+                views.append(view)
+                if len(views) == 64:
+                    break
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            try:
+                sent = self.sock.sendmsg(views, ancillary)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._out.clear()
+                self.close(f"connection broke: {exc.strerror or exc}")
+                return
+            while sent:
+                view, _ = self._out[0]
+                if view.nbytes <= sent:
+                    sent -= view.nbytes
+                    self._out.popleft()
+                else:
+                    self._out[0] = (view[sent:], ())
+                    sent = 0
+        if self._out:
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(self._fileno, self._flush)
+            return
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fileno)
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        if self._linger is not None:
+            self._finish()
+
+    async def drain(self) -> None:
+        """Wait until everything queued has been handed to the kernel (or the channel closed)."""
+        if not self._out or (self.closed is not None and self._linger is None):
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self, reason: str, *, flush: bool = False) -> None:
+        """Close the connection; ``on_close(reason)`` runs once, at once.
+
+        Args:
+            reason: Why, for the owner's errors and logs.
+            flush: Send what is queued first (for at most a couple of seconds).
+        """
+        if self.closed is not None:
+            return
+        self.closed = reason
+        self._loop.remove_reader(self._fileno)
+        if flush and self._out:
+            self._linger = self._loop.call_later(_FLUSH_TIMEOUT, self._finish)
+        else:
+            self._finish()
+        try:
+            self._on_close(reason)
+        except Exception:
+            logger.exception("%s: close callback failed", self.name)
+
+    def _finish(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fileno)
+        self._out.clear()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self.sock.close()

@@ -1,0 +1,81 @@
+"""Host copies into pool slots: the one copy a CPU payload makes on its way to a peer.
+
+Copies are plain ``memcpy`` through numpy, which releases the GIL, so a copy on a worker thread does
+not stall the event loop. With ``threads > 1`` a large copy is cut into that many pieces copied at
+once; that helps where one core cannot saturate memory bandwidth, and hurts on a busy host with
+few cores (``benchmarks/localhost_probe.py --copy-threads N`` measures it).
+
+Concurrency: :meth:`Copier.copy` may run on any thread, several at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sidecar_core import Buffer
+
+#: Copies smaller than this are not worth splitting.
+SPLIT_BYTES = 8 << 20
+#: The most threads the automatic choice uses.
+MAX_AUTO_THREADS = 8
+
+
+def default_copy_threads() -> int:
+    """A quarter of the CPUs this process may run on, from 1 to :data:`MAX_AUTO_THREADS`."""
+    return max(1, min(MAX_AUTO_THREADS, len(os.sched_getaffinity(0)) // 4))
+
+
+def as_array(buf: Buffer) -> np.ndarray:
+    """A flat ``uint8`` array over a host buffer's bytes (no copy)."""
+    if isinstance(buf, torch.Tensor):
+        return buf.detach().numpy().reshape(-1).view(np.uint8)
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+class Copier:
+    """Copies host buffers into slots, optionally with several threads.
+
+    Args:
+        threads: Threads that share one large copy (1: the calling thread alone).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._helpers = (
+            concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="sidecar-copy")
+            if threads > 1
+            else None
+        )
+
+    def copy(self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]) -> None:
+        """Copy each buffer to ``slot[offset:]``; returns when every byte is in place."""
+        dst = np.frombuffer(slot, dtype=np.uint8)
+        pieces: list[tuple[np.ndarray, np.ndarray]] = []
+        for buf, offset in zip(buffers, offsets, strict=True):
+            src = as_array(buf)
+            if src.size:
+                pieces.extend(self._split(dst[offset : offset + src.size], src))
+        if self._helpers is None or len(pieces) < 2:
+            for target, source in pieces:
+                np.copyto(target, source)
+            return
+        futures = [self._helpers.submit(np.copyto, target, source) for target, source in pieces[1:]]
+        np.copyto(*pieces[0])
+        for future in futures:
+            future.result()
+
+    def _split(self, target: np.ndarray, source: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._helpers is None or source.size < SPLIT_BYTES:
+            return [(target, source)]
+        step = -(-source.size // self.threads)
+        return [(target[i : i + step], source[i : i + step]) for i in range(0, source.size, step)]
+
+    def close(self) -> None:
+        """Stop the helper threads."""
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False)

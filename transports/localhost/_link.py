@@ -1,0 +1,257 @@
+"""The connection from this sidecar to one peer rank: frames out, acknowledgements back.
+
+One :class:`Link` per destination rank, opened on the first send and reused until it breaks.
+
+Acknowledgements: every frame carries a sequence number; the peer answers ``ACK`` once its inbox
+accepted the frame, or ``NACK`` with the inbox's reason (raised here as :class:`RemoteError`). Any
+number of frames may be in flight on one link.
+
+Shared memory: a frame sent through the pool keeps its slot leased until the peer says ``RELEASE``
+(after the receiver's ``mark_done``) or the link closes (the peer died or shut down, so it reads
+the slot no more).
+
+Concurrency: event-loop thread only. Cancellation: a cancelled ``send`` only stops waiting for its
+acknowledgement; the frame is still written whole, so the link stays usable. Closing: when the
+connection breaks, every unacknowledged send fails with :class:`PeerLostError` and the link is
+dropped, so the next send connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from sidecar_core import AuthenticationError, PeerLostError, PeerUnreachableError, RemoteError
+from transports.localhost._channel import Bytes, Channel
+from transports.localhost._protocol import (
+    RECEIVER_MESSAGES,
+    U64,
+    VERSION,
+    Hello,
+    Msg,
+    Problem,
+    ProtocolError,
+    Welcome,
+    envelope,
+    parse_json,
+    problem_body,
+)
+
+_RETRY_FIRST = 0.005
+_RETRY_MAX = 0.1
+
+
+class Holder(Protocol):
+    """Something a frame keeps until the peer releases it (a pool slot, a CUDA tensor)."""
+
+    def release(self) -> None:
+        """Let it go."""
+
+
+class Link:
+    """An open, handshaken connection to ``rank`` (build it with :meth:`connect`)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        rank: int,
+        path: Path,
+        loop: asyncio.AbstractEventLoop,
+        on_closed: Callable[[Link], None],
+    ) -> None:
+        self.rank = rank
+        self.path = path
+        self.describe = f"rank {rank} at {path}"
+        self._loop = loop
+        self._on_closed = on_closed
+        self._seq = 0
+        self._pending: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._holds: dict[int, Holder] = {}
+        self._welcome: asyncio.Future[Welcome] = loop.create_future()
+        self.welcome: Welcome | None = None
+        self.pool_shared = False
+        self.channel = Channel(
+            sock,
+            loop,
+            allowed=RECEIVER_MESSAGES,
+            on_message=self._on_message,
+            on_close=self._on_close,
+            reply_errors=False,
+            name=f"link to {self.describe}",
+        )
+
+    @classmethod
+    async def connect(
+        cls,
+        rank: int,
+        path: Path,
+        hello: Hello,
+        timeout: float,
+        on_closed: Callable[[Link], None],
+    ) -> Link:
+        """Connect to ``rank``'s socket and shake hands, retrying until ``timeout`` while nothing listens.
+
+        Raises:
+            PeerUnreachableError: Nothing listened at ``path`` within ``timeout``, or no handshake answer.
+            AuthenticationError: The peer refused this sidecar's auth token.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        pause = _RETRY_FIRST
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                sock.connect(os.fspath(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
+                sock.close()
+                why = {
+                    FileNotFoundError: "no socket file there",
+                    ConnectionRefusedError: "nothing listens on the socket (its owner is gone)",
+                }.get(type(exc), "the peer's listen queue is full")
+            except BaseException:
+                sock.close()
+                raise
+            if time.monotonic() + pause > deadline:
+                raise PeerUnreachableError(
+                    f"rank {rank} is not reachable at {path}: {why} (gave up after {timeout:g}s, "
+                    f"SIDECAR_CONNECT_TIMEOUT). Check that a sidecar with SIDECAR_RANK={rank} is running on this host "
+                    "with the same SIDECAR_LOCALHOST__SOCKET_DIR"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX)
+        link = cls(sock, rank, path, loop, on_closed)
+        try:
+            body = hello.model_dump_json().encode()
+            link.channel.write(envelope(Msg.HELLO, len(body)), body)
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                link.welcome = await asyncio.wait_for(link._welcome, remaining)
+            except TimeoutError:
+                raise PeerUnreachableError(
+                    f"{link.describe} accepted the connection but did not answer the handshake within {timeout:g}s "
+                    "(SIDECAR_CONNECT_TIMEOUT); is it a sidecar of the same version?"
+                ) from None
+        except BaseException:
+            link.channel.close("handshake failed")
+            raise
+        if link.welcome.rank != rank:
+            link.channel.close("wrong rank")
+            raise PeerUnreachableError(
+                f"the socket {path} belongs to rank {link.welcome.rank}, not rank {rank}; check the peers' SIDECAR_RANK"
+            )
+        return link
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def post(
+        self, kind: Msg, parts: Sequence[Bytes], what: str, hold: Holder | None = None
+    ) -> tuple[int, asyncio.Future[None]]:
+        """Write a frame message and return its sequence number and acknowledgement future.
+
+        Args:
+            kind: ``FRAME``, ``SHM_FRAME`` or ``IPC_FRAME``.
+            parts: The body, in pieces (written back to back, not joined).
+            what: The frame in words, for errors.
+            hold: Kept until the peer releases the frame (or the link closes), then released.
+
+        Raises:
+            PeerLostError: The link is already closed.
+        """
+        if self.channel.closed is not None:
+            raise PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}")
+        self._seq += 1
+        seq = self._seq
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pending[seq] = (future, what)
+        if hold is not None:
+            self._holds[seq] = hold
+        length = sum(memoryview(p).nbytes for p in parts)
+        self.channel.write(envelope(kind, length, seq), *parts)
+        return seq, future
+
+    def ready(self, seq: int, nbytes: int) -> None:
+        """Tell the peer that the first ``nbytes`` of a staged frame's slot hold their data."""
+        if self.channel.closed is None:
+            self.channel.write(envelope(Msg.READY, U64.size, seq), U64.pack(nbytes))
+
+    def abort(self, seq: int, error: BaseException) -> None:
+        """Tell the peer to drop a staged frame whose data will not come."""
+        if self.channel.closed is None:
+            body = problem_body(error)
+            self.channel.write(envelope(Msg.ABORT, len(body), seq), body)
+
+    def share_pool(self, fd: int, size: int) -> None:
+        """Pass this sidecar's pool to the peer (once per link)."""
+        if not self.pool_shared:
+            self.channel.write(envelope(Msg.POOL, U64.size), U64.pack(size), fds=[fd])
+            self.pool_shared = True
+
+    def forget(self, seq: int) -> None:
+        """Stop waiting for ``seq``'s acknowledgement (its send was cancelled)."""
+        self._pending.pop(seq, None)
+
+    @property
+    def held(self) -> int:
+        """How many frames the peer still reads from this sidecar's memory."""
+        return len(self._holds)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _on_message(self, kind: Msg, arg: int, body: bytearray) -> None:
+        if kind is Msg.ACK:
+            entry = self._pending.pop(arg, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(None)
+        elif kind is Msg.RELEASE:
+            hold = self._holds.pop(arg, None)
+            if hold is not None:
+                hold.release()
+        elif kind in (Msg.NACK, Msg.ERROR):
+            problem = parse_json(Problem, body, "error report")
+            entry = self._pending.pop(arg, None)
+            if entry is not None and not entry[0].done():
+                verb = "rejected" if kind is Msg.NACK else "found malformed"
+                entry[0].set_exception(
+                    RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}")
+                )
+        elif kind is Msg.WELCOME:
+            welcome = parse_json(Welcome, body, "handshake answer")
+            if welcome.version != VERSION:
+                raise ProtocolError(
+                    f"{self.describe} speaks protocol version {welcome.version}, this sidecar {VERSION}"
+                )
+            if not self._welcome.done():
+                self._welcome.set_result(welcome)
+        elif kind is Msg.REFUSED:
+            problem = parse_json(Problem, body, "refusal")
+            error_type = AuthenticationError if problem.error == AuthenticationError.__name__ else PeerUnreachableError
+            if not self._welcome.done():
+                self._welcome.set_exception(error_type(f"{self.describe} refused this sidecar: {problem.message}"))
+
+    def _on_close(self, reason: str) -> None:
+        if not self._welcome.done():
+            self._welcome.set_exception(
+                PeerUnreachableError(f"{self.describe} closed the connection during the handshake: {reason}")
+            )
+        pending, self._pending = self._pending, {}
+        for future, what in pending.values():
+            if not future.done():
+                future.set_exception(PeerLostError(f"{self.describe} was lost before it acknowledged {what}: {reason}"))
+        holds, self._holds = self._holds, {}
+        for hold in holds.values():
+            hold.release()
+        self._on_closed(self)
+
+    async def close(self) -> None:
+        """Flush what is queued, then close (pending sends fail with :class:`PeerLostError`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.channel.drain(), 2.0)
+        self.channel.close("this sidecar is shutting down")

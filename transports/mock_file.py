@@ -1,0 +1,510 @@
+"""The ``mock-file`` transport: no peers; ``"{id}-{chunk_id}"`` maps to a file (Cornserve's mock mode).
+
+Select it with ``SIDECAR_TRANSPORT=mock-file`` or Cornserve's ``CORNSERVE_MOCK_SIDECAR=1``. Sending
+writes the object to a file, receiving reads it back, in this process or any other that sees the
+same files. Destination ranks are not used: data is stored once, for whoever reads it.
+
+Where a key's file is:
+
+- **Mapping** (``SIDECAR_MOCK_FILE__MAPPING``, or Cornserve's ``CORNSERVE_MOCK_SIDECAR_MAPPING``): a
+  JSON object from ``"{id}-{chunk_id}"`` to a path, e.g. ``{"req1-0": "/data/code0.pt"}``. As in
+  Cornserve, ``recv`` of a mapped key whose file does not exist returns ``None`` (the end of the
+  stream; the receiver then treats every later chunk of that id as past the end, too), and
+  ``close_stream`` writes nothing.
+- **Directory** (``SIDECAR_MOCK_FILE__DIR``): keys not in the mapping live in this directory, as
+  ``<key>.json`` when JSON holds the object exactly (dicts and lists of JSON values, None, bool, int,
+  str, finite floats), ``<key>.bin`` for bytes and ``<key>.pt`` otherwise (tensors, lists and
+  tuples of tensors, nan and ±inf); ``<key>`` is the key percent-encoded to a file name (shortened
+  with a hash when long). Receiving behaves like a real transport: ``recv`` waits for the file to
+  appear (looking every few milliseconds, for up to ``SIDECAR_RECV_TIMEOUT`` after the latest
+  ``recv`` of that key); ``close_stream``, and any send that knows ``num_chunks``, writes
+  ``<id>.end.json`` so that ``recv`` past the end returns ``None``.
+- A key in neither raises :class:`~sidecar_core.UnknownKeyError`.
+
+File formats, chosen by the suffix of the path: ``.pt``/``.pth`` through ``torch.save`` and
+``torch.load(weights_only=True, map_location="cpu")`` (never a full unpickle), for everything but
+bytes (``weights_only`` cannot read ``b""`` back); ``.safetensors`` holds one tensor; ``.json``
+holds JSON text; ``.bin`` holds bytes as they are. Files that Cornserve's mock mode wrote
+(``torch.save(tensor, path)``, ``path.write_text(json.dumps(obj))``) load unchanged. Writes are
+atomic: the data goes to a temporary file in the same directory, which then replaces the target,
+so a reader never sees part of a file (no fsync: a machine crash may lose the latest writes).
+Messages that ``SIDECAR_CHUNK_SIZE`` splits into parts are joined in memory before the file is
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, ClassVar
+from urllib.parse import quote
+
+import safetensors.torch
+import torch
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import serializers.json as json_serializer
+import serializers.tensor as tensor_serializer
+from sidecar_core import (
+    Buffer,
+    Frame,
+    FrameError,
+    Header,
+    SerializationError,
+    SettingsError,
+    Transport,
+    TransportContext,
+    UnknownKeyError,
+    load_settings,
+)
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+
+MAPPING_VAR = "SIDECAR_MOCK_FILE__MAPPING"
+DIR_VAR = "SIDECAR_MOCK_FILE__DIR"
+SUFFIXES = (".pt", ".pth", ".safetensors", ".json", ".bin")
+#: The formats of directory mode, in the order a reader looks for them.
+DIR_SUFFIXES = (".pt", ".json", ".bin")
+#: How many delivered keys are remembered, so that a ``recv`` after ``mark_done`` does not read again.
+_REMEMBERED = 1 << 16
+#: Longest file-name stem made from an id; longer ids are shortened and made unique with a hash.
+_MAX_STEM = 160
+
+
+class MockFileSettings(BaseSettings):
+    """Settings of the ``mock-file`` transport (prefix ``SIDECAR_MOCK_FILE__``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIDECAR_MOCK_FILE__", extra="ignore", populate_by_name=True)
+
+    mapping: dict[str, Path] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices(MAPPING_VAR, "CORNSERVE_MOCK_SIDECAR_MAPPING"),
+        description='JSON object from `"{id}-{chunk_id}"` to a `.pt`, `.pth`, `.safetensors`, `.json` or `.bin` path, '
+        'e.g. `{"req1-0": "/data/code0.pt"}`.',
+    )
+    dir: Path | None = Field(None, description="Directory for the keys the mapping does not name.")
+    poll_interval: float = Field(
+        0.05, gt=0, description="Longest pause, in seconds, between looks for a file in the directory."
+    )
+
+
+@dataclass(slots=True)
+class _Assembly:
+    """A message whose parts are being joined before it is written."""
+
+    header: Header
+    data: bytearray
+    parts: set[int] = field(default_factory=set)
+
+
+class MockFileTransport(Transport):
+    """Stores messages in files instead of moving them (see the module docstring)."""
+
+    name: ClassVar[str] = "mock-file"
+    peerless: ClassVar[bool] = True
+
+    @classmethod
+    def test_environment(cls, workdir: Path) -> dict[str, str]:
+        """A private directory for the test's files.
+
+        Args:
+            workdir: An empty directory that lives as long as the test.
+        """
+        return {DIR_VAR: str(workdir / "mock-files")}
+
+    def __init__(self, ctx: TransportContext) -> None:
+        """Read the transport's settings.
+
+        Raises:
+            SettingsError: ``SIDECAR_MOCK_FILE__MAPPING`` (or ``CORNSERVE_MOCK_SIDECAR_MAPPING``) is not
+                a JSON object of paths, or another ``SIDECAR_MOCK_FILE__`` setting is invalid.
+        """
+        super().__init__(ctx)
+        self.settings = load_settings(MockFileSettings)
+        self._assembling: dict[Key, _Assembly] = {}
+        self._delivered: OrderedDict[Key, None] = OrderedDict()
+        self._loading: dict[Key, asyncio.Task[bool]] = {}
+        self._pollers: dict[Key, asyncio.Task[None]] = {}
+        self._deadlines: dict[Key, float] = {}
+        self._failures: dict[Key, Exception] = {}
+
+    async def start(self) -> None:
+        """Create the directory of directory mode.
+
+        Raises:
+            SettingsError: The directory cannot be created.
+        """
+        directory = self.settings.dir
+        if directory is not None:
+            try:
+                await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SettingsError(f"{DIR_VAR}={str(directory)!r} cannot be created: {exc}") from None
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def send(self, dst: int, frame: Frame) -> None:
+        """Write the message to its key's file (``dst`` is not used).
+
+        Raises:
+            UnknownKeyError: The key is neither mapped nor covered by a directory.
+            SettingsError: The mapped path has a suffix this transport cannot write.
+            SerializationError: The file format cannot hold the object.
+            OSError: The file cannot be written.
+        """
+        header = frame.header
+        if header.kind == "close":
+            if self.settings.dir is not None:
+                assert header.num_chunks is not None  # enforced by Header validation
+                await self._record_end(self.settings.dir, header.id, header.num_chunks)
+            return
+        buffers: Sequence[Buffer] = frame.buffers
+        if header.num_parts > 1:
+            joined = self._join(frame)
+            if joined is None:
+                return
+            header, buffers = joined
+        obj = self.ctx.codec.decode(header, buffers, "cpu")
+        name = _name(header.id, header.chunk_id)
+        path = self.settings.mapping.get(name)
+        if path is not None:
+            await asyncio.to_thread(_write, name, _check_suffix(name, path), obj)
+            return
+        if self.settings.dir is None:
+            raise self._unknown(name)
+        stem = self.settings.dir / f"{_stem(header.id)}-{header.chunk_id}"
+        suffix = ".bin" if type(obj) is bytes else ".json" if _json_exact(obj) else ".pt"
+        for stale in DIR_SUFFIXES:
+            if stale != suffix:
+                await asyncio.to_thread(_remove, stem.with_name(stem.name + stale))
+        await asyncio.to_thread(_write, name, stem.with_name(stem.name + suffix), obj)
+        if header.num_chunks is not None:
+            await self._record_end(self.settings.dir, header.id, header.num_chunks)
+
+    @staticmethod
+    async def _record_end(directory: Path, id: str, num_chunks: int) -> None:
+        """Write the end-of-stream marker that makes ``recv`` past ``num_chunks`` return ``None``."""
+        data = json.dumps({"num_chunks": num_chunks}).encode()
+        await asyncio.to_thread(_atomic_write, directory / f"{_stem(id)}.end.json", lambda f: f.write(data))
+
+    def _join(self, frame: Frame) -> tuple[Header, list[Buffer]] | None:
+        """Add a part to its message; return the whole message once every part is in."""
+        h = frame.header
+        key = (h.id, h.chunk_id)
+        assembly = self._assembling.get(key)
+        shape = (h.num_parts, h.layout)
+        if assembly is None or h.part in assembly.parts or shape != (assembly.header.num_parts, assembly.header.layout):
+            # A new message (or a resend after a cancelled one) starts over.
+            assembly = self._assembling[key] = _Assembly(h, bytearray(h.total_bytes))
+        view = memoryview(assembly.data)
+        pos = h.offset
+        for buf, size in zip(frame.buffers, h.sizes, strict=True):
+            view[pos : pos + size] = buf if isinstance(buf, memoryview) else buf.detach().cpu().numpy().data
+            pos += size
+        assembly.parts.add(h.part)
+        if len(assembly.parts) < h.num_parts:
+            return None
+        del self._assembling[key]
+        buffers: list[Buffer] = []
+        pos = 0
+        for size in h.layout:
+            buffers.append(view[pos : pos + size])
+            pos += size
+        return assembly.header, buffers
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    async def want(self, id: str, chunk_id: int) -> None:
+        """Read ``(id, chunk_id)``'s file, if there is one, and deliver it to this rank's store.
+
+        Raises:
+            UnknownKeyError: The key is neither mapped nor covered by a directory.
+            SettingsError: The mapped path has a suffix this transport cannot read.
+            FrameError: The file cannot be read, or holds something no serializer can deliver.
+        """
+        key = (id, chunk_id)
+        if key in self._delivered:
+            return
+        name = _name(id, chunk_id)
+        path = self.settings.mapping.get(name)
+        if path is not None:
+            _check_suffix(name, path)
+            await self._once(key, lambda: self._fetch_mapped(key, path))
+            return
+        if self.settings.dir is None:
+            raise self._unknown(name)
+        failure = self._failures.pop(key, None)
+        if failure is not None:
+            raise failure
+        self._deadlines[key] = asyncio.get_running_loop().time() + self.ctx.settings.recv_timeout
+        if key not in self._pollers and not await self._once(key, lambda: self._fetch_from_dir(key)):
+            self._pollers[key] = asyncio.create_task(self._poll(key))
+
+    async def _once(self, key: Key, fetch: Callable[[], Coroutine[Any, Any, bool]]) -> bool:
+        """Run one fetch of ``key`` at a time; concurrent callers share its outcome."""
+        task = self._loading.get(key)
+        if task is None:
+            task = self._loading[key] = asyncio.create_task(fetch())
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_mapped(self, key: Key, path: Path) -> bool:
+        obj = await asyncio.to_thread(_load, _name(*key), path)
+        if obj is _MISSING:
+            # Cornserve's convention: a mapped file that is not there ends the stream.
+            self._deliver_close(key[0], key[1])
+            return True
+        self._deliver(key, obj, path)
+        return True
+
+    async def _fetch_from_dir(self, key: Key) -> bool:
+        if key in self._delivered:
+            return True
+        assert self.settings.dir is not None
+        id, chunk_id = key
+        stem = f"{_stem(id)}-{chunk_id}"
+        for suffix in DIR_SUFFIXES:
+            path = self.settings.dir / (stem + suffix)
+            obj = await asyncio.to_thread(_load, _name(id, chunk_id), path)
+            if obj is not _MISSING:
+                self._deliver(key, obj, path)
+                return True
+        marker = self.settings.dir / f"{_stem(id)}.end.json"
+        end = await asyncio.to_thread(_read_end, marker)
+        if end is not None and chunk_id >= end:
+            self._deliver_close(id, end)
+            return True
+        return False
+
+    async def _poll(self, key: Key) -> None:
+        """Look for a key's file until it appears or the latest ``recv`` of it gave up waiting."""
+        loop = asyncio.get_running_loop()
+        delay = 0.001
+        try:
+            while loop.time() < self._deadlines.get(key, 0.0):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.poll_interval)
+                if await self._once(key, lambda: self._fetch_from_dir(key)):
+                    return
+        except Exception as exc:
+            logger.error("mock-file: reading %r failed: %s", _name(*key), exc)
+            self._failures[key] = exc
+        finally:
+            self._pollers.pop(key, None)
+            self._deadlines.pop(key, None)
+
+    def _deliver(self, key: Key, obj: object, path: Path) -> None:
+        id, chunk_id = key
+        try:
+            frames = self.ctx.codec.frames(
+                obj, id=id, chunk_id=chunk_id, num_chunks=None, src=self.ctx.rank, max_part_bytes=None
+            )
+        except SerializationError as exc:
+            raise FrameError(
+                f"mock-file: {_name(id, chunk_id)!r} in {path} holds what no serializer takes: {exc}"
+            ) from None
+        for frame in frames:
+            self.ctx.inbox.deliver(frame)
+        self._delivered[key] = None
+        if len(self._delivered) > _REMEMBERED:
+            self._delivered.popitem(last=False)
+
+    def _deliver_close(self, id: str, num_chunks: int) -> None:
+        self.ctx.inbox.deliver(Frame(Header(kind="close", id=id, num_chunks=num_chunks, src=self.ctx.rank)))
+
+    def _unknown(self, name: str) -> UnknownKeyError:
+        return UnknownKeyError(
+            f"mock-file: key {name!r} is not in the mapping ({MAPPING_VAR} or CORNSERVE_MOCK_SIDECAR_MAPPING, "
+            f"{len(self.settings.mapping)} keys) and {DIR_VAR} is not set; map {name!r} to a file, or set "
+            f"{DIR_VAR} to a directory for unmapped keys"
+        )
+
+    async def close(self) -> None:
+        """Stop looking for files and drop parts of unfinished messages."""
+        tasks = [*self._pollers.values(), *self._loading.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._assembling.clear()
+
+    def describe_peer(self, rank: int) -> str:
+        """Where data goes: files, whichever rank reads them."""
+        where = [f"{len(self.settings.mapping)} mapped files"]
+        if self.settings.dir is not None:
+            where.append(f"directory {self.settings.dir}")
+        return f"mock-file storage ({', '.join(where)})"
+
+
+class _Missing:
+    """The marker :func:`_load` returns for a file that does not exist."""
+
+
+_MISSING = _Missing()
+
+
+def _name(id: str, chunk_id: int) -> str:
+    """The key of a chunk, as Cornserve spells it."""
+    return f"{id}-{chunk_id}"
+
+
+def _stem(id: str) -> str:
+    """A file-name stem for ``id``: percent-encoded, shortened with a hash when it is long."""
+    stem = quote(id, safe="")
+    if len(stem) > _MAX_STEM:
+        digest = hashlib.sha256(id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        stem = f"{stem[:100]}~{digest}"
+    return stem
+
+
+def _check_suffix(name: str, path: Path) -> Path:
+    if path.suffix.lower() not in SUFFIXES:
+        raise SettingsError(
+            f"mock-file: {MAPPING_VAR} maps {name!r} to {str(path)!r}, whose suffix {path.suffix!r} is not "
+            f"one of {', '.join(SUFFIXES)}; rename the file (.pt holds everything but bytes, .bin holds bytes)"
+        )
+    return path
+
+
+def _json_exact(obj: object) -> bool:
+    """Whether JSON text holds ``obj`` exactly."""
+    if type(obj) is float:
+        return math.isfinite(obj)
+    if type(obj) is int:
+        return obj.bit_length() <= json_serializer.MAX_INT_BITS
+    return type(obj) in (str, bool, type(None)) or json_serializer.accepts(obj)
+
+
+def _write(name: str, path: Path, obj: object) -> None:
+    """Write ``obj`` to ``path`` in the format its suffix names, atomically.
+
+    Raises:
+        SerializationError: The format cannot hold ``obj``.
+        OSError: The file cannot be written.
+    """
+    suffix = path.suffix.lower()
+    write: Callable[[IO[bytes]], object]
+    if suffix in (".pt", ".pth"):
+        if type(obj) is bytes:
+            # torch.load(weights_only=True) cannot read b"" back; bytes have their own format.
+            raise _cannot_hold(name, path, obj, "tensors and JSON values", ".bin")
+
+        def write(f: IO[bytes]) -> None:
+            torch.save(obj, f)
+
+    elif suffix == ".bin":
+        if type(obj) is not bytes:
+            raise _cannot_hold(name, path, obj, "raw bytes")
+        data = obj
+
+        def write(f: IO[bytes]) -> None:
+            f.write(data)
+
+    elif suffix == ".safetensors":
+        if not isinstance(obj, torch.Tensor):
+            raise _cannot_hold(name, path, obj, "one tensor")
+        encoded = tensor_serializer.encode(obj)
+        head = tensor_serializer.safetensors_bytes(encoded.meta)
+
+        def write(f: IO[bytes]) -> None:
+            f.write(head)
+            for buf in encoded.buffers:
+                f.write(buf if isinstance(buf, memoryview) else buf.cpu().numpy().data)
+
+    else:
+        if not _json_exact(obj):
+            raise _cannot_hold(name, path, obj, "JSON values (dicts, lists, str, int, finite float, bool, None)")
+        data = json.dumps(obj, allow_nan=False).encode()
+
+        def write(f: IO[bytes]) -> None:
+            f.write(data)
+
+    _atomic_write(path, write)
+
+
+def _cannot_hold(name: str, path: Path, obj: object, holds: str, instead: str = ".pt") -> SerializationError:
+    return SerializationError(
+        f"mock-file: cannot write {name!r} to {path}: a {path.suffix} file holds {holds}, not a "
+        f"{type(obj).__qualname__}; map {name!r} to a {instead} file instead"
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    """Remove a key's file of the other format, so that a reader never finds an outdated one."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _load(name: str, path: Path) -> object:
+    """Read the object in ``path`` by its suffix; :data:`_MISSING` if the file does not exist.
+
+    Raises:
+        FrameError: The file cannot be read or parsed.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            return torch.load(path, weights_only=True, map_location="cpu")
+        if suffix == ".safetensors":
+            tensors = safetensors.torch.load_file(path, device="cpu")
+            if len(tensors) != 1:
+                raise FrameError(
+                    f"mock-file: {name!r} maps to {path}, which holds {len(tensors)} tensors; a .safetensors "
+                    "file must hold exactly one"
+                )
+            return next(iter(tensors.values()))
+        if suffix == ".bin":
+            return path.read_bytes()
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _MISSING
+    except FrameError:
+        raise
+    except Exception as exc:
+        raise FrameError(
+            f"mock-file: cannot read {name!r} from {path} ({type(exc).__name__}: {exc}); rewrite the file "
+            "with torch.save (.pt/.pth), safetensors (.safetensors) or json (.json), or as raw bytes (.bin)"
+        ) from exc
+
+
+def _read_end(marker: Path) -> int | None:
+    """The ``num_chunks`` a ``close_stream`` recorded, or ``None``.
+
+    Raises:
+        FrameError: The marker file is malformed.
+    """
+    try:
+        end = json.loads(marker.read_bytes())["num_chunks"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FrameError(f"mock-file: end-of-stream marker {marker} is malformed ({exc}); delete it") from None
+    if type(end) is not int or end < 0:
+        raise FrameError(f"mock-file: end-of-stream marker {marker} has num_chunks={end!r}; delete it")
+    return end
