@@ -1,0 +1,319 @@
+"""Runs the peers one after another, each in fresh worker processes, and turns timings into rows."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy
+
+from sidecar_core._bench._endpoint import SMALL_OBJECTS
+from sidecar_core._bench._options import Options, format_size
+from sidecar_core._bench._peers import PeerSpec, baseline_for
+from sidecar_core._bench._worker import Worker, WorkerError, gather
+
+_START_TIMEOUT = 120.0
+_SLOWEST_BYTES_PER_S = 25e6
+_SLOWEST_ROUND_TRIP_S = 0.01
+
+Row = dict[str, Any]
+
+
+class Progress:
+    """Prints one line per measurement to stderr: ``[ 3/31  12s] peer  what  result``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.start = time.monotonic()
+
+    def line(self, peer: str, what: str, result: str) -> None:
+        """Print the next measurement's line (with the seconds since the run started)."""
+        self.done += 1
+        width = len(str(self.total))
+        elapsed = time.monotonic() - self.start
+        print(
+            f"[{self.done:>{width}}/{self.total} {elapsed:4.0f}s] {peer:<18} {what:<22} {result}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def note(self, text: str) -> None:
+        """Print a line that is not a measurement (a failure's details)."""
+        print("    " + text.replace("\n", "\n    "), file=sys.stderr, flush=True)
+
+
+def count_measurements(opts: Options, peers: list[PeerSpec]) -> int:
+    """How many progress lines a run prints."""
+    pairs = len(device_pairs(opts))
+    per_peer = len(opts.sizes)
+    latency = len(SMALL_OBJECTS) if opts.device == "cpu" else 0
+    return sum(pairs * per_peer + (0 if p.is_ceiling else latency) for p in peers)
+
+
+def device_pairs(opts: Options) -> list[tuple[str, str]]:
+    """``(sender device, receiver device)`` pairs: cpu→cpu, or GPU ``gpus[0]`` to each GPU listed."""
+    if opts.device == "cpu":
+        return [("cpu", "cpu")]
+    return [(f"cuda:{opts.gpus[0]}", f"cuda:{g}") for g in opts.gpus]
+
+
+class _Pair:
+    """The worker processes of one peer (sender and receiver, or one for a ceiling), started on demand."""
+
+    def __init__(self, spec: PeerSpec, workdir: Path, src: str, dst: str, scale: float) -> None:
+        self.spec, self.workdir, self.src, self.dst, self.scale = spec, workdir, src, dst, scale
+        self.workers: list[Worker] = []
+        self.start_error: WorkerError | None = None
+
+    def get(self) -> list[Worker]:
+        """The running workers, started (with a fresh setup) if there are none.
+
+        Raises:
+            WorkerError: The workers could not start (then every later call raises the same error).
+        """
+        if self.workers:
+            return self.workers
+        if self.start_error is not None:
+            raise WorkerError(f"not run: {self.start_error}")
+        try:
+            return self._start()
+        except WorkerError as exc:
+            self.start_error = exc
+            self.kill()
+            raise
+
+    def _start(self) -> list[Worker]:
+        try:
+            setup = self.spec.setup(self.workdir)
+        except Exception as exc:
+            raise WorkerError(f"{self.spec.name}: setup failed: {exc!r}") from exc
+        env = {**self.spec.env, **setup.get("env", {})}
+        if self.spec.is_ceiling:
+            self.workers = [Worker(self.spec.name, "solo", setup, self.src, env)]
+            gather(self.workers, _START_TIMEOUT * self.scale)
+            return self.workers
+        self.workers = [
+            Worker(self.spec.name, "send", setup, self.src, env),
+            Worker(self.spec.name, "recv", setup, self.dst, env),
+        ]
+        _, address = gather(self.workers, _START_TIMEOUT * self.scale)
+        self.workers[1].submit(("connect", {}))
+        self.workers[0].submit(("connect", address))
+        gather(self.workers, _START_TIMEOUT * self.scale)
+        return self.workers
+
+    def run(self, command: tuple[Any, ...], timeout: float) -> list[dict[str, Any]]:
+        """Run a command on every worker (receiver first); restart the workers next time if it fails."""
+        try:
+            workers = self.get()
+            for worker in reversed(workers):
+                worker.submit(command)
+            return gather(workers, timeout * self.scale)
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+        self.workers = []
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.request_exit()
+        for worker in self.workers:
+            worker.close()
+        self.workers = []
+
+
+def _peaks(results: list[dict[str, Any]], roles: list[str], key: str) -> dict[str, int] | None:
+    values = {role: r[key] for role, r in zip(roles, results, strict=True) if r[key] is not None}
+    return values or None
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.0f}"
+
+
+class Runner:
+    """Measures peers for one run and collects the rows."""
+
+    def __init__(self, opts: Options, progress: Progress) -> None:
+        self.opts = opts
+        self.progress = progress
+        self.rows: list[Row] = []
+        self.baseline = baseline_for(opts.device)
+
+    def run(self, peers: list[PeerSpec]) -> list[Row]:
+        """Measure every peer on every device pair, one peer at a time."""
+        for src, dst in device_pairs(self.opts):
+            for spec in peers:
+                self._run_peer(spec, src, dst)
+        return self.rows
+
+    def _baseline_gbps(self, src: str, dst: str, nbytes: int) -> float | None:
+        for row in self.rows:
+            if (row["kind"], row["peer"], row["src_device"], row["dst_device"], row["size_bytes"]) == (
+                "throughput",
+                self.baseline,
+                src,
+                dst,
+                nbytes,
+            ) and row["status"] == "ok":
+                return float(row["gbps"])
+        return None
+
+    def _run_peer(self, spec: PeerSpec, src: str, dst: str) -> None:
+        reason = spec.unavailable_reason()
+        if reason is not None:
+            self._skip_all(spec, src, dst, reason)
+            return
+        with _workdir(spec.name) as workdir:
+            pair = _Pair(spec, workdir, src, dst, self.opts.timeout_scale)
+            try:
+                for nbytes in self.opts.sizes:
+                    self._throughput(pair, spec, src, dst, nbytes)
+                if not spec.is_ceiling and self.opts.device == "cpu":
+                    for name in SMALL_OBJECTS:
+                        self._latency(pair, spec, name)
+            finally:
+                pair.close()
+
+    def _skip_all(self, spec: PeerSpec, src: str, dst: str, reason: str) -> None:
+        for nbytes in self.opts.sizes:
+            self.rows.append(self._throughput_row(spec, src, dst, nbytes, 0, 0, status="skipped", reason=reason))
+            self.progress.line(spec.name, self._what(nbytes, src, dst), f"SKIPPED: {reason}")
+        if not spec.is_ceiling and self.opts.device == "cpu":
+            for name in SMALL_OBJECTS:
+                self.rows.append(self._latency_row(spec, name, 0, 0, status="skipped", reason=reason))
+                self.progress.line(spec.name, f"latency {name}", f"SKIPPED: {reason}")
+
+    def _what(self, nbytes: int, src: str, dst: str) -> str:
+        return f"{format_size(nbytes)} {src}->{dst}" if self.opts.device == "cuda" else format_size(nbytes)
+
+    def _throughput_row(
+        self, spec: PeerSpec, src: str, dst: str, nbytes: int, warmup: int, count: int, **fields: Any
+    ) -> Row:
+        row: Row = {
+            "kind": "throughput",
+            "peer": spec.name,
+            "src_device": src,
+            "dst_device": dst,
+            "size_bytes": nbytes,
+            "size": format_size(nbytes),
+            "warmup": warmup,
+            "transfers": count,
+            "seconds": None,
+            "median_s": None,
+            "gbps": None,
+            "baseline": self.baseline,
+            "ratio": None,
+            "peak_rss_bytes": None,
+            "peak_cuda_bytes": None,
+            "status": "ok",
+            "reason": None,
+        }
+        row.update(fields)
+        return row
+
+    def _throughput(self, pair: _Pair, spec: PeerSpec, src: str, dst: str, nbytes: int) -> None:
+        warmup, count = self.opts.transfers(nbytes)
+        what = self._what(nbytes, src, dst)
+        command: tuple[Any, ...] = ("throughput", nbytes, warmup, count)
+        if spec.is_ceiling:
+            command = (*command, src, dst)
+        timeout = 60 + (warmup + count) * nbytes / _SLOWEST_BYTES_PER_S
+        roles = ["solo"] if spec.is_ceiling else ["send", "recv"]
+        try:
+            results = pair.run(command, timeout)
+        except WorkerError as exc:
+            self.rows.append(
+                self._throughput_row(spec, src, dst, nbytes, warmup, count, status="failed", reason=str(exc))
+            )
+            self.progress.line(spec.name, what, f"FAILED: {exc}")
+            if exc.detail:
+                self.progress.note(exc.detail.strip())
+            return
+        seconds: list[float] = results[0]["seconds"]
+        median = statistics.median(seconds)
+        gbps = nbytes / median / 1e9
+        base = gbps if spec.name == self.baseline else self._baseline_gbps(src, dst, nbytes)
+        ratio = gbps / base if base else None
+        rss = _peaks(results, roles, "peak_rss_bytes")
+        self.rows.append(
+            self._throughput_row(
+                spec,
+                src,
+                dst,
+                nbytes,
+                warmup,
+                count,
+                seconds=seconds,
+                median_s=median,
+                gbps=gbps,
+                ratio=ratio,
+                peak_rss_bytes=rss,
+                peak_cuda_bytes=_peaks(results, roles, "peak_cuda_bytes"),
+            )
+        )
+        ratio_text = f" ({ratio:.3g}x {self.baseline})" if ratio is not None else ""
+        rss_text = " ".join(f"{role} {_mib(v)}" for role, v in (rss or {}).items())
+        self.progress.line(spec.name, what, f"{gbps:8.3f} GB/s{ratio_text}  x{count}  peak RSS MiB: {rss_text}")
+
+    def _latency_row(self, spec: PeerSpec, name: str, warmup: int, count: int, **fields: Any) -> Row:
+        row: Row = {
+            "kind": "latency",
+            "peer": spec.name,
+            "object": name,
+            "warmup": warmup,
+            "round_trips": count,
+            "p50_us": None,
+            "p99_us": None,
+            "mean_us": None,
+            "peak_rss_bytes": None,
+            "status": "ok",
+            "reason": None,
+        }
+        row.update(fields)
+        return row
+
+    def _latency(self, pair: _Pair, spec: PeerSpec, name: str) -> None:
+        count = self.opts.round_trips
+        warmup = max(5, count // 10)
+        timeout = 60 + (warmup + count) * _SLOWEST_ROUND_TRIP_S
+        try:
+            results = pair.run(("latency", name, warmup, count), timeout)
+        except WorkerError as exc:
+            self.rows.append(self._latency_row(spec, name, warmup, count, status="failed", reason=str(exc)))
+            self.progress.line(spec.name, f"latency {name}", f"FAILED: {exc}")
+            if exc.detail:
+                self.progress.note(exc.detail.strip())
+            return
+        micros = [s * 1e6 for s in results[0]["seconds"]]
+        p50, p99 = (float(p) for p in numpy.percentile(micros, [50, 99]))
+        self.rows.append(
+            self._latency_row(
+                spec,
+                name,
+                warmup,
+                count,
+                p50_us=p50,
+                p99_us=p99,
+                mean_us=statistics.fmean(micros),
+                peak_rss_bytes=_peaks(results, ["send", "recv"], "peak_rss_bytes"),
+            )
+        )
+        self.progress.line(spec.name, f"latency {name}", f"p50 {p50:8.1f} us  p99 {p99:8.1f} us  x{count}")
+
+
+@contextmanager
+def _workdir(peer: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=f"sidecar-bench-{peer}-") as path:
+        yield Path(path)
