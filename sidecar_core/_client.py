@@ -1,8 +1,15 @@
 """The public client: :class:`Sidecar` and :class:`SidecarConfig`.
 
-Each ``Sidecar`` owns one event loop on a background thread. The transport, the receive store and
-all network I/O live on that loop; the public methods hand work to it, so they can be called from
-any thread and from any asyncio loop.
+Each ``Sidecar`` owns one event loop on a background thread. The transport and its network I/O live
+on that loop; the public methods hand work to it, so they can be called from any thread and from any
+asyncio loop. Small sends and all receive bookkeeping skip the hop to the loop where they can, as a
+round trip through it costs tens of microseconds:
+
+- ``send`` of a one-frame message to one rank first offers it to the transport's
+  :meth:`~sidecar_core.Transport.send_nowait`, on the caller's thread; :class:`_SendDeadlines`
+  enforces the send timeout of such sends.
+- ``recv`` registers with, gives up on, and ``mark_done`` releases through the thread-safe
+  :class:`~sidecar_core._store.ReceiveStore` directly.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -29,6 +37,8 @@ logger = logging.getLogger("sidecar")
 
 T = TypeVar("T")
 Ranks = int | Sequence[int] | Sequence[Sequence[int]]
+#: Takes a fast-path send's outcome (see :meth:`Transport.send_nowait`).
+Outcome = Callable[[Exception | None], None]
 
 
 @dataclass
@@ -168,6 +178,59 @@ class _LoopThread:
             self.loop.close()
 
 
+class _SendDeadlines:
+    """Fails the sends started with ``Transport.send_nowait`` that outlive ``SIDECAR_SEND_TIMEOUT``.
+
+    Those sends start on the caller's thread, and arming a loop timer for each would cost the very
+    hop they avoid. As every send gets the same timeout, the order they start in is the order they
+    expire in: :meth:`add` (any thread) files them in an insertion-ordered dict, :meth:`discard`
+    removes the finished ones, and one check on the loop thread, repeated every ``tick`` seconds
+    while any is filed, expires the oldest ones that are overdue. A send therefore times out between
+    ``timeout`` and ``timeout + tick`` seconds after it started.
+    """
+
+    def __init__(self, loop_thread: _LoopThread, timeout: float) -> None:
+        self._loop_thread = loop_thread
+        self._timeout = timeout
+        self._tick = min(0.1, timeout / 10)
+        self._lock = threading.Lock()
+        self._filed: dict[object, tuple[float, Callable[[], None]]] = {}
+        self._armed = False
+
+    def add(self, key: object, expire: Callable[[], None]) -> None:
+        """Call ``expire`` on the loop thread once the timeout passed, unless ``key`` is discarded first.
+
+        Raises:
+            SidecarClosedError: The sidecar's loop has stopped.
+        """
+        with self._lock:
+            self._filed[key] = (time.monotonic() + self._timeout, expire)
+            if self._armed:
+                return
+            self._armed = True
+        self._loop_thread.call_soon(self._arm)
+
+    def discard(self, key: object) -> None:
+        """Forget ``key`` (its send finished); any thread."""
+        with self._lock:
+            self._filed.pop(key, None)
+
+    def _arm(self) -> None:
+        self._loop_thread.loop.call_later(self._tick, self._check)
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            overdue = list(itertools.takewhile(lambda item: item[1][0] <= now, self._filed.items()))
+            for key, _ in overdue:
+                del self._filed[key]
+            self._armed = bool(self._filed)
+        for _, (_, expire) in overdue:
+            expire()
+        if self._armed:
+            self._arm()
+
+
 class Sidecar:
     """Sends and receives ``(id, chunk_id)``-addressed data to and from other sidecar ranks.
 
@@ -210,6 +273,7 @@ class Sidecar:
             max_bytes=self.settings.max_buffered_bytes,
             device=self.settings.recv_device,
             on_recv=self._report_recv,
+            loop=self._loop_thread.loop,
         )
         try:
             self._transport: Transport = self._loop_thread.call(self._start(transport_cls))
@@ -218,6 +282,8 @@ class Sidecar:
             raise
         # Pull-based transports (mock-file) fetch on demand; push-based ones leave ``want`` alone.
         self._pulls = type(self._transport).want is not Transport.want
+        self._sends_nowait = type(self._transport).send_nowait is not Transport.send_nowait
+        self._deadlines = _SendDeadlines(self._loop_thread, self.settings.send_timeout)
         limits = [x for x in (self.settings.chunk_size, self._transport.max_part_bytes) if x is not None]
         self._max_part_bytes = min(limits) if limits else None
 
@@ -287,7 +353,7 @@ class Sidecar:
             max_part_bytes=self._max_part_bytes,
             serializer=serializer,
         )
-        return self._track(self._loop_thread.submit(self._send_all(ranks, frames)), f"send id={id!r} chunk={chunk_id}")
+        return self._start_send(ranks, frames, f"send id={id!r} chunk={chunk_id}")
 
     def close_stream(self, id: str, num_chunks: int, dst_sidecar_ranks: Ranks) -> SendFuture[None]:
         """Tell every destination that stream ``id`` has ``num_chunks`` chunks.
@@ -307,7 +373,7 @@ class Sidecar:
         if num_chunks < 0:
             raise ValueError(f"num_chunks must be >= 0, got {num_chunks}")
         frame = Frame(Header(kind="close", id=id, num_chunks=num_chunks, src=self.sidecar_rank))
-        return self._track(self._loop_thread.submit(self._send_all(ranks, [frame])), f"close_stream id={id!r}")
+        return self._start_send(ranks, [frame], f"close_stream id={id!r}")
 
     def _destinations(self, dst: Ranks) -> list[int]:
         if self._transport.peerless:
@@ -318,6 +384,61 @@ class Sidecar:
         if self.sidecar_rank in ranks:
             raise ValueError(f"rank {self.sidecar_rank} cannot send to itself (dst_sidecar_ranks={dst!r})")
         return ranks
+
+    def _start_send(self, ranks: list[int], frames: list[Frame], what: str) -> SendFuture[None]:
+        """Offer a one-frame, one-rank message to the transport's fast path, else send it on the loop."""
+        if self._sends_nowait and len(ranks) == 1 and len(frames) == 1:
+            future: SendFuture[None] = SendFuture(what)
+            rank, header = ranks[0], frames[0].header
+            done = self._fast_send_outcome(future, rank, header)
+            # Filed first, so that an outcome reported at once (a broken link) also removes it.
+            self._deadlines.add(future, lambda: done(self._send_timeout_error(header, rank)))
+            if self._transport.send_nowait(rank, frames[0], done):
+                return future
+            self._deadlines.discard(future)
+        return self._track(self._loop_thread.submit(self._send_all(ranks, frames)), what)
+
+    def _fast_send_outcome(self, future: SendFuture[None], rank: int, header: Header) -> Outcome:
+        """The callback that takes a fast-path send's outcome: report it to the hooks, then settle ``future``.
+
+        Only the first outcome counts (the acknowledgement, or the send timeout); a user's
+        ``cancel`` also ends it. The hooks run first, so the loop thread is done with the send by the
+        time the caller wakes.
+        """
+        start = time.perf_counter()
+        settled = False  # only the first outcome counts (the acknowledgement, or the timeout)
+
+        def done(error: Exception | None) -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            self._deadlines.discard(future)
+            if error is not None:
+                self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+            elif header.kind == "data":
+                self._hooks.sidecar_on_send(
+                    id=header.id,
+                    chunk_id=header.chunk_id,
+                    dst_rank=rank,
+                    nbytes=header.total_bytes,
+                    seconds=time.perf_counter() - start,
+                    transport=self.transport_name,
+                )
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled just now
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+        return done
+
+    def _send_timeout_error(self, header: Header, rank: int) -> SendTimeoutError:
+        timeout = self.settings.send_timeout
+        return SendTimeoutError(
+            f"send {header.describe()} to {self._transport.describe_peer(rank)} over {self.transport_name} did not "
+            f"complete within SIDECAR_SEND_TIMEOUT={timeout:g}s; is the peer running and reading?"
+        )
 
     async def _send_all(self, ranks: list[int], frames: list[Frame]) -> None:
         if len(ranks) == 1:  # the common case, without the task gather would make
@@ -339,11 +460,7 @@ class Sidecar:
                 async with asyncio.timeout(timeout):  # unlike wait_for, runs send in this task
                     await self._transport.send(rank, frame)
         except TimeoutError:
-            h = frames[0].header
-            error = SendTimeoutError(
-                f"send {h.describe()} to {self._transport.describe_peer(rank)} over {self.transport_name} did not "
-                f"complete within SIDECAR_SEND_TIMEOUT={timeout:g}s; is the peer running and reading?"
-            )
+            error = self._send_timeout_error(frames[0].header, rank)
             self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
             raise error from None
         except Exception as error:
@@ -395,19 +512,20 @@ class Sidecar:
     # -- receiving ----------------------------------------------------------------------------
 
     def _waiter(self, id: str, chunk_id: int) -> Waiter:
-        """A thread-safe future for the chunk, registered with the store on the loop thread.
+        """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
 
-        A chunk already held is answered here, without a hop through the loop.
+        Only a pull-based transport that does not hold the chunk yet is asked for it on the loop.
         """
         self._check_open()
         waiter: Waiter = concurrent.futures.Future()
-        found, value = self._store.peek(id, chunk_id)
-        if found:
-            waiter.set_result(value)
-        elif self._pulls:
-            self._loop_thread.submit(self._pull(id, chunk_id, waiter))
+        if self._pulls:
+            found, value = self._store.peek(id, chunk_id)
+            if found:
+                waiter.set_result(value)
+            else:
+                self._loop_thread.submit(self._pull(id, chunk_id, waiter))
         else:
-            self._loop_thread.call_soon(self._store.add_waiter, id, chunk_id, waiter)
+            self._store.add_waiter(id, chunk_id, waiter)
         return waiter
 
     async def _pull(self, id: str, chunk_id: int, waiter: Waiter) -> None:
@@ -419,8 +537,7 @@ class Sidecar:
         self._store.add_waiter(id, chunk_id, waiter)
 
     def _give_up(self, id: str, chunk_id: int, waiter: Waiter) -> None:
-        with contextlib.suppress(SidecarClosedError):
-            self._loop_thread.call_soon(self._store.drop_waiter, id, chunk_id, waiter)
+        self._store.drop_waiter(id, chunk_id, waiter)
 
     async def recv(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
         """Wait for chunk ``chunk_id`` of ``id`` and return it; idempotent until :meth:`mark_done`.
@@ -492,15 +609,15 @@ class Sidecar:
         Raises:
             SidecarClosedError: The sidecar was shut down.
         """
-        self._check_open()
-        await asyncio.wrap_future(self._loop_thread.submit(self._mark_done(id, chunk_id)))
+        self.mark_done_sync(id, chunk_id)
 
     def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
-        """Blocking form of :meth:`mark_done`."""
-        self._check_open()
-        self._loop_thread.call(self._mark_done(id, chunk_id))
+        """Form of :meth:`mark_done` for synchronous code (it never waits for the event loop).
 
-    async def _mark_done(self, id: str, chunk_id: int) -> None:
+        Raises:
+            SidecarClosedError: The sidecar was shut down.
+        """
+        self._check_open()
         self._store.mark_done(id, chunk_id)
 
     # -- life cycle ---------------------------------------------------------------------------

@@ -1,13 +1,20 @@
 """The receive store: arrived chunks keyed by ``(id, chunk_id)`` until ``mark_done``.
 
-Everything here runs on the sidecar's event-loop thread, so there are no locks.
+Concurrency: the transport delivers on the sidecar's event-loop thread; receivers register waiters,
+give up and ``mark_done`` from their own threads, without a hop through the loop. One re-entrant
+lock makes each public method atomic; ``deliver`` holds it while it decodes (and, for a message in
+parts, copies a part), so a receiver's call may wait that long. Waiters are settled under the lock
+(a waiter's callbacks must not block). A frame's ``release`` still runs on the loop thread
+(transports expect it there): when ``mark_done`` frees a frame, the release is handed to ``loop``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import threading
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
@@ -87,7 +94,20 @@ class ReceiveStore:
         max_bytes: int,
         device: str,
         on_recv: Callable[[Header, int], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """Create an empty store.
+
+        Args:
+            codec: Decodes arrived frames.
+            rank: This sidecar's rank, for messages.
+            transport: The transport's name, for messages.
+            max_bytes: ``SIDECAR_MAX_BUFFERED_BYTES``.
+            device: Where received tensors land (``SIDECAR_RECV_DEVICE``).
+            on_recv: Called (on the delivering thread) for each chunk stored.
+            loop: The event loop whose thread runs the releases of frames freed by ``mark_done``;
+                ``None`` runs them at once, on the calling thread.
+        """
         self._codec = codec
         self._rank = rank
         self._transport = transport
@@ -102,6 +122,8 @@ class ReceiveStore:
         self._sources: OrderedDict[str, int] = OrderedDict()
         self._lost: dict[str, str] = {}
         self._waiters: defaultdict[Key, list[Waiter]] = defaultdict(list)
+        self._loop = loop
+        self._lock = threading.RLock()
         self.buffered_bytes = 0
 
     # -- the transport side -------------------------------------------------------------------
@@ -109,7 +131,8 @@ class ReceiveStore:
     def deliver(self, frame: Frame, release: Release | None = None) -> None:
         """Store an arrived frame (see :meth:`sidecar_core.Inbox.deliver`)."""
         try:
-            self._deliver(frame, release)
+            with self._lock:
+                self._deliver(frame, release)
         except BaseException:
             _call(release)
             raise
@@ -205,6 +228,10 @@ class ReceiveStore:
 
     def peer_lost(self, rank: int, reason: str) -> None:
         """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
+        with self._lock:
+            self._peer_lost(rank, reason)
+
+    def _peer_lost(self, rank: int, reason: str) -> None:
         for key in [k for k in self._assembling if self._assembling[k].first.src == rank]:
             self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
         ids = {id for id, src in self._sources.items() if src == rank}
@@ -224,21 +251,24 @@ class ReceiveStore:
     # -- the user side ------------------------------------------------------------------------
 
     def peek(self, id: str, chunk_id: int) -> tuple[bool, object]:
-        """``(True, value)`` if the chunk is held, else ``(False, None)``.
-
-        Safe to call from any thread: it only reads one dict entry, which is atomic in Python.
-        """
-        held = self._held.get((id, chunk_id))
+        """``(True, value)`` if the chunk is held, else ``(False, None)`` (any thread)."""
+        with self._lock:
+            held = self._held.get((id, chunk_id))
         return (True, held.value) if held is not None else (False, None)
 
     def add_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
         """Resolve ``waiter`` with the chunk (``None`` past the end of its id) now or when it arrives.
 
-        ``waiter`` is a thread-safe future, so the receiving thread wakes without another hop through
-        the event loop. It fails with :class:`AlreadyDoneError` (released with ``mark_done``) or
-        :class:`PeerLostError` (the sender of this id disconnected). Timeouts are the waiting side's
-        business: it calls :meth:`drop_waiter` and :meth:`timeout_error`.
+        Any thread may call it. ``waiter`` is a thread-safe future, so the receiving thread wakes
+        without another hop through the event loop. It fails with :class:`AlreadyDoneError`
+        (released with ``mark_done``) or :class:`PeerLostError` (the sender of this id
+        disconnected). Timeouts are the waiting side's business: it calls :meth:`drop_waiter` and
+        :meth:`timeout_error`.
         """
+        with self._lock:
+            self._add_waiter(id, chunk_id, waiter)
+
+    def _add_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
         key = (id, chunk_id)
         held = self._held.get(key)
         end = self._ends.get(id)
@@ -259,13 +289,14 @@ class ReceiveStore:
             self._waiters[key].append(waiter)
 
     def drop_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
-        """Forget a waiter that gave up (timed out or was cancelled)."""
+        """Forget a waiter that gave up (timed out or was cancelled); any thread."""
         key = (id, chunk_id)
-        waiters = self._waiters.get(key)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters:
-                del self._waiters[key]
+        with self._lock:
+            waiters = self._waiters.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[key]
 
     def timeout_error(self, id: str, chunk_id: int, timeout: float) -> RecvTimeoutError:
         """The error for a receive of ``(id, chunk_id)`` that waited ``timeout`` seconds in vain."""
@@ -295,20 +326,34 @@ class ReceiveStore:
             self.drop_waiter(id, chunk_id, waiter)
 
     def mark_done(self, id: str, chunk_id: int) -> None:
-        """Release a chunk's memory; later receives of it raise. Unknown chunks are ignored."""
+        """Release a chunk's memory; later receives of it raise. Unknown chunks are ignored.
+
+        Any thread may call it; the frame's release runs on the loop thread (see the module docstring).
+        """
         key = (id, chunk_id)
-        assembly = self._assembling.pop(key, None)
-        if assembly is not None:
-            self.buffered_bytes -= assembly.first.total_bytes
-        held = self._held.pop(key, None)
-        if held is None:
+        with self._lock:
+            assembly = self._assembling.pop(key, None)
+            if assembly is not None:
+                self.buffered_bytes -= assembly.first.total_bytes
+            held = self._held.pop(key, None)
+            if held is None:
+                return
+            self.buffered_bytes -= held.nbytes
+            _remember(self._done, key, None)
+        if held.release is None:
             return
-        self.buffered_bytes -= held.nbytes
-        _call(held.release)
-        _remember(self._done, key, None)
+        if self._loop is None:
+            _call(held.release)
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: the transport and the memory it lent are gone
+            self._loop.call_soon_threadsafe(_call, held.release)
 
     def close(self) -> None:
         """Release everything and fail all waiting receives with :class:`SidecarClosedError`."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for held in self._held.values():
             _call(held.release)
         self._held.clear()

@@ -4,9 +4,12 @@ A transport moves :class:`~sidecar_core.Frame` objects between sidecar ranks. It
 serializers, chunks, streams or ``mark_done``: the core does all of that.
 
 Concurrency: every method is called on the sidecar's own event-loop thread (one per ``Sidecar``),
-and a transport calls its :class:`Inbox` only from that thread. ``send`` may be called
+except the optional fast path :meth:`Transport.send_nowait`, which is called on the thread that
+calls ``Sidecar.send`` (any thread). A transport calls its :class:`Inbox` only from the loop thread,
+and the core runs every frame's ``release`` there too. ``send`` (and ``send_nowait``) may be called
 concurrently for different destinations and for different frames to the same destination; frames
-of one message to one destination are sent one after another.
+of one message to one destination are sent one after another (a message of several frames never
+takes the fast path).
 
 Cancellation: ``send`` is cancelled (by ``asyncio.wait_for``) when the send timeout expires. A
 cancelled ``send`` must leave the transport usable, for example by dropping the peer's connection
@@ -40,8 +43,8 @@ class Inbox(Protocol):
 
         Args:
             frame: The frame; its buffers may be views into transport-owned memory.
-            release: Called exactly once when the core no longer needs the buffers (after
-                ``mark_done``, after copying a part, or when the frame is rejected).
+            release: Called exactly once, on the event-loop thread, when the core no longer needs
+                the buffers (after ``mark_done``, after copying a part, or when the frame is rejected).
 
         Raises:
             FrameError: The frame is malformed; report it to the sender, keep serving.
@@ -114,6 +117,32 @@ class Transport(abc.ABC):
             RemoteError: ``dst`` rejected the frame (its reason is in the message).
             AuthenticationError: ``dst`` refused this sidecar's auth token.
         """
+
+    def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
+        """Optional fast path: start sending a one-frame message from the caller's thread.
+
+        The core tries it, from whatever thread calls ``Sidecar.send``, for a message of one frame to
+        one destination, to spare the hop to the event loop; it awaits :meth:`send` on the loop when
+        this returns ``False``. The default always returns ``False``, so a transport that does not
+        override it is only ever called on the loop thread.
+
+        An override must be thread-safe against everything the loop thread does and must not block.
+        It returns ``False`` when it cannot take the fast path (no connection yet, a large or CUDA
+        frame, ...), having changed nothing; or ``True`` once the frame is on its way, and then calls
+        ``done`` exactly once with the outcome: ``None`` when ``dst``'s inbox accepted the frame, else
+        the error ``send`` would raise. It may call ``done`` from any thread, typically the loop thread
+        when the acknowledgement arrives; ``done`` is quick and never raises. The core enforces
+        ``SIDECAR_SEND_TIMEOUT`` itself and ignores an outcome that comes after it gave up.
+
+        Args:
+            dst: The destination rank.
+            frame: The frame; its buffers must not be modified until ``done`` is called.
+            done: Receives the outcome.
+
+        Returns:
+            Whether the frame was taken (``done`` will be called).
+        """
+        return False
 
     async def want(self, id: str, chunk_id: int) -> None:  # noqa: B027 - optional hook
         """A ``recv`` is waiting for ``(id, chunk_id)``; pull-based transports fetch it here.

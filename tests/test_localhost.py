@@ -29,6 +29,7 @@ from sidecar_core import (
     PeerLostError,
     PeerUnreachableError,
     RemoteError,
+    SendTimeoutError,
     SettingsError,
     Sidecar,
     SidecarConfig,
@@ -378,6 +379,34 @@ def test_many_small_messages(sender: Sidecar, peer: PeerProcess) -> None:
     sender.send(0, "small-last", 1).result(WAIT)
     assert transport(sender)._links[1] is link, "sends to one peer must reuse one connection"
     assert peer.call(peer_recv_values, ["small-last"]) == [0]
+
+
+def test_small_sends_to_a_stalled_peer_time_out_then_arrive_whole(env: dict[str, str], peer: PeerProcess) -> None:
+    """Small sends written from the caller's thread: a full socket, the send timeout, no torn messages."""
+    with local(env, 6, send_timeout=1.0) as sender:
+        sender.send(0, "stall-hello", 1).result(WAIT)  # connected: later small sends take the fast path
+        objects = [{"i": i, "pad": "x" * 3900} for i in range(300)]  # ~1.2 MB: more than the socket holds
+        assert peer.process.pid is not None
+        os.kill(peer.process.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            futures = [sender.send(obj, f"stall-{i}", 1) for i, obj in enumerate(objects)]
+            with pytest.raises(SendTimeoutError, match="SIDECAR_SEND_TIMEOUT=1s"):
+                futures[0].result(WAIT)
+            elapsed = time.monotonic() - start
+            assert 0.9 < elapsed < 1.0 + 2.0, f"timed out after {elapsed:.2f}s, SIDECAR_SEND_TIMEOUT is 1s"
+        finally:
+            os.kill(peer.process.pid, signal.SIGCONT)
+        # The later sends' deadlines may not have passed yet: their acknowledgements still count.
+        outcomes = {type(future.exception(WAIT)).__name__ for future in futures}
+        assert outcomes <= {"SendTimeoutError", "NoneType"}, outcomes
+        # Everything was still written whole and in order, and the connection stays usable.
+        assert peer.call(peer_recv_values, ["stall-hello", *(f"stall-{i}" for i in range(len(objects)))]) == [
+            0,
+            *objects,
+        ]
+        sender.send(1, "stall-after", 1).result(WAIT)
+        assert peer.call(peer_recv_values, ["stall-after"]) == [1]
 
 
 def test_view_is_valid_until_mark_done_then_the_slot_is_reused(env: dict[str, str], peer: PeerProcess) -> None:

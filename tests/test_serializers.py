@@ -131,8 +131,10 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
 
 
 def test_registry_orders_built_ins_by_priority() -> None:
+    # Other installed serializer plugins may slot in between; the built-ins keep their relative order.
     names = [s.NAME for s in get_registry().load_serializers()]
-    assert names[:4] == ["tensor", "chunked_tensor", "primitives", "json"]
+    builtins = ["tensor", "chunked_tensor", "primitives", "json"]
+    assert [name for name in names if name in builtins] == builtins
 
 
 # -- round trips ----------------------------------------------------------------------------------

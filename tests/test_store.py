@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
+import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -378,5 +380,28 @@ def test_close_releases_everything_and_ends_waiters() -> None:
         assert store.buffered_bytes == 0
         with pytest.raises(SidecarClosedError, match="recv id='other' chunk=0: sidecar rank 5 was shut down"):
             await waiting
+
+    run(main())
+
+
+def test_receivers_use_the_store_from_their_own_threads_and_releases_run_on_the_loop() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        store = ReceiveStore(CODEC, rank=5, transport="memory", max_bytes=1 << 20, device="cpu", loop=loop)
+        released_on: list[threading.Thread] = []
+        waiter: concurrent.futures.Future[object] = concurrent.futures.Future()
+        # A receiver thread registers before the chunk arrives and is woken by the delivery.
+        await asyncio.to_thread(store.add_waiter, "t", 0, waiter)
+        store.deliver(frames(b"abc", id="t")[0], lambda: released_on.append(threading.current_thread()))
+        assert waiter.result(0) == b"abc"
+        # mark_done on another thread takes effect at once; the frame's release runs on the loop thread.
+        await asyncio.to_thread(store.mark_done, "t", 0)
+        assert store.buffered_bytes == 0
+        late: concurrent.futures.Future[object] = concurrent.futures.Future()
+        store.add_waiter("t", 0, late)
+        with pytest.raises(AlreadyDoneError):
+            late.result(0)
+        await settle()
+        assert released_on == [threading.current_thread()]
 
     run(main())

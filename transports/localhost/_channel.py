@@ -4,10 +4,14 @@ A :class:`Channel` reads with ``recvmsg`` (so file descriptors passed with ``SCM
 lost) and writes with ``sendmsg`` (scatter/gather: an envelope, a header and payload views go out in
 one system call, without joining them first).
 
-Concurrency: every method runs on the event-loop thread; reading and writing are callbacks of the
-loop's selector (no task per connection, no task per message). While a read callback dispatches
-messages, writes are batched ("corked") and flushed together when it returns, so a burst of frames
-is acknowledged with one system call.
+Concurrency: every method runs on the event-loop thread, except :meth:`Channel.write_threadsafe`
+(any thread). Reading and writing are callbacks of the loop's selector (no task per connection, no
+task per message). While a read callback dispatches messages, writes are batched ("corked") and
+flushed together when it returns, so a burst of frames is acknowledged with one system call.
+``write_threadsafe`` lets a caller's thread put a small message on the socket itself, without a hop
+through the loop: :attr:`Channel.lock` serialises it with the loop's writes (a message is queued and
+written whole under the lock, so messages never interleave and keep the order they were queued in),
+and it hands whatever the socket does not take at once to the loop to flush.
 
 Cancellation: nothing here awaits except :meth:`Channel.drain`; a message passed to :meth:`write` is
 always written whole or not at all (if the connection breaks), never half, so a cancelled caller
@@ -26,6 +30,7 @@ import collections
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 
 from sidecar_core import FrameError
@@ -38,6 +43,8 @@ _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _INITIAL = 1 << 18
 _MIN_ROOM = 1 << 16
 _FLUSH_TIMEOUT = 2.0
+#: As a plain int: testing ``flags & socket.MSG_CTRUNC`` runs ``IntFlag`` code on every read.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 #: ``on_message(kind, arg, body)``; ``body`` is a fresh ``bytearray`` the callee may keep.
 OnMessage = Callable[[Msg, int, bytearray], None]
@@ -89,6 +96,8 @@ class Channel:
         self._writing = False
         self._corked = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        #: Guards the write queue, the socket's writes and ``closed`` against ``write_threadsafe``.
+        self.lock = threading.Lock()
         self.closed: str | None = None
         self._linger: asyncio.TimerHandle | None = None
         loop.add_reader(self._fileno, self._on_readable)
@@ -114,8 +123,9 @@ class Channel:
                 with memoryview(self._buf) as view:
                     room = len(view) - self._end
                     nbytes, ancdata, flags, _ = self.sock.recvmsg_into([view[self._end :]], _ANC_SPACE)
-                self._collect_fds(ancdata)
-                if flags & socket.MSG_CTRUNC:
+                if ancdata:
+                    self._collect_fds(ancdata)
+                if flags & _MSG_CTRUNC:
                     self._malformed(FrameError("file descriptors passed with a message were truncated"), 0)
                     return
                 if nbytes == 0:
@@ -182,7 +192,9 @@ class Channel:
                 self._start = self._end = 0
         finally:
             self._corked = False
-            if self.closed is None or self._linger is not None:
+            # Nothing queued means nothing to flush: a write from another thread that finds the
+            # queue empty sends itself.
+            if self._out and (self.closed is None or self._linger is not None):
                 self._flush()
 
     def _malformed(self, exc: FrameError, arg: int) -> None:
@@ -204,16 +216,48 @@ class Channel:
         Raises:
             BrokenPipeError: The channel is closed (the message names why).
         """
+        with self.lock:
+            self._queue(parts, fds)
+            if self._corked or self._writing:
+                return
+            broke = self._send_queued()
+        self._after_flush(broke)
+
+    def write_threadsafe(self, *parts: Bytes) -> None:
+        """:meth:`write` for any thread: send the message now, from the calling thread if possible.
+
+        If the socket does not take all of it at once (or the loop already has bytes queued, which
+        must go first), the rest is queued and the loop flushes it; a broken connection is closed
+        by the loop. Either way the message is never torn.
+
+        Raises:
+            BrokenPipeError: The channel is closed (the message names why).
+        """
+        with self.lock:
+            idle = not self._out
+            self._queue(parts, ())
+            if not idle:  # the loop flushes what is queued: it is corked, writing, or told to below
+                return
+            broke = self._send_queued()
+            if broke is None and not self._out:
+                return
+        self._loop.call_soon_threadsafe(self._after_flush, broke)
+
+    def _queue(self, parts: Sequence[Bytes], fds: Sequence[int]) -> None:
         if self.closed is not None:
             raise BrokenPipeError(f"connection {self.name} is closed: {self.closed}")
         for index, part in enumerate(parts):
             view = memoryview(part).cast("B")
             if view.nbytes:
                 self._out.append((view, fds if index == 0 else ()))
-        if not self._corked and not self._writing:
-            self._flush()
 
     def _flush(self) -> None:
+        with self.lock:
+            broke = self._send_queued()
+        self._after_flush(broke)
+
+    def _send_queued(self) -> str | None:
+        """Send what the socket takes now (with the lock held); the reason if the connection broke."""
         while self._out:
             views: list[memoryview] = []
             fds: Sequence[int] = ()
@@ -231,8 +275,7 @@ class Channel:
                 break
             except OSError as exc:
                 self._out.clear()
-                self.close(f"connection broke: {exc.strerror or exc}")
-                return
+                return f"connection broke: {exc.strerror or exc}"
             while sent:
                 view, _ = self._out[0]
                 if view.nbytes <= sent:
@@ -241,11 +284,21 @@ class Channel:
                 else:
                     self._out[0] = (view[sent:], ())
                     sent = 0
-        if self._out:
-            if not self._writing:
-                self._writing = True
-                self._loop.add_writer(self._fileno, self._flush)
+        return None
+
+    def _after_flush(self, broke: str | None) -> None:
+        """On the loop, after a flush: close a broken connection, else watch for writability or finish."""
+        if broke is not None:
+            self.close(broke)
             return
+        if self.closed is not None and self._linger is None:
+            return  # already closed and finished: nothing is queued any more
+        with self.lock:
+            if self._out:
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(self._fileno, self._flush)
+                return
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fileno)
@@ -273,9 +326,10 @@ class Channel:
             reason: Why, for the owner's errors and logs.
             flush: Send what is queued first (for at most a couple of seconds).
         """
-        if self.closed is not None:
-            return
-        self.closed = reason
+        with self.lock:
+            if self.closed is not None:
+                return
+            self.closed = reason  # from now on, writes from any thread raise BrokenPipeError
         self._loop.remove_reader(self._fileno)
         if flush and self._out:
             self._linger = self._loop.call_later(_FLUSH_TIMEOUT, self._finish)
@@ -293,11 +347,12 @@ class Channel:
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fileno)
-        self._out.clear()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
         while self._fds:
             os.close(self._fds.popleft())
-        self.sock.close()
+        with self.lock:  # no other thread is inside sendmsg on this socket
+            self._out.clear()
+            self.sock.close()

@@ -10,8 +10,12 @@ Shared memory: a frame sent through the pool keeps its slot leased until the pee
 (after the receiver's ``mark_done``) or the link closes (the peer died or shut down, so it reads
 the slot no more).
 
-Concurrency: event-loop thread only. Cancellation: a cancelled ``send`` only stops waiting for its
-acknowledgement; the frame is still written whole, so the link stays usable. Closing: when the
+Concurrency: event-loop thread only, except :meth:`Link.post_threadsafe` (any thread): it writes
+a small frame from the caller's thread (see :meth:`Channel.write_threadsafe`), and the loop
+thread hands its acknowledgement to the caller's callback. ``_lock`` guards the sequence
+numbers and the table of frames awaiting acknowledgement, which both kinds of post share.
+Cancellation: a cancelled ``send`` only stops waiting for its acknowledgement; the frame is still
+written whole, so the link stays usable. Closing: when the
 connection breaks, every unacknowledged send fails with :class:`PeerLostError` and the link is
 dropped, so the next send connects again.
 """
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +51,19 @@ from transports.localhost._protocol import (
 
 _RETRY_FIRST = 0.005
 _RETRY_MAX = 0.1
+
+#: What a frame's outcome goes to, on the loop thread: ``None`` once acknowledged, else the error.
+Done = Callable[[Exception | None], None]
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    """Resolve ``future`` unless its sender stopped waiting (``post``'s :data:`Done`)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class Holder(Protocol):
@@ -70,8 +89,9 @@ class Link:
         self.describe = f"rank {rank} at {path}"
         self._loop = loop
         self._on_closed = on_closed
+        self._lock = threading.Lock()
         self._seq = 0
-        self._pending: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._pending: dict[int, tuple[Done, str]] = {}
         self._holds: dict[int, Holder] = {}
         self._welcome: asyncio.Future[Welcome] = loop.create_future()
         self.welcome: Welcome | None = None
@@ -167,15 +187,43 @@ class Link:
         """
         if self.channel.closed is not None:
             raise PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}")
-        self._seq += 1
-        seq = self._seq
         future: asyncio.Future[None] = self._loop.create_future()
-        self._pending[seq] = (future, what)
+        seq = self._register(functools.partial(_settle, future), what)
         if hold is not None:
             self._holds[seq] = hold
         length = sum(memoryview(p).nbytes for p in parts)
         self.channel.write(envelope(kind, length, seq), *parts)
         return seq, future
+
+    def post_threadsafe(self, parts: Sequence[Bytes], what: str, done: Done) -> None:
+        """Write an inline ``FRAME`` message from any thread; ``done`` gets the outcome.
+
+        ``done`` is called once: with ``None`` on the loop thread once the peer acknowledged the
+        frame, or with :class:`RemoteError` if it refused it, or with :class:`PeerLostError` if the
+        connection broke first (on this thread if it is already closed).
+
+        Args:
+            parts: The frame's bytes, in pieces (written back to back, not joined).
+            what: The frame in words, for errors.
+            done: Receives the outcome.
+        """
+        seq = self._register(done, what)
+        length = sum(memoryview(p).nbytes for p in parts)
+        try:
+            self.channel.write_threadsafe(envelope(Msg.FRAME, length, seq), *parts)
+        except BrokenPipeError:
+            if self._take(seq) is not None:  # else the closing loop already reported it
+                done(PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}"))
+
+    def _register(self, done: Done, what: str) -> int:
+        with self._lock:
+            self._seq += 1
+            self._pending[self._seq] = (done, what)
+            return self._seq
+
+    def _take(self, seq: int) -> tuple[Done, str] | None:
+        with self._lock:
+            return self._pending.pop(seq, None)
 
     def ready(self, seq: int, nbytes: int) -> None:
         """Tell the peer that the first ``nbytes`` of a staged frame's slot hold their data."""
@@ -196,7 +244,7 @@ class Link:
 
     def forget(self, seq: int) -> None:
         """Stop waiting for ``seq``'s acknowledgement (its send was cancelled)."""
-        self._pending.pop(seq, None)
+        self._take(seq)
 
     @property
     def held(self) -> int:
@@ -207,21 +255,19 @@ class Link:
 
     def _on_message(self, kind: Msg, arg: int, body: bytearray) -> None:
         if kind is Msg.ACK:
-            entry = self._pending.pop(arg, None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(None)
+            entry = self._take(arg)
+            if entry is not None:
+                entry[0](None)
         elif kind is Msg.RELEASE:
             hold = self._holds.pop(arg, None)
             if hold is not None:
                 hold.release()
         elif kind in (Msg.NACK, Msg.ERROR):
             problem = parse_json(Problem, body, "error report")
-            entry = self._pending.pop(arg, None)
-            if entry is not None and not entry[0].done():
+            entry = self._take(arg)
+            if entry is not None:
                 verb = "rejected" if kind is Msg.NACK else "found malformed"
-                entry[0].set_exception(
-                    RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}")
-                )
+                entry[0](RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}"))
         elif kind is Msg.WELCOME:
             welcome = parse_json(Welcome, body, "handshake answer")
             if welcome.version != VERSION:
@@ -241,10 +287,10 @@ class Link:
             self._welcome.set_exception(
                 PeerUnreachableError(f"{self.describe} closed the connection during the handshake: {reason}")
             )
-        pending, self._pending = self._pending, {}
-        for future, what in pending.values():
-            if not future.done():
-                future.set_exception(PeerLostError(f"{self.describe} was lost before it acknowledged {what}: {reason}"))
+        with self._lock:  # a post_threadsafe after this finds the channel closed and reports it itself
+            pending, self._pending = self._pending, {}
+        for done, what in pending.values():
+            done(PeerLostError(f"{self.describe} was lost before it acknowledged {what}: {reason}"))
         holds, self._holds = self._holds, {}
         for hold in holds.values():
             hold.release()

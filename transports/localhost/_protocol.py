@@ -75,6 +75,8 @@ class Msg(enum.IntEnum):
     ERROR = 13
 
 
+#: Message types by their byte (a dict lookup is cheaper than calling the enum on every message).
+_BY_VALUE = {int(msg): msg for msg in Msg}
 SENDER_MESSAGES = frozenset({Msg.HELLO, Msg.FRAME, Msg.POOL, Msg.SHM_FRAME, Msg.READY, Msg.ABORT, Msg.IPC_FRAME})
 RECEIVER_MESSAGES = frozenset({Msg.WELCOME, Msg.REFUSED, Msg.ACK, Msg.NACK, Msg.RELEASE, Msg.ERROR})
 
@@ -167,10 +169,9 @@ def parse_envelope(data: bytes | bytearray | memoryview, offset: int, allowed: f
             f"bad message magic {bytes(magic)!r} (expected {MAGIC!r}): the peer is not a localhost sidecar "
             "or speaks another version"
         )
-    try:
-        msg = Msg(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {kind}") from None
+    msg = _BY_VALUE.get(kind)
+    if msg is None:
+        raise ProtocolError(f"unknown message type {kind}")
     if msg not in allowed:
         raise ProtocolError(f"message type {msg.name} is not valid in this direction")
     if length > MAX_BODY:

@@ -11,6 +11,12 @@ Sending a frame to rank ``dst`` (on the event-loop thread, see :class:`sidecar_c
    shared as CUDA IPC handles when ``SIDECAR_LOCALHOST__CUDA_IPC`` is on (:mod:`._cuda`).
 3. Wait for the peer's acknowledgement; its inbox errors come back as :class:`RemoteError`.
 
+Fast path: :meth:`LocalhostTransport.send_nowait` writes an inline frame to an established
+connection from the caller's thread (see :meth:`~._link.Link.post_threadsafe`); the loop thread
+only reads the acknowledgement and hands it to the core's callback. The first frame to a rank, and
+every shared-memory, CUDA or multi-frame message, still goes through :meth:`LocalhostTransport.send`
+on the loop, so a small message may overtake a large one sent just before it to the same rank.
+
 Receiving: every accepted connection is an :class:`~._incoming.Incoming` that delivers to the inbox.
 
 Cancellation: a cancelled ``send`` leaves the link open (messages are written whole) and returns
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -217,6 +224,30 @@ class LocalhostTransport(Transport):
         except asyncio.CancelledError:
             link.forget(seq)
             raise
+
+    def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
+        """Write an inline CPU frame to an open connection from the calling thread (any thread).
+
+        Declines (returns ``False``) while there is no open connection to ``dst`` yet, and for frames
+        that travel through shared memory or hold CUDA buffers; :meth:`send` handles those on the
+        loop. Otherwise ``done`` gets the outcome :meth:`send` would return or raise (see
+        :meth:`sidecar_core.Transport.send_nowait`).
+        """
+        link = self._links.get(dst)
+        if link is None or link.channel.closed is not None:
+            return False
+        header = frame.header
+        if header.frame_bytes > self.settings.shm_threshold:
+            return False
+        parts: list[bytes | memoryview] = [encode_header(header)]
+        for buf in frame.buffers:
+            if not isinstance(buf, memoryview):
+                if buf.is_cuda:
+                    return False
+                buf = host_bytes(buf)
+            parts.append(buf)
+        link.post_threadsafe(parts, header.describe(), done)
+        return True
 
     async def _link(self, dst: int) -> Link:
         link = self._links.get(dst)
