@@ -1,0 +1,411 @@
+"""Behaviour specific to the ucx transport, with real peer processes.
+
+Generic round trips (every serializer, streams, broadcast, duplicate chunks, ...) are covered by the
+conformance suite (``tests/test_conformance.py``); this module covers what only ucx does: rank
+addressing, its handshake and auth, refusals before allocation, malformed headers, concurrent frames
+on one connection, lost peers and reconnection, progress modes, and large payloads byte for byte.
+GPU paths are in ``tests/test_ucx_gpu.py``; two simulated hosts in ``tests/test_ucx_netns.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+
+from sidecar_core import (
+    AuthenticationError,
+    Frame,
+    Header,
+    PeerLostError,
+    PeerUnreachableError,
+    RemoteError,
+    SettingsError,
+    Sidecar,
+    SidecarConfig,
+    SidecarSettings,
+    load_settings,
+)
+from sidecar_core.testing import PeerProcess
+from transports.ucx import UcxTransport
+from transports.ucx._addressing import TEST_PORTS, Address, Addressing, ports_free
+
+pytest.importorskip("ucxx", reason="ucxx is not installed: pip install 'sidecar[ucx]'")
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("ucx")]
+
+TOKEN = "ucx-test-token"
+WAIT = 20.0
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]
+
+# -- helpers run in peer processes ---------------------------------------------------------------
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+
+def random_bytes(nbytes: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def peer_recv_digests(sidecar: Sidecar, ids: list[str]) -> list[str]:
+    digests = []
+    for id in ids:
+        digests.append(digest(sidecar.recv_sync(id, timeout=WAIT)))
+        sidecar.mark_done_sync(id)
+    return digests
+
+
+def peer_recv_values(sidecar: Sidecar, ids: list[str]) -> list[Any]:
+    values = []
+    for id in ids:
+        values.append(sidecar.recv_sync(id, timeout=WAIT))
+        sidecar.mark_done_sync(id)
+    return values
+
+
+def peer_send_random(sidecar: Sidecar, nbytes: int, seed: int, id: str, dst: int) -> None:
+    """Send random bytes made here (tensors passed through the harness pipe would go through /dev/shm)."""
+    sidecar.send(random_bytes(nbytes, seed), id, dst).result(WAIT)
+
+
+def peer_send(sidecar: Sidecar, obj: Any, id: str, dst: int, chunk_id: int = 0, stream: bool = False) -> None:
+    sidecar.send(obj, id, dst, chunk_id=chunk_id, stream=stream).result(WAIT)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in (*env, *remove)}
+    try:
+        for key in remove:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        **UcxTransport.test_environment(tmp_path_factory.mktemp("ucx")),
+        "SIDECAR_TRANSPORT": "ucx",
+        "SIDECAR_CONNECT_TIMEOUT": "3",
+        "SIDECAR_SEND_TIMEOUT": "20",
+        "SIDECAR_RECV_TIMEOUT": "20",
+    }
+
+
+@pytest.fixture(scope="module")
+def base_port(env: dict[str, str]) -> int:
+    return int(env["SIDECAR_BASE_PORT"])
+
+
+@pytest.fixture(scope="module")
+def peer(env: dict[str, str]) -> Iterator[PeerProcess]:
+    with PeerProcess(1, env) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def local(env: Mapping[str, str], rank: int, remove: tuple[str, ...] = (), **settings: Any) -> Iterator[Sidecar]:
+    """A sidecar of ``rank`` in this process, built under ``env``."""
+    kept = {key: value for key, value in env.items() if key not in remove}
+    with environment(kept, remove):
+        sidecar = Sidecar(SidecarConfig(sidecar_rank=rank, settings=settings))
+    try:
+        yield sidecar
+    finally:
+        sidecar.shutdown_sync()
+
+
+@pytest.fixture(scope="module")
+def sender(env: dict[str, str]) -> Iterator[Sidecar]:
+    with local(env, 0) as sidecar:
+        yield sidecar
+
+
+def transport(sidecar: Sidecar) -> UcxTransport:
+    return cast(UcxTransport, sidecar._transport)
+
+
+# -- import, settings, addressing ----------------------------------------------------------------
+
+
+def test_ucxx_is_imported_only_when_the_transport_starts() -> None:
+    code = (
+        "import sys, sidecar_core, transports, transports.ucx\n"
+        "from sidecar_core import get_registry\n"
+        "get_registry().load_transport('ucx')\n"
+        "assert 'ucxx' not in sys.modules, 'ucxx was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def addressing(**settings: Any) -> Addressing:
+    return Addressing(load_settings(SidecarSettings, **settings))
+
+
+def test_ranks_resolve_by_template_peer_map_or_loopback() -> None:
+    template = addressing(host_template="sidecar-{rank}.sidecar.default.svc", base_port=19000)
+    assert template.resolve(3) == Address("sidecar-3.sidecar.default.svc", 19003)
+    assert template.listen_port(3) == 19003
+    peers = addressing(peers={0: "10.0.0.5:7000", 1: "[fd00::2]:7001"})
+    assert peers.resolve(1) == Address("fd00::2", 7001)
+    assert str(peers.resolve(1)) == "[fd00::2]:7001"
+    assert peers.listen_port(0) == 7000
+    local_ = addressing(is_local=True, peers={1: "10.0.0.6:7001"}, host_template="far-{rank}", base_port=20000)
+    assert local_.resolve(1) == Address("127.0.0.1", 7001)
+    assert local_.resolve(2) == Address("127.0.0.1", 20002)
+
+
+def test_addressing_errors_name_the_setting() -> None:
+    with pytest.raises(PeerUnreachableError, match=r"rank 4 is not in SIDECAR_PEERS \(ranks listed: 0\)"):
+        addressing(peers={0: "10.0.0.5:7000"}).resolve(4)
+    with pytest.raises(SettingsError, match=r'SIDECAR_PEERS maps rank 0 to \'10.0.0.5\'; expected "host:port"'):
+        addressing(peers={0: "10.0.0.5"})
+    with pytest.raises(SettingsError, match=r"SIDECAR_HOST_TEMPLATE='node-\{host\}' cannot be formatted"):
+        addressing(host_template="node-{host}")
+    with pytest.raises(PeerUnreachableError, match="exceeds 65535"):
+        addressing(base_port=65530).resolve(9)
+
+
+def test_bad_progress_mode_names_the_variable(env: dict[str, str]) -> None:
+    with (
+        environment({**env, "SIDECAR_UCX__PROGRESS_MODE": "sometimes"}),
+        pytest.raises(SettingsError, match=r"SIDECAR_UCX__PROGRESS_MODE=\"sometimes\""),
+    ):
+        Sidecar(SidecarConfig(sidecar_rank=30))
+
+
+def test_test_environment_gives_free_loopback_ports(tmp_path: Path) -> None:
+    given = UcxTransport.test_environment(tmp_path)
+    assert given["SIDECAR_IS_LOCAL"] == "1"
+    assert ports_free(int(given["SIDECAR_BASE_PORT"]), TEST_PORTS)
+
+
+def test_taken_port_is_reported(env: dict[str, str], peer: PeerProcess, base_port: int) -> None:
+    with (
+        pytest.raises(PeerUnreachableError, match=rf"rank 1 cannot listen on port {base_port + 1} over ucx"),
+        local(env, 1),
+    ):
+        pass
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def test_large_tensor_arrives_byte_for_byte_both_ways(sender: Sidecar, peer: PeerProcess) -> None:
+    data = random_bytes(64 * MiB, seed=1)
+    sender.send(data, "large-out", 1).result(WAIT)
+    assert peer.call(peer_recv_digests, ["large-out"]) == [digest(data)]
+    peer.call(peer_send_random, 64 * MiB, 2, "large-in", 0)
+    received = sender.recv_sync("large-in", timeout=WAIT)
+    assert received.dtype == torch.uint8
+    assert received.shape == (64 * MiB,)
+    assert digest(received) == digest(random_bytes(64 * MiB, seed=2))
+    sender.mark_done_sync("large-in")
+
+
+def test_concurrent_frames_on_one_connection_keep_their_bytes(sender: Sidecar, peer: PeerProcess) -> None:
+    sizes = [1, 100, 8 * 1024, 70_000, 3 * MiB, 0, 512 * 1024, 5 * MiB, 17, 2 * MiB]
+    tensors = [random_bytes(size, seed=100 + i) for i, size in enumerate(sizes)]
+    futures = [sender.send(t, f"concurrent-{i}", 1) for i, t in enumerate(tensors)]
+    multi = [random_bytes(300_000, 7), random_bytes(0, 8), random_bytes(1_000_000, 9)]
+    futures.append(sender.send(multi, "concurrent-multi", 1))
+    for future in futures:
+        future.result(WAIT)
+    ids = [f"concurrent-{i}" for i in range(len(sizes))]
+    assert peer.call(peer_recv_digests, ids) == [digest(t) for t in tensors]
+    assert [digest(t) for t in peer.call(peer_recv_values, ["concurrent-multi"])[0]] == [digest(t) for t in multi]
+
+
+def test_inbox_refusal_comes_back_and_the_connection_stays(sender: Sidecar, peer: PeerProcess) -> None:
+    sender.send(1, "dup", 1).result(WAIT)
+    with pytest.raises(RemoteError, match=r"rank 1 at 127\.0\.0\.1:\d+ refused id='dup' chunk=0: DuplicateChunkError"):
+        sender.send(2, "dup", 1).result(WAIT)
+    link = transport(sender)._links[1]
+    sender.send(3, "after-dup", 1).result(WAIT)
+    assert transport(sender)._links[1] is link
+    assert peer.call(peer_recv_values, ["dup", "after-dup"]) == [1, 3]
+
+
+def test_oversized_frame_is_refused_before_allocation(env: dict[str, str], sender: Sidecar) -> None:
+    with local(env, 5, max_buffered_bytes=MiB) as small:
+        with pytest.raises(RemoteError, match=r"CapacityError: id='too-big' chunk=0: 2097152 bytes exceed "):
+            sender.send(random_bytes(2 * MiB, 3), "too-big", 5).result(WAIT)
+        link = transport(sender)._links[5]
+        data = random_bytes(100_000, 4)
+        sender.send(data, "fits", 5).result(WAIT)  # the refused payload was drained: the link still works
+        assert transport(sender)._links[5] is link
+        assert digest(small.recv_sync("fits", timeout=WAIT)) == digest(data)
+
+
+def test_malformed_header_is_refused_and_the_listener_keeps_serving(sender: Sidecar, peer: PeerProcess) -> None:
+    bad = Header.model_construct(
+        kind="data", id="bad", chunk_id=5, num_chunks=1, src=0, part=0, num_parts=1, serializer="tensor",
+        meta={}, layout=[4], offset=0, sizes=[4], device="cpu",
+    )  # fmt: skip
+    ucx = transport(sender)
+    with pytest.raises(
+        RemoteError, match=r"FrameError: malformed frame header: .*chunk_id 5 is not below num_chunks 1"
+    ):
+        sender._loop_thread.call(ucx.send(1, Frame(bad, [memoryview(b"abcd")])))
+    sender.send(7, "after-bad", 1).result(WAIT)  # over a new connection
+    assert peer.call(peer_recv_values, ["after-bad"]) == [7]
+
+
+# -- errors: unreachable, auth, lost peers -------------------------------------------------------
+
+
+def test_unreachable_peer_names_rank_host_and_port(sender: Sidecar, base_port: int) -> None:
+    start = time.monotonic()
+    with pytest.raises(PeerUnreachableError) as info:
+        sender.send(5, "nobody", 9).result(WAIT)
+    elapsed = time.monotonic() - start
+    assert f"cannot connect to rank 9 at 127.0.0.1:{base_port + 9} over ucx" in str(info.value)
+    assert elapsed < 3.0 + 1.0, f"gave up after {elapsed:.2f}s, SIDECAR_CONNECT_TIMEOUT is 3s"
+
+
+def test_silent_listener_times_out_within_connect_timeout(env: dict[str, str], base_port: int) -> None:
+    # A plain TCP listener accepts the connection but never speaks UCX.
+    with socket.create_server(("127.0.0.1", base_port + 12)), local(env, 11, connect_timeout=1) as lonely:
+        start = time.monotonic()
+        with pytest.raises(PeerUnreachableError) as info:
+            lonely.send(1, "silence", 12).result(WAIT)
+        elapsed = time.monotonic() - start
+    assert f"cannot connect to rank 12 at 127.0.0.1:{base_port + 12} over ucx" in str(info.value)
+    assert "no answer within SIDECAR_CONNECT_TIMEOUT=1s" in str(info.value)
+    assert elapsed < 1.0 + 1.0, f"gave up after {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize(("token", "presented"), [(None, "no auth token"), ("wrong-token", "a wrong auth token")])
+def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], token: str | None, presented: str) -> None:
+    with local(env, 20, auth_token=TOKEN) as guarded:
+        settings = {"auth_token": token} if token else {}
+        with local(env, 21, **settings) as intruder, pytest.raises(AuthenticationError) as info:
+            intruder.send(1, "intruder", 20).result(WAIT)
+        assert "rank 20 at 127.0.0.1:" in str(info.value)
+        assert presented in str(info.value)
+        assert "SIDECAR_AUTH_TOKEN" in str(info.value)
+        with local(env, 22, auth_token=TOKEN) as friend:
+            friend.send({"ok": True}, "friend", 20).result(WAIT)
+        assert guarded.recv_sync("friend", timeout=WAIT) == {"ok": True}
+
+
+def test_receiver_killed_mid_transfer_then_restarted(env: dict[str, str], sender: Sidecar) -> None:
+    victim = PeerProcess(6, env)
+    try:
+        sender.send(1, "before-kill", 6).result(WAIT)
+        assert victim.process.pid is not None
+        os.kill(victim.process.pid, signal.SIGSTOP)  # it stops reading mid-transfer
+        pending = sender.send(random_bytes(32 * MiB, 6), "killed-mid-send", 6)
+        time.sleep(0.3)
+        assert not pending.done()
+        killed = time.monotonic()
+        victim.kill()
+        with pytest.raises(
+            PeerLostError, match=r"connection to rank 6 at 127\.0\.0\.1:\d+ broke before it acknowledged"
+        ):
+            pending.result(WAIT)
+        assert time.monotonic() - killed < 5.0
+        assert 6 not in transport(sender)._links
+    finally:
+        victim.close()
+    with PeerProcess(6, env) as again:
+        sender.send(2, "after-restart", 6).result(WAIT)  # over a new endpoint
+        assert again.call(peer_recv_values, ["after-restart"]) == [2]
+
+
+def test_sender_killed_mid_stream_fails_the_waiting_recv(env: dict[str, str], sender: Sidecar) -> None:
+    with PeerProcess(7, env) as victim:
+        victim.call(peer_send, random_bytes(1000, 1), "stream", 0, 0, True)
+        assert digest(sender.recv_sync("stream", 0, timeout=WAIT)) == digest(random_bytes(1000, 1))
+        outcome: dict[str, BaseException | float] = {}
+
+        def wait_next() -> None:
+            try:
+                sender.recv_sync("stream", 1, timeout=WAIT)
+            except BaseException as exc:
+                outcome["error"], outcome["at"] = exc, time.monotonic()
+
+        waiter = threading.Thread(target=wait_next)
+        waiter.start()
+        time.sleep(0.2)
+        killed = time.monotonic()
+        victim.kill()
+        waiter.join(WAIT)
+    error = outcome["error"]
+    assert isinstance(error, PeerLostError), repr(error)
+    assert "rank 7 was lost" in str(error)
+    assert cast(float, outcome["at"]) - killed < 5.0
+
+
+# -- progress modes, several sidecars in one process ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["thread", "thread-polling", "blocking", "polling"])
+def test_every_progress_mode_moves_data(env: dict[str, str], mode: str) -> None:
+    mode_env = {**env, "SIDECAR_UCX__PROGRESS_MODE": mode}
+    with local(mode_env, 40) as a, local(mode_env, 41) as b:
+        assert transport(a).options.progress_mode == mode
+        data = random_bytes(3 * MiB, 40)
+        a.send(data, "mode", 41).result(WAIT)
+        b.send({"mode": mode}, "mode-back", 40).result(WAIT)
+        assert digest(b.recv_sync("mode", timeout=WAIT)) == digest(data)
+        assert a.recv_sync("mode-back", timeout=WAIT) == {"mode": mode}
+
+
+def test_explicit_peer_map(env: dict[str, str], base_port: int) -> None:
+    peers = f'{{"50": "127.0.0.1:{base_port + 30}", "51": "localhost:{base_port + 31}"}}'
+    mapped = {**env, "SIDECAR_IS_LOCAL": "0", "SIDECAR_PEERS": peers}
+    with local(mapped, 50) as a, local(mapped, 51) as b:
+        assert transport(a).describe_peer(51) == f"rank 51 at localhost:{base_port + 31}"
+        a.send([1, 2, 3], "mapped", 51).result(WAIT)
+        assert b.recv_sync("mapped", timeout=WAIT) == [1, 2, 3]
+
+
+def test_host_pool_reuses_released_blocks_up_to_its_limit() -> None:
+    from transports.ucx._pool import HostPool, size_class
+
+    assert size_class(64 * MiB) == 64 * MiB
+    assert size_class(64 * MiB + 1) == 72 * MiB  # 1/8 steps: at most 12.5% slack
+    pool = HostPool(100 * MiB)
+    _, block = pool.take(1000)
+    assert block is None  # small frames come from the ordinary allocator
+    first, block = pool.take(64 * MiB)
+    assert block is not None
+    assert first.numel() == 64 * MiB
+    pool.give(block)
+    again, reused = pool.take(60 * MiB + 5)  # same size class: the released block comes back
+    assert reused is block
+    assert again.data_ptr() == first.data_ptr()
+    pool.give(reused)
+    _, other = pool.take(64 * MiB)
+    _, extra = pool.take(64 * MiB)
+    assert other is not None
+    assert extra is not None
+    pool.give(other)
+    pool.give(extra)  # over the 100 MiB limit: freed, not kept
+    assert pool.idle_bytes == 64 * MiB

@@ -1,0 +1,139 @@
+"""One UCX endpoint: submits tagged and stream messages now, and reports once when it breaks.
+
+Concurrency: loop thread only; ``send``/``recv`` submit immediately (so messages on one tag go out
+in call order) and return futures. Cancellation: cancelling a returned future does not withdraw the
+message; :meth:`Endpoint.close` does (every unfinished request then fails). Closing: ``close`` is
+idempotent and does not call ``on_broken``; a broken endpoint calls ``on_broken`` exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from transports.ucx._worker import UcxWorker
+
+logger = logging.getLogger(__name__)
+
+#: How long closing an endpoint may wait for UCX (nanoseconds).
+_CLOSE_PERIOD_NS = 200_000_000
+
+BufferLike = memoryview | bytes | bytearray | torch.Tensor
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short description of a UCX error for messages."""
+    text = str(exc) or type(exc).__name__
+    return text[0].lower() + text[1:] if text else text
+
+
+class Endpoint:
+    """A connected UCX endpoint on ``worker``.
+
+    Args:
+        worker: The worker the endpoint belongs to.
+        handle: The ``UCXEndpoint``.
+        on_broken: Called once (on the loop) with a reason when UCX reports the connection failed or
+            the peer closed it.
+
+    Raises:
+        ConnectionError: The endpoint already failed (UCX refuses the close callback).
+    """
+
+    def __init__(self, worker: UcxWorker, handle: Any, on_broken: Callable[[str], None]) -> None:
+        self._worker = worker
+        self._api = worker.api
+        self._handle: Any = handle
+        self._on_broken = on_broken
+        self.closed = False
+        try:
+            handle.set_close_callback(worker.call_on_loop, (self._broken,))
+        except RuntimeError as exc:
+            self._handle = None
+            self.closed = True
+            raise ConnectionError(describe_error(exc)) from None
+
+    def _broken(self) -> None:
+        if self.closed:
+            return
+        reason = "the connection closed"
+        try:
+            self._handle.raise_on_error()
+        except Exception as exc:
+            reason = describe_error(exc)
+        self.close()
+        self._on_broken(reason)
+
+    def _array(self, buf: BufferLike) -> Any:
+        if isinstance(buf, torch.Tensor) and not buf.is_cuda:
+            return self._api_array(buf.numpy())  # host tensors through the buffer protocol
+        return self._api_array(buf)
+
+    def _api_array(self, obj: Any) -> Any:
+        from ucxx._lib.arr import Array  # ucxx is imported only when the transport runs
+
+        return Array(obj)
+
+    def truncated(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says a message was larger than its receive buffer (and was consumed)."""
+        return isinstance(exc, self._api.UCXMessageTruncatedError)
+
+    def _check(self) -> Any:
+        if self.closed or self._handle is None:
+            raise ConnectionError("the endpoint is closed")
+        return self._handle
+
+    def send(self, buf: BufferLike, tag: int) -> asyncio.Future[None]:
+        """Submit a tagged send of ``buf`` (kept alive until it completes).
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+        """
+        array = self._array(buf)
+        return self._worker.track(self._check().tag_send(array, self._api.UCXXTag(tag)), array, busy=array.cuda)
+
+    def recv(self, buf: BufferLike, tag: int, *, idle: bool = False) -> asyncio.Future[None]:
+        """Submit a tagged receive into ``buf``; ``idle`` for receives that may wait for the peer indefinitely.
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+        """
+        array = self._array(buf)
+        request = self._check().tag_recv(array, self._api.UCXXTag(tag))
+        return self._worker.track(request, array, busy=array.cuda and not idle)
+
+    def stream_send(self, buf: bytes) -> asyncio.Future[None]:
+        """Submit a stream send (handshake messages).
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+        """
+        array = self._api_array(buf)
+        return self._worker.track(self._check().stream_send(array), array, busy=False)
+
+    def stream_recv(self, buf: bytearray) -> asyncio.Future[None]:
+        """Submit a stream receive that completes once ``buf`` is full.
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+        """
+        array = self._api_array(buf)
+        return self._worker.track(self._check().stream_recv(array), array, busy=False)
+
+    def close(self) -> None:
+        """Close the endpoint at once; its unfinished requests fail. Idempotent, never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        try:
+            handle.remove_close_callback()
+            handle.close_blocking(period=_CLOSE_PERIOD_NS, max_attempts=1)
+        except Exception:
+            logger.debug("closing a UCX endpoint failed", exc_info=True)

@@ -1,0 +1,288 @@
+"""A connection a peer opened to this sidecar: handshake, then frames in and acknowledgements out.
+
+After the handshake, :meth:`Inbound.serve` reads header messages one after another. For each it
+validates the header, allocates the frame's memory (CPU, or the GPU named by
+``SIDECAR_RECV_DEVICE`` for CUDA frames), posts the payload receives straight into it, and moves on
+to the next header while a task waits for the payload, hands the frame to the inbox and sends the
+acknowledgement (or the inbox's refusal, which the sender raises as ``RemoteError``). A small
+host payload that rode inline in its header message is copied out of the reused header buffer and
+delivered at once. A frame refused before allocation (too large) has its payload drained without
+being stored. Host buffers of 1 MiB and more come from :class:`~transports.ucx._pool.HostPool` and
+go back to it when the inbox releases them.
+
+Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` cancels the reader and the
+frame tasks; frames not yet delivered are dropped (their senders see the connection close).
+Closing: a connection that breaks after the handshake calls ``inbox.peer_lost(rank, reason)``;
+``close`` (this sidecar shutting down) does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox
+from transports.ucx import _wire as wire
+from transports.ucx._endpoint import Endpoint, describe_error
+from transports.ucx._link import token_matches, wait_cuda_idle
+from transports.ucx._pool import HostPool
+
+logger = logging.getLogger(__name__)
+
+_ZERO = bytes(wire.HEAD.size + 8)
+
+
+def _split(payload: bytearray, sizes: list[int]) -> list[Buffer]:
+    """Views of consecutive buffers of ``sizes`` bytes in ``payload``."""
+    view = memoryview(payload)
+    buffers: list[Buffer] = []
+    pos = 0
+    for size in sizes:
+        buffers.append(view[pos : pos + size])
+        pos += size
+    return buffers
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """What every inbound connection of one transport needs."""
+
+    rank: int
+    inbox: Inbox
+    token: str | None
+    max_bytes: int
+    recv_device: torch.device
+    handshake_timeout: float
+    pool: HostPool
+
+
+class Inbound:
+    """One accepted connection (see the module docstring)."""
+
+    def __init__(self, options: ServeOptions, tag_base: int, on_closed: Callable[[Inbound], None]) -> None:
+        self._options = options
+        self._tag_base = tag_base
+        self._on_closed = on_closed
+        self._endpoint: Endpoint | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scratch = bytearray(1)
+        self.rank: int | None = None
+        self._ack_tag = 0
+        self.closed = False
+
+    def attach(self, endpoint: Endpoint) -> None:
+        """Take the connection's endpoint (made with :meth:`on_broken` as its callback)."""
+        self._endpoint = endpoint
+
+    def on_broken(self, reason: str) -> None:
+        """The connection failed or the peer closed it."""
+        self._close(reason, lost=True)
+
+    async def serve(self) -> None:
+        """Shake hands, then read frames until the connection closes. Never raises."""
+        try:
+            accepted = await asyncio.wait_for(self._handshake(), self._options.handshake_timeout)
+            if accepted:
+                await self._read_frames()
+        except asyncio.CancelledError:
+            pass
+        except TimeoutError:
+            self._close(f"no handshake within {self._options.handshake_timeout:g}s")
+        except wire.ProtocolError as exc:
+            logger.warning("ucx: closing a connection from %s: %s", self._who(), exc)
+            self._close(str(exc), lost=True)
+        except Exception as exc:  # a UCX error: the connection broke
+            self._close(describe_error(exc), lost=True)
+
+    def _who(self) -> str:
+        return "an unidentified peer" if self.rank is None else f"rank {self.rank}"
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        endpoint = self._require()
+        prefix = bytearray(wire.STREAM_PREFIX.size)
+        await endpoint.stream_recv(prefix)
+        body = bytearray(wire.stream_body_length(prefix))
+        if body:
+            await endpoint.stream_recv(body)
+        hello = wire.parse_model(wire.Hello, body, "hello")
+        if hello.version != wire.VERSION:
+            await self._refuse(
+                "ProtocolError",
+                f"rank {hello.rank} speaks protocol version {hello.version}, this sidecar {wire.VERSION}",
+            )
+            return False
+        if not token_matches(self._options.token, hello.token):
+            what = "no auth token" if hello.token is None else "a wrong auth token"
+            logger.warning("ucx: refused rank %d: it presented %s", hello.rank, what)
+            await self._refuse(
+                "AuthenticationError",
+                f"it presented {what}; set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment",
+            )
+            return False
+        self.rank = hello.rank
+        self._ack_tag = hello.ack_tag
+        reply = wire.Reply(version=wire.VERSION, rank=self._options.rank, accepted=True, tag_base=self._tag_base)
+        await endpoint.stream_send(wire.stream_message(reply))
+        return True
+
+    async def _refuse(self, error: str, message: str) -> None:
+        reply = wire.Reply(version=wire.VERSION, rank=self._options.rank, accepted=False, error=error, message=message)
+        with contextlib.suppress(Exception):
+            await self._require().stream_send(wire.stream_message(reply))
+            await self._linger()
+        self._close("refused")
+
+    async def _linger(self) -> None:
+        """Wait for the peer to close after a final answer (closing first could lose the answer)."""
+        await asyncio.sleep(self._options.handshake_timeout)
+
+    # -- frames -------------------------------------------------------------------------------
+
+    async def _read_frames(self) -> None:
+        endpoint = self._require()
+        buf = bytearray(wire.HEADER_MESSAGE_BYTES)
+        view = memoryview(buf)
+        header_tag = self._tag_base | wire.HEADER
+        while not self.closed:
+            view[: len(_ZERO)] = _ZERO
+            await endpoint.recv(buf, header_tag, idle=True)
+            seq = wire.message_seq(view)
+            try:
+                header, inline = wire.parse_header_message(view)
+            except FrameError as exc:
+                # The payload's size is unknown, so the rest of this connection cannot be read.
+                logger.warning("ucx: malformed frame header from %s: %s", self._who(), exc)
+                self._ack(seq, exc, closing=True)
+                await self._linger()
+                self._close(f"malformed frame header: {exc}", lost=True)
+                return
+            if inline is not None:
+                self._deliver(seq, header, _split(bytearray(inline), header.sizes), None)
+            else:
+                await self._receive(seq, header)
+
+    async def _receive(self, seq: int, header: Header) -> None:
+        """Post the payload receives of one frame, in order, and start the task that finishes it."""
+        endpoint = self._require()
+        payload_tag = self._tag_base | wire.PAYLOAD
+        sizes = [size for size in header.sizes if size]
+        refusal: Exception | None = None
+        views: list[torch.Tensor] = []
+        block: torch.Tensor | None = None
+        if header.total_bytes > self._options.max_bytes:
+            refusal = CapacityError(
+                f"{header.describe()}: {header.total_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
+                f"{self._options.max_bytes} on rank {self._options.rank}; raise the bound or send smaller chunks"
+            )
+        else:
+            device = self._land_device(header)
+            try:
+                if device.type == "cpu":
+                    dest, block = self._options.pool.take(header.frame_bytes)
+                else:
+                    dest = torch.empty(header.frame_bytes, dtype=torch.uint8, device=device)
+                    await wait_cuda_idle([dest])
+            except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
+                refusal = CapacityError(
+                    f"{header.describe()}: rank {self._options.rank} cannot allocate {header.frame_bytes} bytes "
+                    f"on {device}: {exc}"
+                )
+            else:
+                pos = 0
+                for size in header.sizes:
+                    views.append(dest[pos : pos + size])
+                    pos += size
+        if refusal is not None:
+            # Drain: a 1-byte receive consumes each message (UCX reports it truncated).
+            drains = [endpoint.recv(self._scratch, payload_tag) for _ in sizes]
+            self._spawn(self._drain(seq, drains, refusal))
+            return
+        received = [endpoint.recv(view, payload_tag) for view in views if view.numel()]
+        release = None if block is None else functools.partial(self._options.pool.give, block)
+        self._spawn(self._finish(seq, header, views, received, release))
+
+    def _land_device(self, header: Header) -> torch.device:
+        if header.device == "cuda" and self._options.recv_device.type == "cuda":
+            return self._options.recv_device
+        return torch.device("cpu")
+
+    def start(self) -> None:
+        """Start serving the connection on the running loop (see :meth:`serve`)."""
+        self._spawn(self.serve())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(
+        self,
+        seq: int,
+        header: Header,
+        views: list[torch.Tensor],
+        received: list[asyncio.Future[None]],
+        release: Callable[[], None] | None,
+    ) -> None:
+        try:
+            await asyncio.gather(*received)
+        except Exception:
+            return  # the connection broke; on_broken reports it
+        self._deliver(seq, header, list(views), release)
+
+    def _deliver(self, seq: int, header: Header, buffers: list[Buffer], release: Callable[[], None] | None) -> None:
+        """Hand a complete frame to the inbox and acknowledge it (or pass on the inbox's refusal)."""
+        refusal: Exception | None = None
+        try:
+            self._options.inbox.deliver(Frame(header, buffers), release)
+        except Exception as exc:  # FrameError, DuplicateChunkError, CapacityError: the sender raises it
+            refusal = exc
+        self._ack(seq, refusal)
+
+    async def _drain(self, seq: int, drains: list[asyncio.Future[None]], refusal: Exception) -> None:
+        for drain in drains:
+            try:
+                await drain
+            except Exception as exc:
+                if not self._require().truncated(exc):
+                    return  # the connection broke
+        self._ack(seq, refusal)
+
+    def _ack(self, seq: int, refusal: BaseException | None, *, closing: bool = False) -> None:
+        """Submit the acknowledgement of frame ``seq`` (the worker keeps it until it is sent)."""
+        problem = None if refusal is None else wire.problem_of(refusal)
+        with contextlib.suppress(ConnectionError):  # a broken connection is reported by on_broken
+            self._require().send(wire.ack_message(seq, problem, closing=closing), self._ack_tag)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def _require(self) -> Endpoint:
+        if self._endpoint is None:
+            raise ConnectionError("the connection has no endpoint")
+        return self._endpoint
+
+    def _close(self, reason: str, *, lost: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._endpoint is not None:
+            self._endpoint.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if lost and self.rank is not None:
+            self._options.inbox.peer_lost(self.rank, reason)
+        self._on_closed(self)
+
+    def close(self) -> None:
+        """Close the connection without reporting a lost peer (this sidecar is shutting down)."""
+        self._close("this sidecar is shutting down")

@@ -1,0 +1,258 @@
+"""The connection from this sidecar to one peer rank: frames out, acknowledgements back.
+
+One :class:`Link` per destination rank, made on the first send and kept until it breaks; the next
+send after a break makes a new one.
+
+Sending a frame submits its header message and its payload buffers back to back (no ``await`` in
+between, so concurrent sends never interleave on a tag), straight from the frame's memory (host
+memory, or CUDA memory that UCX moves by CUDA IPC or GPUDirect), then waits for the peer's
+acknowledgement. Host payloads of at most 8 KiB ride inline in the header message instead. Any
+number of frames may be in flight on one link.
+
+Concurrency: loop thread only. Cancellation: a cancelled ``send`` closes the link (its messages may
+be half sent), so the next send connects again. Closing: :meth:`Link.close` fails every
+unacknowledged send with :class:`PeerLostError`; a broken connection does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sidecar_core import (
+    AuthenticationError,
+    Buffer,
+    Frame,
+    PeerLostError,
+    PeerUnreachableError,
+    RemoteError,
+    buffer_nbytes,
+)
+from transports.ucx import _wire as wire
+from transports.ucx._addressing import Address
+from transports.ucx._endpoint import Endpoint, describe_error
+from transports.ucx._worker import UcxWorker
+
+logger = logging.getLogger(__name__)
+
+#: What an unacknowledged frame's waiter gets when the link closes.
+_CLOSED = object()
+
+
+async def wait_cuda_idle(buffers: Sequence[Buffer]) -> None:
+    """Wait until work queued on the legacy default stream of the buffers' devices is done.
+
+    UCX copies CUDA memory on streams of its own, which do not wait for the default stream: a
+    tensor still being written there must be finished first. Tensors written on other streams must
+    be synchronized by the caller before ``send``.
+    """
+    devices = {buf.device for buf in buffers if isinstance(buf, torch.Tensor) and buf.is_cuda}
+    for device in devices:
+        stream = torch.cuda.current_stream(device)
+        if not stream.query():
+            await asyncio.get_running_loop().run_in_executor(None, stream.synchronize)
+
+
+def _inline(buffers: Sequence[Buffer]) -> list[memoryview] | None:
+    """Host buffers as byte views when they are small enough to ride in the header message."""
+    if sum(buffer_nbytes(buf) for buf in buffers) > wire.INLINE_MAX:
+        return None
+    views = []
+    for buf in buffers:
+        if isinstance(buf, torch.Tensor):
+            if buf.is_cuda:
+                return None
+            buf = buf.numpy().data
+        views.append(buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf)
+    return views
+
+
+class Link:
+    """An open, handshaken connection to ``rank`` (build it with :func:`connect`)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        rank: int,
+        address: Address,
+        tag_base: int,
+        ack_tag: int,
+        on_closed: Callable[[Link], None],
+    ) -> None:
+        self.rank = rank
+        self.describe = f"rank {rank} at {address}"
+        self._endpoint = endpoint
+        self._header_tag = tag_base | wire.HEADER
+        self._payload_tag = tag_base | wire.PAYLOAD
+        self._ack_tag = ack_tag
+        self._on_closed = on_closed
+        self._seq = 0
+        #: Per unacknowledged frame: the refusal (``None``: accepted) or :data:`_CLOSED`.
+        self._acks: dict[int, asyncio.Future[wire.Problem | object | None]] = {}
+        self._reason = ""
+        self.closed = False
+        self._reader = asyncio.get_running_loop().create_task(self._read_acks(), name=f"sidecar-ucx-acks-{rank}")
+
+    async def _read_acks(self) -> None:
+        buf = bytearray(wire.ACK_MESSAGE_BYTES)
+        view = memoryview(buf)
+        try:
+            while not self.closed:
+                await self._endpoint.recv(buf, self._ack_tag, idle=True)
+                seq = wire.message_seq(view)
+                waiter = self._acks.get(seq)
+                if waiter is None:
+                    raise wire.ProtocolError(f"acknowledgement for unknown frame {seq}")
+                _, problem, closing = wire.parse_ack(view)
+                if not waiter.done():
+                    waiter.set_result(problem)
+                if closing:
+                    assert problem is not None  # parse_ack returns a problem with every refusal
+                    self.close(f"it refused a frame and closed the connection ({problem.error})")
+        except asyncio.CancelledError:
+            raise
+        except wire.ProtocolError as exc:
+            self.close(f"it sent a malformed acknowledgement ({exc})")
+        except Exception as exc:
+            self.close(describe_error(exc))
+
+    async def send(self, frame: Frame) -> None:
+        """Send one frame and wait for the peer's acknowledgement.
+
+        Raises:
+            PeerLostError: The connection broke before the peer acknowledged.
+            RemoteError: The peer's inbox refused the frame (its reason is in the message).
+        """
+        if self.closed:
+            raise self._lost(frame)
+        buffers = [buf for buf in frame.buffers if buffer_nbytes(buf)]
+        await wait_cuda_idle(buffers)
+        seq = self._seq
+        self._seq += 1
+        ack: asyncio.Future[wire.Problem | object | None] = asyncio.get_running_loop().create_future()
+        self._acks[seq] = ack
+        try:
+            inline = _inline(buffers)
+            if inline is not None:
+                sent = [self._endpoint.send(wire.header_message(seq, frame.header, inline), self._header_tag)]
+            else:
+                sent = [self._endpoint.send(wire.header_message(seq, frame.header), self._header_tag)]
+                sent += [self._endpoint.send(buf, self._payload_tag) for buf in buffers]
+            await asyncio.gather(*sent)
+            problem = await ack
+        except asyncio.CancelledError:
+            self.close("a send was cancelled mid-frame")
+            raise
+        except Exception as exc:  # a UCX error: the connection broke
+            self.close(describe_error(exc))
+            raise self._lost(frame) from None
+        finally:
+            self._acks.pop(seq, None)
+        if problem is _CLOSED:
+            raise self._lost(frame)
+        if isinstance(problem, wire.Problem):
+            raise RemoteError(f"{self.describe} refused {frame.header.describe()}: {problem.error}: {problem.message}")
+
+    def _lost(self, frame: Frame) -> PeerLostError:
+        return PeerLostError(
+            f"the connection to {self.describe} broke before it acknowledged {frame.header.describe()}: "
+            f"{self._reason}. The next send connects again; check that the peer is running"
+        )
+
+    def close(self, reason: str) -> None:
+        """Close the connection; unacknowledged sends raise :class:`PeerLostError`. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._reason = reason
+        self._endpoint.close()
+        for waiter in self._acks.values():
+            if not waiter.done():
+                waiter.set_result(_CLOSED)
+        if asyncio.current_task() is not self._reader:
+            self._reader.cancel()
+        self._on_closed(self)
+
+
+async def connect(
+    worker: UcxWorker,
+    rank: int,
+    address: Address,
+    *,
+    own_rank: int,
+    token: str | None,
+    ack_tag: int,
+    timeout: float,
+    on_closed: Callable[[Link], None],
+) -> Link:
+    """Connect to ``rank`` and shake hands.
+
+    Raises:
+        PeerUnreachableError: No sidecar answered at ``address`` within ``timeout`` seconds.
+        AuthenticationError: The peer refused this sidecar's auth token.
+    """
+    where = f"rank {rank} at {address}"
+    link: Link | None = None
+    endpoint: Endpoint | None = None
+    broken: list[str] = []
+
+    def on_broken(reason: str) -> None:
+        broken.append(reason)
+        if link is not None:
+            link.close(reason)
+
+    def unreachable(reason: str) -> PeerUnreachableError:
+        if endpoint is not None:
+            endpoint.close()
+        return PeerUnreachableError(
+            f"cannot connect to {where} over ucx: {reason}. Check that the peer is running and listening there "
+            "(SIDECAR_RANK, SIDECAR_BASE_PORT, SIDECAR_HOST_TEMPLATE / SIDECAR_PEERS agree on both sides) and that "
+            "no firewall is in the way"
+        )
+
+    try:
+        handle = worker.api.UCXEndpoint.create(worker.worker, address.host, address.port, True)
+        endpoint = Endpoint(worker, handle, on_broken)
+        # A broken endpoint fails the handshake's requests, so this ends early when the peer is not there.
+        reply = await asyncio.wait_for(_handshake(endpoint, own_rank, token, ack_tag), timeout)
+    except TimeoutError:
+        raise unreachable(f"no answer within SIDECAR_CONNECT_TIMEOUT={timeout:g}s") from None
+    except wire.ProtocolError as exc:
+        raise unreachable(str(exc)) from None
+    except Exception as exc:  # UCX errors, ConnectionError
+        raise unreachable(broken[0] if broken else describe_error(exc)) from None
+    if not reply.accepted:
+        endpoint.close()
+        if reply.error == "AuthenticationError":
+            raise AuthenticationError(f"{where} refused this sidecar: {reply.message}")
+        raise PeerUnreachableError(f"{where} refused the connection: {reply.error}: {reply.message}")
+    if reply.rank != rank:
+        endpoint.close()
+        raise PeerUnreachableError(
+            f"{address} is served by rank {reply.rank}, not rank {rank}; check the peer addressing settings on "
+            "both sides"
+        )
+    link = Link(endpoint, rank, address, reply.tag_base, ack_tag, on_closed)
+    return link
+
+
+async def _handshake(endpoint: Endpoint, own_rank: int, token: str | None, ack_tag: int) -> wire.Reply:
+    hello = wire.Hello(version=wire.VERSION, rank=own_rank, token=token, ack_tag=ack_tag)
+    await endpoint.stream_send(wire.stream_message(hello))
+    prefix = bytearray(wire.STREAM_PREFIX.size)
+    await endpoint.stream_recv(prefix)
+    body = bytearray(wire.stream_body_length(prefix))
+    if body:
+        await endpoint.stream_recv(body)
+    return wire.parse_model(wire.Reply, body, "handshake reply")
+
+
+def token_matches(expected: str | None, given: str | None) -> bool:
+    """Constant-time check of a peer's auth token (anything matches when none is expected)."""
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())

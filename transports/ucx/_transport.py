@@ -1,0 +1,254 @@
+"""The ``ucx`` transport: sidecars talk through UCX (via ucxx) on one host or across hosts.
+
+Each sidecar listens on its rank's port (see :mod:`transports.ucx._addressing`) and keeps one
+connection per destination rank for its lifetime, making a new one on the next send after a break.
+Payloads move with UCX tagged messages straight from the sender's memory into memory the receiver
+allocated for that frame: TCP, shared memory or RDMA for host memory, CUDA IPC or GPUDirect RDMA for
+CUDA memory (see :mod:`transports.ucx._wire` for the protocol). ucxx is imported only when
+:meth:`UcxTransport.start` runs.
+
+UCX itself reads its usual ``UCX_*`` environment variables (``UCX_TLS``, ``UCX_NET_DEVICES``, ...).
+
+Concurrency, cancellation and closing follow :class:`sidecar_core.Transport`: everything runs on the
+sidecar's loop; a cancelled ``send`` closes that destination's connection; ``close`` releases the
+listener, every connection and the UCX worker, and never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sidecar_core import Frame, PeerUnreachableError, SettingsError, Transport, TransportContext, load_settings
+from transports.ucx import _wire as wire
+from transports.ucx._addressing import Addressing, free_base_port
+from transports.ucx._endpoint import Endpoint, describe_error
+from transports.ucx._inbound import Inbound, ServeOptions
+from transports.ucx._link import Link, connect
+from transports.ucx._pool import HostPool
+from transports.ucx._worker import ProgressMode, UcxWorker
+
+logger = logging.getLogger(__name__)
+
+
+class UcxSettings(BaseSettings):
+    """Settings of the ``ucx`` transport (prefix ``SIDECAR_UCX__``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIDECAR_UCX__", extra="ignore")
+
+    progress_mode: ProgressMode = Field(
+        "blocking",
+        description=(
+            "How UCX makes progress: `blocking` (the sidecar's event loop sleeps on UCX events and spins only "
+            "while a CUDA payload is in flight; no thread hops, idle CPU near 0), "
+            "`polling` (the loop always spins), `thread` (a UCX progress thread sleeps on events and hands "
+            "completions to the loop) or `thread-polling` (that thread always spins)."
+        ),
+    )
+    host_pool_bytes: int = Field(
+        512 << 20,
+        ge=0,
+        description=(
+            "Host memory kept for reuse by received payloads of 1 MiB and more (0: no reuse). Reused buffers are "
+            "already mapped: steady 64 MiB host traffic measured 1.7x faster with reuse."
+        ),
+    )
+
+
+class UcxTransport(Transport):
+    """Frames over UCX; see the module docstring."""
+
+    name = "ucx"
+    max_part_bytes = None
+
+    @classmethod
+    def test_environment(cls, workdir: Path) -> dict[str, str]:
+        """Loopback addressing on a free range of ports, so parallel test runs never meet."""
+        return {"SIDECAR_IS_LOCAL": "1", "SIDECAR_BASE_PORT": str(free_base_port()), "UCX_WARN_UNUSED_ENV_VARS": "n"}
+
+    def __init__(self, ctx: TransportContext) -> None:
+        """Read and check the settings; no I/O.
+
+        Raises:
+            SettingsError: A ``SIDECAR_UCX__*`` setting or the peer addressing settings are invalid.
+        """
+        super().__init__(ctx)
+        self.options = load_settings(UcxSettings)
+        self._addressing = Addressing(ctx.settings)
+        token = ctx.settings.auth_token
+        self._token = token.get_secret_value() if token is not None else None
+        self._worker: UcxWorker | None = None
+        self._listener: Any = None
+        self._links: dict[int, Link] = {}
+        self._connecting: dict[int, asyncio.Task[Link]] = {}
+        self._inbound: set[Inbound] = set()
+        self._tags = itertools.count(1)
+        self._pool = HostPool(self.options.host_pool_bytes)
+        self._closed = False
+
+    def _recv_device(self) -> torch.device:
+        device = torch.device(self.ctx.settings.recv_device)
+        if device.type != "cuda":
+            return device
+        if not torch.cuda.is_available():
+            raise SettingsError(
+                f"invalid sidecar setting: SIDECAR_RECV_DEVICE={self.ctx.settings.recv_device!r} but no CUDA device "
+                "is available here; use 'cpu'"
+            )
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+    def _cuda_device(self, recv_device: torch.device) -> int | None:
+        """The CUDA device UCX's own threads work on (``thread`` modes only)."""
+        if recv_device.type == "cuda":
+            return recv_device.index
+        if self.options.progress_mode.startswith("thread") and torch.cuda.is_available():
+            return torch.cuda.current_device()
+        return None
+
+    async def start(self) -> None:
+        """Create the UCX worker and listen on this rank's port.
+
+        Raises:
+            PeerUnreachableError: The port cannot be listened on (another process has it).
+            SettingsError: ``SIDECAR_RECV_DEVICE`` names CUDA where there is none.
+        """
+        rank = self.ctx.rank
+        recv_device = self._recv_device()
+        port = self._addressing.listen_port(rank)
+        # ucxx sets UCX_MEMTYPE_CACHE, which this UCX no longer reads; keep UCX from warning about it.
+        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        self._worker = worker = UcxWorker(self.ctx.loop, self.options.progress_mode, self._cuda_device(recv_device))
+        self._serve = ServeOptions(
+            rank=rank,
+            inbox=self.ctx.inbox,
+            token=self._token,
+            max_bytes=self.ctx.settings.max_buffered_bytes,
+            recv_device=recv_device,
+            handshake_timeout=self.ctx.settings.connect_timeout,
+            pool=self._pool,
+        )
+        try:
+            self._listener = worker.api.UCXListener.create(
+                worker.worker, port, self._on_connection_request, deliver_endpoint=True
+            )
+        except Exception as exc:
+            await worker.close()
+            raise PeerUnreachableError(
+                f"rank {rank} cannot listen on port {port} over ucx: {describe_error(exc)}. Another process may hold "
+                "the port: stop it, or change SIDECAR_BASE_PORT / SIDECAR_PEERS"
+            ) from None
+        logger.info("ucx: rank %d listening on port %d (progress mode %s)", rank, port, self.options.progress_mode)
+
+    def _tag_base(self) -> int:
+        return next(self._tags) * wire.TAG_KINDS
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    def _on_connection_request(self, handle: Any) -> None:
+        """UCX accepted a connection (called from UCX's progress, possibly on its thread)."""
+        if self._worker is not None:
+            self._worker.call_on_loop(self._accept, handle)
+
+    def _accept(self, handle: Any) -> None:
+        if self._closed or self._worker is None:
+            return
+        inbound = Inbound(self._serve, self._tag_base(), self._inbound.discard)
+        try:
+            inbound.attach(Endpoint(self._worker, handle, inbound.on_broken))
+        except ConnectionError:
+            return  # the peer went away before it was accepted
+        self._inbound.add(inbound)
+        inbound.start()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def send(self, dst: int, frame: Frame) -> None:
+        """Deliver ``frame`` to ``dst``, connecting first if needed (see :class:`Transport`).
+
+        Raises:
+            PeerUnreachableError: ``dst`` cannot be connected to within ``SIDECAR_CONNECT_TIMEOUT``.
+            PeerLostError: The connection broke before ``dst`` acknowledged.
+            RemoteError: ``dst``'s inbox refused the frame.
+            AuthenticationError: ``dst`` refused this sidecar's auth token.
+        """
+        link = self._links.get(dst)
+        if link is None:
+            link = await self._link(dst)
+        await link.send(frame)
+
+    async def _link(self, dst: int) -> Link:
+        task = self._connecting.get(dst)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect(dst), name=f"sidecar-ucx-connect-{dst}")
+            self._connecting[dst] = task
+            task.add_done_callback(lambda done: self._connected(dst, done))
+        # Shielded: one cancelled send must not cancel the connection other sends wait for.
+        return await asyncio.shield(task)
+
+    def _connected(self, dst: int, task: asyncio.Task[Link]) -> None:
+        if self._connecting.get(dst) is task:
+            del self._connecting[dst]
+        if not task.cancelled():
+            task.exception()  # every waiter got it; do not report it again when the task is freed
+
+    async def _connect(self, dst: int) -> Link:
+        if self._worker is None or self._closed:
+            raise PeerUnreachableError(f"cannot connect to rank {dst}: the ucx transport is not running")
+        link = await connect(
+            self._worker,
+            dst,
+            self._addressing.resolve(dst),
+            own_rank=self.ctx.rank,
+            token=self._token,
+            ack_tag=self._tag_base() | wire.ACKNOWLEDGE,
+            timeout=self.ctx.settings.connect_timeout,
+            on_closed=self._forget,
+        )
+        if self._closed:
+            link.close("this sidecar is shutting down")
+        else:
+            self._links[dst] = link
+        return link
+
+    def _forget(self, link: Link) -> None:
+        if self._links.get(link.rank) is link:
+            del self._links[link.rank]
+
+    def describe_peer(self, rank: int) -> str:
+        """``rank N at host:port``, as this sidecar resolves it."""
+        try:
+            return f"rank {rank} at {self._addressing.resolve(rank)}"
+        except PeerUnreachableError:
+            return f"rank {rank} (not in SIDECAR_PEERS)"
+
+    # -- closing ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close connections, the listener and the worker. Never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for task in list(self._connecting.values()):
+                task.cancel()
+            for link in list(self._links.values()):
+                link.close("this sidecar is shutting down")
+            for inbound in list(self._inbound):
+                inbound.close()
+            self._listener = None
+            await asyncio.sleep(0)  # let cancelled tasks unwind before the worker goes
+        except Exception:
+            logger.exception("closing the ucx transport failed")
+        if self._worker is not None:
+            with contextlib.suppress(Exception):
+                await self._worker.close()
+        self._pool.clear()

@@ -1,0 +1,209 @@
+"""What the ucx transport puts on the wire besides payload bytes, and the checks on what it reads.
+
+Connection set-up uses UCX's stream API (ordered bytes on one endpoint); everything after it uses
+tagged messages, whose tags the two sides agree on in the handshake:
+
+1. The connecting sidecar sends ``HELLO`` (:class:`Hello`: its rank, auth token and the tag it
+   wants acknowledgements on); the listening sidecar answers with :class:`Reply`: accepted, with the
+   tag base for this connection's frames, or refused with the reason (it then closes).
+2. Each frame is one *header message* on ``base | HEADER`` (the sender's sequence number and the
+   size of an inline payload, then the core's ``SCF1`` prefix and JSON header) followed by one
+   message per non-empty payload buffer on ``base | PAYLOAD``. Messages on one tag match in the
+   order they were sent, so the receiver posts the payload receives of each header, in header
+   order, into memory it allocated after validating that header. A host payload of at most
+   :data:`INLINE_MAX` bytes rides inline at the end of the header message instead (UCX copies
+   messages that small anyway; one message instead of several).
+3. The receiver answers every frame with an *ack message* on the sender's ack tag: the sequence
+   number, a status byte and, on refusal, a JSON :class:`Problem`. A frame whose header cannot be
+   read is refused with :data:`REFUSED_CLOSING`: the receiver cannot find the next header, so it
+   closes the connection and the sender drops it at once.
+
+Stream messages are ``b"SCU1" | body length (u32, little endian) | JSON body``. Everything read here
+is validated before anything is allocated for it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Annotated, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidecar_core import FrameError, Header, decode_header, encode_header, header_length
+from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
+
+MAGIC = b"SCU1"
+VERSION = 1
+STREAM_PREFIX = struct.Struct("<4sI")
+SEQ = struct.Struct("<Q")
+HEAD = struct.Struct("<QI")
+ACK = struct.Struct("<QBI")
+
+#: Largest host payload sent inline in its header message.
+INLINE_MAX = 8 << 10
+
+#: Largest handshake body accepted.
+MAX_STREAM_BODY = 64 << 10
+#: Largest problem text carried by an ack.
+MAX_PROBLEM = 16 << 10
+#: Size of the buffer a header message is received into.
+HEADER_MESSAGE_BYTES = HEAD.size + PREFIX.size + MAX_HEADER_BYTES + INLINE_MAX
+#: Size of the buffer an ack message is received into.
+ACK_MESSAGE_BYTES = ACK.size + MAX_PROBLEM + 1024
+
+#: Low bits of a tag: which message kind it carries on a connection.
+HEADER = 0
+PAYLOAD = 1
+ACKNOWLEDGE = 2
+TAG_KINDS = 4
+
+ACCEPTED = 0
+REFUSED = 1
+#: Refused, and the receiver closes the connection (it cannot read past this frame).
+REFUSED_CLOSING = 2
+
+
+class ProtocolError(FrameError):
+    """The peer sent something that is not this protocol; the connection is closed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+Tag = Annotated[int, Field(ge=0, lt=1 << 64)]
+
+
+class Hello(_Strict):
+    """What a connecting sidecar says first."""
+
+    version: int
+    rank: Annotated[int, Field(ge=0)]
+    token: Annotated[str, Field(max_length=4096)] | None = None
+    #: The tag (on the connecting sidecar's worker) that acknowledgements go to.
+    ack_tag: Tag
+
+
+class Reply(_Strict):
+    """The listening sidecar's answer to a :class:`Hello`."""
+
+    version: int
+    rank: Annotated[int, Field(ge=0)]
+    accepted: bool
+    #: Tag base (on the listening sidecar's worker) for this connection's frames.
+    tag_base: Tag = 0
+    #: Why the connection was refused (an error type name and a message).
+    error: Annotated[str, Field(max_length=200)] = ""
+    message: Annotated[str, Field(max_length=MAX_PROBLEM)] = ""
+
+
+class Problem(_Strict):
+    """Why a frame was refused: the error's type name and its message."""
+
+    error: Annotated[str, Field(max_length=200)]
+    message: Annotated[str, Field(max_length=MAX_PROBLEM)]
+
+
+_ModelT = TypeVar("_ModelT", bound=_Strict)
+
+
+def stream_message(model: _Strict) -> bytes:
+    """Encode a handshake message (prefix and JSON body)."""
+    body = model.model_dump_json().encode()
+    return STREAM_PREFIX.pack(MAGIC, len(body)) + body
+
+
+def stream_body_length(prefix: bytes | bytearray) -> int:
+    """Validate a handshake message prefix and return its body length.
+
+    Raises:
+        ProtocolError: Wrong magic (not a sidecar, or another version) or an oversized body.
+    """
+    magic, length = STREAM_PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"bad handshake magic {bytes(magic)!r}: the peer is not a sidecar ucx transport of this version"
+        )
+    if length > MAX_STREAM_BODY:
+        raise ProtocolError(f"handshake message of {length} bytes exceeds the {MAX_STREAM_BODY}-byte limit")
+    return int(length)
+
+
+def parse_model(cls: type[_ModelT], body: bytes | bytearray, what: str) -> _ModelT:
+    """Validate a JSON body as ``cls``.
+
+    Raises:
+        ProtocolError: The body is not valid JSON for ``cls`` (the message says what is wrong).
+    """
+    try:
+        return cls.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in exc.errors())
+        raise ProtocolError(f"malformed {what}: {problems}") from None
+
+
+def header_message(seq: int, header: Header, inline: Sequence[memoryview] = ()) -> bytes:
+    """Encode a frame's header message, with its payload buffers inline when given."""
+    size = sum(buf.nbytes for buf in inline)
+    return b"".join((HEAD.pack(seq, size), encode_header(header), *inline))
+
+
+def message_seq(buf: memoryview) -> int:
+    """The sequence number at the start of a header or ack message."""
+    return int(SEQ.unpack_from(buf)[0])
+
+
+def parse_header_message(buf: memoryview) -> tuple[Header, memoryview | None]:
+    """Validate the header carried by a received header message; return it and its inline payload.
+
+    Args:
+        buf: The receive buffer (:data:`HEADER_MESSAGE_BYTES` long; the message's own prefix says
+            how much of it is used). Its first bytes are zeroed before each receive, so a message
+            too short to hold a prefix fails the magic check.
+
+    Returns:
+        The header, and a view of the inline payload in ``buf`` (``None`` if the payload follows
+        as separate messages).
+
+    Raises:
+        FrameError: The prefix, the JSON header or the inline payload size is malformed.
+    """
+    inline = HEAD.unpack_from(buf)[1]
+    start = HEAD.size + PREFIX.size
+    length = header_length(bytes(buf[HEAD.size : start]))
+    header = decode_header(bytes(buf[start : start + length]))
+    if not inline:
+        return header, None
+    if inline != header.frame_bytes or inline > INLINE_MAX:
+        raise FrameError(f"{header.describe()}: inline payload of {inline} bytes, header says {header.frame_bytes}")
+    return header, buf[start + length : start + length + inline]
+
+
+def ack_message(seq: int, problem: Problem | None = None, *, closing: bool = False) -> bytes:
+    """Encode an acknowledgement: accepted, or refused with ``problem`` (``closing``: and the connection closes)."""
+    if problem is None:
+        return ACK.pack(seq, ACCEPTED, 0)
+    body = problem.model_dump_json().encode()
+    return ACK.pack(seq, REFUSED_CLOSING if closing else REFUSED, len(body)) + body
+
+
+def parse_ack(buf: memoryview) -> tuple[int, Problem | None, bool]:
+    """Decode an acknowledgement: sequence number, refusal (``None``: accepted), whether the receiver closes.
+
+    Raises:
+        ProtocolError: Unknown status or malformed problem.
+    """
+    seq, status, length = ACK.unpack_from(buf)
+    if status == ACCEPTED:
+        return seq, None, False
+    if status not in (REFUSED, REFUSED_CLOSING) or length > MAX_PROBLEM + 1024:
+        raise ProtocolError(f"malformed acknowledgement (status {status}, {length} bytes)")
+    problem = parse_model(Problem, bytes(buf[ACK.size : ACK.size + length]), "acknowledgement")
+    return seq, problem, status == REFUSED_CLOSING
+
+
+def problem_of(exc: BaseException) -> Problem:
+    """Describe an inbox error for the sender (the text is cut to fit an ack)."""
+    return Problem(error=type(exc).__name__[:200], message=str(exc)[:MAX_PROBLEM])
