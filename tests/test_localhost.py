@@ -16,7 +16,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,10 +32,9 @@ from sidecar_core import (
     SendTimeoutError,
     SettingsError,
     Sidecar,
-    SidecarConfig,
 )
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
-from sidecar_core.testing import PeerProcess
+from sidecar_core.testing import PeerProcess, local_sidecar
 from transports.localhost import LocalhostTransport
 from transports.localhost._protocol import ENVELOPE, MAX_BODY, VERSION, Hello, Msg, Problem, envelope
 
@@ -117,22 +116,6 @@ def peer_pool_inode(sidecar: Sidecar) -> int:
 # -- fixtures ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def environment(env: Mapping[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in (*env, *remove)}
-    try:
-        for key in remove:
-            os.environ.pop(key, None)
-        os.environ.update(env)
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="module")
 def socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lh") / "localhost"
@@ -163,21 +146,9 @@ def peer2(env: dict[str, str]) -> Iterator[PeerProcess]:
         yield process
 
 
-@contextlib.contextmanager
-def local(env: Mapping[str, str], rank: int, remove: tuple[str, ...] = (), **settings: Any) -> Iterator[Sidecar]:
-    """A sidecar of ``rank`` in this process, built under ``env``."""
-    kept = {key: value for key, value in env.items() if key not in remove}
-    with environment(kept, remove):
-        sidecar = Sidecar(SidecarConfig(sidecar_rank=rank, settings=settings))
-    try:
-        yield sidecar
-    finally:
-        sidecar.shutdown_sync()
-
-
 @pytest.fixture(scope="module")
 def sender(env: dict[str, str]) -> Iterator[Sidecar]:
-    with local(env, 0) as sidecar:
+    with local_sidecar(env, 0) as sidecar:
         yield sidecar
 
 
@@ -223,20 +194,20 @@ def test_open_socket_dir_is_refused(env: dict[str, str], tmp_path: Path) -> None
     open_dir.mkdir(mode=0o755)
     open_dir.chmod(0o755)
     refused = pytest.raises(SettingsError, match=r"SIDECAR_LOCALHOST__SOCKET_DIR=.*open to other users.*chmod 700")
-    with refused, local({**env, "SIDECAR_LOCALHOST__SOCKET_DIR": str(open_dir)}, 30):
+    with refused, local_sidecar({**env, "SIDECAR_LOCALHOST__SOCKET_DIR": str(open_dir)}, 30):
         pass
 
 
 def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:
     with (
         pytest.raises(SettingsError, match="SIDECAR_LOCALHOST__POOL_BYTES"),
-        local({**env, "SIDECAR_LOCALHOST__POOL_BYTES": "12"}, 31),
+        local_sidecar({**env, "SIDECAR_LOCALHOST__POOL_BYTES": "12"}, 31),
     ):
         pass
 
 
 def test_second_live_sidecar_on_a_rank_is_refused(env: dict[str, str], peer: PeerProcess, socket_dir: Path) -> None:
-    with pytest.raises(PeerUnreachableError) as info, local(env, 1):
+    with pytest.raises(PeerUnreachableError) as info, local_sidecar(env, 1):
         pass
     message = str(info.value)
     assert "rank 1 is already served" in message
@@ -262,14 +233,14 @@ def test_unreachable_rank_names_rank_and_path(sender: Sidecar, socket_dir: Path)
 def test_auth_token_refused(env: dict[str, str], peer: PeerProcess, token: str | None, presented: str) -> None:
     settings = {"auth_token": token} if token else {}
     with (
-        local(env, 20, remove=("SIDECAR_AUTH_TOKEN",), **settings) as intruder,
+        local_sidecar(env, 20, remove=("SIDECAR_AUTH_TOKEN",), **settings) as intruder,
         pytest.raises(AuthenticationError) as info,
     ):
         intruder.send(1, "intruder", 1).result(WAIT)
     assert "rank 1" in str(info.value)
     assert presented in str(info.value)
     assert "SIDECAR_AUTH_TOKEN" in str(info.value)
-    with local(env, 21) as friend:  # the listener keeps serving
+    with local_sidecar(env, 21) as friend:  # the listener keeps serving
         friend.send({"ok": True}, f"friend-{token}", 1).result(WAIT)
     assert peer.call(peer_recv_values, [f"friend-{token}"]) == [{"ok": True}]
 
@@ -383,7 +354,7 @@ def test_many_small_messages(sender: Sidecar, peer: PeerProcess) -> None:
 
 def test_small_sends_to_a_stalled_peer_time_out_then_arrive_whole(env: dict[str, str], peer: PeerProcess) -> None:
     """Small sends written from the caller's thread: a full socket, the send timeout, no torn messages."""
-    with local(env, 6, send_timeout=1.0) as sender:
+    with local_sidecar(env, 6, send_timeout=1.0) as sender:
         sender.send(0, "stall-hello", 1).result(WAIT)  # connected: later small sends take the fast path
         objects = [{"i": i, "pad": "x" * 3900} for i in range(300)]  # ~1.2 MB: more than the socket holds
         assert peer.process.pid is not None
@@ -410,7 +381,7 @@ def test_small_sends_to_a_stalled_peer_time_out_then_arrive_whole(env: dict[str,
 
 
 def test_view_is_valid_until_mark_done_then_the_slot_is_reused(env: dict[str, str], peer: PeerProcess) -> None:
-    with local(env, 22) as own:
+    with local_sidecar(env, 22) as own:
         pool = transport(own)._pool
         first, second, third = (torch.full((MiB,), value, dtype=torch.uint8) for value in (1, 2, 3))
         own.send(first, "view-1", 1).result(WAIT)
@@ -440,7 +411,7 @@ def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerPr
 
 def test_full_pool_waits_for_mark_done_then_gives_up(env: dict[str, str], peer: PeerProcess) -> None:
     small_pool = {**env, "SIDECAR_LOCALHOST__POOL_BYTES": str(4 * MiB), "SIDECAR_SEND_TIMEOUT": "2"}
-    with local(small_pool, 23) as own:
+    with local_sidecar(small_pool, 23) as own:
         tensors = [random_bytes(MiB, 10 + i) for i in range(6)]
         for i in range(4):
             own.send(tensors[i], f"full-{i}", 1).result(WAIT)
@@ -501,7 +472,7 @@ def test_receiver_killed_mid_send_then_restarted(env: dict[str, str], sender: Si
 
 
 def test_sigkill_leaves_nothing_behind(env: dict[str, str], socket_dir: Path) -> None:
-    with local(env, 24) as receiver:
+    with local_sidecar(env, 24) as receiver:
         victim = PeerProcess(7, env)
         try:
             tensor = random_bytes(4 * MiB, 8)
@@ -530,8 +501,8 @@ def test_sigkill_leaves_nothing_behind(env: dict[str, str], socket_dir: Path) ->
         finally:
             victim.close()
     assert (socket_dir / "rank-7.sock").exists(), "a killed sidecar cannot remove its own socket"
-    with local(env, 25):  # any sidecar that starts removes stale sockets and locks
+    with local_sidecar(env, 25):  # any sidecar that starts removes stale sockets and locks
         assert not (socket_dir / "rank-7.sock").exists()
         assert not (socket_dir / "rank-7.lock").exists()
-    with local(env, 7) as again:
+    with local_sidecar(env, 7) as again:
         assert again.sidecar_rank == 7

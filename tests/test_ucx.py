@@ -9,7 +9,6 @@ GPU paths are in ``tests/test_ucx_gpu.py``; two simulated hosts in ``tests/test_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +37,7 @@ from sidecar_core import (
     SidecarSettings,
     load_settings,
 )
-from sidecar_core.testing import PeerProcess
+from sidecar_core.testing import PeerProcess, environment, local_sidecar
 from transports.ucx import UcxTransport
 from transports.ucx._addressing import TEST_PORTS, Address, Addressing, ports_free
 
@@ -90,22 +89,6 @@ def peer_send(sidecar: Sidecar, obj: Any, id: str, dst: int, chunk_id: int = 0, 
 # -- fixtures ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def environment(env: Mapping[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in (*env, *remove)}
-    try:
-        for key in remove:
-            os.environ.pop(key, None)
-        os.environ.update(env)
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
@@ -128,21 +111,9 @@ def peer(env: dict[str, str]) -> Iterator[PeerProcess]:
         yield process
 
 
-@contextlib.contextmanager
-def local(env: Mapping[str, str], rank: int, remove: tuple[str, ...] = (), **settings: Any) -> Iterator[Sidecar]:
-    """A sidecar of ``rank`` in this process, built under ``env``."""
-    kept = {key: value for key, value in env.items() if key not in remove}
-    with environment(kept, remove):
-        sidecar = Sidecar(SidecarConfig(sidecar_rank=rank, settings=settings))
-    try:
-        yield sidecar
-    finally:
-        sidecar.shutdown_sync()
-
-
 @pytest.fixture(scope="module")
 def sender(env: dict[str, str]) -> Iterator[Sidecar]:
-    with local(env, 0) as sidecar:
+    with local_sidecar(env, 0) as sidecar:
         yield sidecar
 
 
@@ -208,7 +179,7 @@ def test_test_environment_gives_free_loopback_ports(tmp_path: Path) -> None:
 def test_taken_port_is_reported(env: dict[str, str], peer: PeerProcess, base_port: int) -> None:
     with (
         pytest.raises(PeerUnreachableError, match=rf"rank 1 cannot listen on port {base_port + 1} over ucx"),
-        local(env, 1),
+        local_sidecar(env, 1),
     ):
         pass
 
@@ -252,7 +223,7 @@ def test_inbox_refusal_comes_back_and_the_connection_stays(sender: Sidecar, peer
 
 
 def test_oversized_frame_is_refused_before_allocation(env: dict[str, str], sender: Sidecar) -> None:
-    with local(env, 5, max_buffered_bytes=MiB) as small:
+    with local_sidecar(env, 5, max_buffered_bytes=MiB) as small:
         with pytest.raises(RemoteError, match=r"CapacityError: id='too-big' chunk=0: 2097152 bytes exceed "):
             sender.send(random_bytes(2 * MiB, 3), "too-big", 5).result(WAIT)
         link = transport(sender)._links[5]
@@ -290,7 +261,7 @@ def test_unreachable_peer_names_rank_host_and_port(sender: Sidecar, base_port: i
 
 def test_silent_listener_times_out_within_connect_timeout(env: dict[str, str], base_port: int) -> None:
     # A plain TCP listener accepts the connection but never speaks UCX.
-    with socket.create_server(("127.0.0.1", base_port + 12)), local(env, 11, connect_timeout=1) as lonely:
+    with socket.create_server(("127.0.0.1", base_port + 12)), local_sidecar(env, 11, connect_timeout=1) as lonely:
         start = time.monotonic()
         with pytest.raises(PeerUnreachableError) as info:
             lonely.send(1, "silence", 12).result(WAIT)
@@ -302,14 +273,14 @@ def test_silent_listener_times_out_within_connect_timeout(env: dict[str, str], b
 
 @pytest.mark.parametrize(("token", "presented"), [(None, "no auth token"), ("wrong-token", "a wrong auth token")])
 def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], token: str | None, presented: str) -> None:
-    with local(env, 20, auth_token=TOKEN) as guarded:
+    with local_sidecar(env, 20, auth_token=TOKEN) as guarded:
         settings = {"auth_token": token} if token else {}
-        with local(env, 21, **settings) as intruder, pytest.raises(AuthenticationError) as info:
+        with local_sidecar(env, 21, **settings) as intruder, pytest.raises(AuthenticationError) as info:
             intruder.send(1, "intruder", 20).result(WAIT)
         assert "rank 20 at 127.0.0.1:" in str(info.value)
         assert presented in str(info.value)
         assert "SIDECAR_AUTH_TOKEN" in str(info.value)
-        with local(env, 22, auth_token=TOKEN) as friend:
+        with local_sidecar(env, 22, auth_token=TOKEN) as friend:
             friend.send({"ok": True}, "friend", 20).result(WAIT)
         assert guarded.recv_sync("friend", timeout=WAIT) == {"ok": True}
 
@@ -368,7 +339,7 @@ def test_sender_killed_mid_stream_fails_the_waiting_recv(env: dict[str, str], se
 @pytest.mark.parametrize("mode", ["thread", "thread-polling", "blocking", "polling"])
 def test_every_progress_mode_moves_data(env: dict[str, str], mode: str) -> None:
     mode_env = {**env, "SIDECAR_UCX__PROGRESS_MODE": mode}
-    with local(mode_env, 40) as a, local(mode_env, 41) as b:
+    with local_sidecar(mode_env, 40) as a, local_sidecar(mode_env, 41) as b:
         assert transport(a).options.progress_mode == mode
         data = random_bytes(3 * MiB, 40)
         a.send(data, "mode", 41).result(WAIT)
@@ -380,7 +351,7 @@ def test_every_progress_mode_moves_data(env: dict[str, str], mode: str) -> None:
 def test_explicit_peer_map(env: dict[str, str], base_port: int) -> None:
     peers = f'{{"50": "127.0.0.1:{base_port + 30}", "51": "localhost:{base_port + 31}"}}'
     mapped = {**env, "SIDECAR_IS_LOCAL": "0", "SIDECAR_PEERS": peers}
-    with local(mapped, 50) as a, local(mapped, 51) as b:
+    with local_sidecar(mapped, 50) as a, local_sidecar(mapped, 51) as b:
         assert transport(a).describe_peer(51) == f"rank 51 at localhost:{base_port + 31}"
         a.send([1, 2, 3], "mapped", 51).result(WAIT)
         assert b.recv_sync("mapped", timeout=WAIT) == [1, 2, 3]

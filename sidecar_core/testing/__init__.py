@@ -9,7 +9,7 @@ conformance suite; use :class:`PeerProcess` to drive a sidecar in another, real 
 process).
 """
 
-from sidecar_core.testing._deployment import BUILTIN_TRANSPORTS, Deployment
+from sidecar_core.testing._deployment import BUILTIN_TRANSPORTS, Deployment, environment, local_sidecar
 from sidecar_core.testing._memory import MemoryPlugin, MemoryTransport
 from sidecar_core.testing._payloads import PAYLOADS, fingerprint, payload
 from sidecar_core.testing._peer import PeerCall, PeerError, PeerProcess
@@ -28,6 +28,8 @@ __all__ = [
     "PeerError",
     "PeerProcess",
     "TransportConformance",
+    "environment",
     "fingerprint",
+    "local_sidecar",
     "payload",
 ]

@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from sidecar_core._client import Sidecar, SidecarConfig
 from sidecar_core._plugins import build_registry, get_registry
@@ -54,6 +55,27 @@ def environment(env: Mapping[str, str], remove: tuple[str, ...] = ()) -> Iterato
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def local_sidecar(
+    env: Mapping[str, str], rank: int, remove: tuple[str, ...] = (), **settings: Any
+) -> Iterator[Sidecar]:
+    """A sidecar of ``rank`` in this process, built under ``env`` (less ``remove``), shut down after.
+
+    Args:
+        env: Environment variables to apply while the sidecar is built.
+        rank: Its rank.
+        remove: Variables to unset while it is built (also dropped from ``env``).
+        **settings: Overrides for :class:`~sidecar_core.SidecarSettings` fields.
+    """
+    kept = {key: value for key, value in env.items() if key not in remove}
+    with environment(kept, remove):
+        sidecar = Sidecar(SidecarConfig(sidecar_rank=rank, settings=settings))
+    try:
+        yield sidecar
+    finally:
+        sidecar.shutdown_sync()
 
 
 class Deployment:
