@@ -93,7 +93,7 @@ class LocalhostSettings(BaseSettings):
         ge=0,
         le=64,
         description="Threads that share each large copy into shared memory; 0 picks a quarter of the usable CPUs "
-        "(1 to 8). One core rarely saturates a server's memory bandwidth.",
+        "(2 to 8; 1 on a single CPU). One core rarely saturates a server's memory bandwidth.",
     )
     cuda_ipc: bool = Field(
         False,
