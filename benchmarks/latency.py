@@ -19,9 +19,12 @@ from sidecar_core.testing import PeerProcess
 
 
 def echo(sidecar: Sidecar, count: int) -> None:
+    sent = []
     for i in range(count):
         value = sidecar.recv_sync("ping", i)
-        sidecar.send(value, "pong", [[0]], chunk_id=i, num_chunks=count)
+        sent.append(sidecar.send(value, "pong", [[0]], chunk_id=i, num_chunks=count))
+    for future in sent:  # every reply acknowledged before rank 0 may shut down
+        future.result()
 
 
 def percentile(samples: list[float], q: float) -> float:
