@@ -414,17 +414,7 @@ class Sidecar:
                 return
             settled = True
             self._deadlines.discard(future)
-            if error is not None:
-                self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
-            elif header.kind == "data":
-                self._hooks.sidecar_on_send(
-                    id=header.id,
-                    chunk_id=header.chunk_id,
-                    dst_rank=rank,
-                    nbytes=header.total_bytes,
-                    seconds=time.perf_counter() - start,
-                    transport=self.transport_name,
-                )
+            self._report_send(header, rank, start, error)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled just now
                 if error is None:
                     future.set_result(None)
@@ -461,18 +451,23 @@ class Sidecar:
                     await self._transport.send(rank, frame)
         except TimeoutError:
             error = self._send_timeout_error(frames[0].header, rank)
-            self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+            self._report_send(frames[0].header, rank, start, error)
             raise error from None
         except Exception as error:
-            self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+            self._report_send(frames[0].header, rank, start, error)
             raise
-        h = frames[0].header
-        if h.kind == "data":
+        self._report_send(frames[0].header, rank, start, None)
+
+    def _report_send(self, header: Header, rank: int, start: float, error: BaseException | None) -> None:
+        """Tell the observability hooks how a send to ``rank`` ended (``error`` is ``None`` on success)."""
+        if error is not None:
+            self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+        elif header.kind == "data":
             self._hooks.sidecar_on_send(
-                id=h.id,
-                chunk_id=h.chunk_id,
+                id=header.id,
+                chunk_id=header.chunk_id,
                 dst_rank=rank,
-                nbytes=h.total_bytes,
+                nbytes=header.total_bytes,
                 seconds=time.perf_counter() - start,
                 transport=self.transport_name,
             )

@@ -299,13 +299,7 @@ class Channel:
                     self._writing = True
                     self._loop.add_writer(self._fileno, self._flush)
                 return
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fileno)
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
+        self._stop_writing()
         if self._linger is not None:
             self._finish()
 
@@ -340,10 +334,8 @@ class Channel:
         except Exception:
             logger.exception("%s: close callback failed", self.name)
 
-    def _finish(self) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+    def _stop_writing(self) -> None:
+        """Stop watching for writability and wake everyone waiting in :meth:`drain`."""
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fileno)
@@ -351,6 +343,12 @@ class Channel:
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+
+    def _finish(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self._stop_writing()
         while self._fds:
             os.close(self._fds.popleft())
         with self.lock:  # no other thread is inside sendmsg on this socket
