@@ -28,6 +28,7 @@ from sidecar_core import (
     CapacityError,
     PeerLostError,
     PeerUnreachableError,
+    RecvTimeoutError,
     RemoteError,
     SendTimeoutError,
     SettingsError,
@@ -36,6 +37,7 @@ from sidecar_core import (
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 from sidecar_core.testing import PeerProcess, local_sidecar
 from transports.localhost import LocalhostTransport
+from transports.localhost._copy import Copier
 from transports.localhost._protocol import ENVELOPE, MAX_BODY, VERSION, Hello, Msg, Problem, envelope
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
@@ -93,6 +95,16 @@ def peer_recv_values(sidecar: Sidecar, ids: list[str]) -> list[Any]:
         values.append(sidecar.recv_sync(id, timeout=WAIT))
         sidecar.mark_done_sync(id)
     return values
+
+
+def peer_holds(sidecar: Sidecar, id: str) -> bool:
+    """Whether ``id`` arrives within a moment (it is released if it does)."""
+    try:
+        sidecar.recv_sync(id, timeout=0.5)
+    except RecvTimeoutError:
+        return False
+    sidecar.mark_done_sync(id)
+    return True
 
 
 def peer_send(sidecar: Sidecar, obj: Any, id: str, dst: int, chunk_id: int = 0, stream: bool = False) -> None:
@@ -396,6 +408,28 @@ def test_view_is_valid_until_mark_done_then_the_slot_is_reused(env: dict[str, st
         # The first slot was handed to the third tensor: the stale view of the first now shows it.
         assert peer.call(peer_kept_digest, "view-1") == _digest(third)
         peer.call(peer_mark_done, "view-3")
+
+
+def test_a_failed_copy_fails_its_send_and_the_peer_drops_the_frame(
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy into shared memory that fails: the send raises its error, nothing reaches the peer, the slot is freed."""
+    with local_sidecar(env, 24) as own:
+        own.send(0, "copy-hello", 1).result(WAIT)
+        pool = transport(own)._pool
+
+        def broken(self: Copier, *args: Any) -> None:
+            raise OSError("the copy failed on purpose")
+
+        monkeypatch.setattr(Copier, "copy", broken)
+        with pytest.raises(OSError, match="on purpose"):
+            own.send(random_bytes(4 * MiB, 5), "copy-broken", 1).result(WAIT)
+        monkeypatch.undo()
+        wait_until(lambda: pool.used == 0, "the peer released the abandoned frame's slot")
+        assert not peer.call(peer_holds, "copy-broken"), "the peer must drop a frame whose copy failed"
+        tensor = random_bytes(4 * MiB, 6)
+        own.send(tensor, "copy-after", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "copy-after")["digest"] == _digest(tensor)
 
 
 def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerProcess) -> None:
