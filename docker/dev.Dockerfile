@@ -7,10 +7,10 @@
 #   docker run --rm --gpus all --ipc=host sidecar-dev sidecar demo
 #   docker run --rm --gpus all --ipc=host -v "$PWD":/src sidecar-dev pytest
 #
-# Shared memory: the localhost transport moves payloads through /dev/shm, and Docker gives a
-# container only 64 MiB of it. Pass --ipc=host (also needed for CUDA IPC between containers, and
-# between processes of one container to share GPU memory), or at least --shm-size=8g.
-# `sidecar doctor` reports the size it sees.
+# Shared memory: the localhost transport's pool is an anonymous memfd, which Docker's 64 MiB
+# /dev/shm does not limit. UCX's shared-memory transports between processes on one host do use
+# /dev/shm, and CUDA IPC needs a shared IPC namespace: pass --ipc=host (or at least
+# --shm-size=8g for UCX). `sidecar doctor` reports what it sees.
 # UCX: no system UCX is needed; the `ucx` extra installs ucxx and the libucx wheel it links against.
 
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-devel-ubuntu24.04

@@ -6,8 +6,9 @@
 # Check what a container sees (settings, transport, shared memory, CUDA):
 #   docker run --rm --gpus all --ipc=host -e SIDECAR_TRANSPORT=ucx sidecar
 #
-# Run containers of ranks on one host with --ipc=host (or --shm-size=8g): the localhost transport
-# needs more than Docker's default 64 MiB of /dev/shm, and CUDA IPC needs a shared IPC namespace.
+# Run containers of ranks on one host with --ipc=host: CUDA IPC needs a shared IPC namespace, and
+# UCX's shared-memory transports need more than Docker's default 64 MiB of /dev/shm (at least
+# --shm-size=8g). The localhost transport's pool is an anonymous memfd that /dev/shm does not limit.
 
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 

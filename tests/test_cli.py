@@ -157,9 +157,25 @@ def test_doctor_json_shows_sources_and_masks_the_token(
     checks = checks_by_name(report)
     assert checks["transport"]["status"] == "ok"
     assert checks["transport"]["detail"].startswith("localhost (sidecar ")
-    assert checks["shared memory"]["status"] in ("ok", "warn")
+    assert checks["shared memory"]["status"] in ("ok", "info")
     assert checks["cuda"]["status"] in ("ok", "info")
     assert checks["ucx"]["detail"].endswith("installed (not imported; --load-ucx imports it)")
+
+
+@pytest.mark.parametrize(("transport", "status"), [("localhost", "info"), ("ucx", "warn")])
+def test_doctor_warns_of_a_small_dev_shm_only_where_it_is_used(
+    transport: str, status: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """localhost's pool is a memfd, which a small /dev/shm (Docker's 64 MiB) does not limit; UCX's shm is not."""
+    monkeypatch.setattr("sidecar_core._doctor.SHM_WARN_BYTES", 1 << 62)
+    monkeypatch.setenv("SIDECAR_TRANSPORT", transport)
+    _, report = run_json(capsys, "doctor", "--json")
+    shm = checks_by_name(report)["shared memory"]
+    assert shm["status"] == status
+    if transport == "localhost":
+        assert "does not use it" in shm["detail"]
+    else:
+        assert "--shm-size" in shm["detail"]
 
 
 def test_doctor_table_masks_the_token(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
