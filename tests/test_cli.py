@@ -166,7 +166,7 @@ def test_doctor_json_shows_sources_and_masks_the_token(
 def test_doctor_warns_of_a_small_dev_shm_only_where_it_is_used(
     transport: str, status: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """localhost's pool is a memfd, which a small /dev/shm (Docker's 64 MiB) does not limit; UCX's shm is not."""
+    """A small /dev/shm (Docker's 64 MiB) limits UCX's shared memory, not localhost's pool (a memfd)."""
     monkeypatch.setattr("sidecar_core._doctor.SHM_WARN_BYTES", 1 << 62)
     monkeypatch.setenv("SIDECAR_TRANSPORT", transport)
     _, report = run_json(capsys, "doctor", "--json")
