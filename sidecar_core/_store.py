@@ -19,9 +19,7 @@ import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeVar
 
 from sidecar_core._codec import Codec
 from sidecar_core._errors import (
@@ -34,6 +32,9 @@ from sidecar_core._errors import (
     SidecarClosedError,
 )
 from sidecar_core._frame import Buffer, Frame, Header
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class ReceiveStore:
         assembly = self._assembling.get(key)
         if assembly is None:
             self._check_room(h, h.total_bytes)
+            import torch  # imported when first needed: importing sidecar_core stays light
+
             dest = torch.empty(h.total_bytes, dtype=torch.uint8, device=self._land_device(h))
             assembly = self._assembling[key] = _Assembly(h, dest)
             self.buffered_bytes += h.total_bytes
@@ -378,6 +381,8 @@ def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:
 
 
 def _as_tensor(buf: Buffer) -> torch.Tensor:
+    import torch
+
     if isinstance(buf, memoryview):
         if not buf.nbytes:
             return torch.empty(0, dtype=torch.uint8)
