@@ -443,6 +443,30 @@ def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerPr
     wait_until(lambda: pool.used == before, "both releases freed the shared slot")
 
 
+def _pool_resident(pool: Any) -> int:
+    """Bytes of memory the pool's memfd holds now."""
+    return int(os.fstat(pool.fd).st_blocks) * 512
+
+
+def test_idle_pool_gives_its_pages_back_except_under_held_slots(env: dict[str, str], peer: PeerProcess) -> None:
+    with local_sidecar({**env, "SIDECAR_LOCALHOST__POOL_TRIM_SECONDS": "0.2"}, 25) as own:
+        pool = transport(own)._pool
+        held, burst, after = random_bytes(4 * MiB, 30), random_bytes(32 * MiB, 31), random_bytes(32 * MiB, 32)
+        own.send(held, "trim-held", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "trim-held", True)["digest"] == _digest(held)  # kept: its slot stays
+        own.send(burst, "trim-burst", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "trim-burst", True)["digest"] == _digest(burst)
+        time.sleep(0.5)  # idle for more than two periods, but both slots are held
+        assert _pool_resident(pool) >= 36 * MiB, "slots in use must never be trimmed"
+        peer.call(peer_mark_done, "trim-burst")
+        wait_until(lambda: pool.used == 4 * MiB, "the burst's slot was released")
+        wait_until(lambda: _pool_resident(pool) < 8 * MiB, "the idle pool gave the burst's pages back")
+        assert peer.call(peer_kept_digest, "trim-held") == _digest(held), "a held slot must never be trimmed"
+        own.send(after, "trim-after", 1).result(WAIT)  # the pages come back for the next send
+        assert peer.call(peer_recv_digest, "trim-after")["digest"] == _digest(after)
+        peer.call(peer_mark_done, "trim-held")
+
+
 def test_full_pool_waits_for_mark_done_then_gives_up(env: dict[str, str], peer: PeerProcess) -> None:
     small_pool = {**env, "SIDECAR_LOCALHOST__POOL_BYTES": str(4 * MiB), "SIDECAR_SEND_TIMEOUT": "2"}
     with local_sidecar(small_pool, 23) as own:

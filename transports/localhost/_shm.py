@@ -13,7 +13,9 @@ peer's mapping can never fault on a truncated file.
 Page faults: slots are allocated first-fit from the lowest address, so steady traffic reuses the
 same pages, and pages are populated in bulk (``MADV_POPULATE_*``) as the pool's high-water mark
 grows, never one fault per page. The pool never grows past its capacity: when it is full, senders
-wait for releases.
+wait for releases. :meth:`Pool.trim` gives the pages above the highest slot in use back to the
+system (the transport calls it once sends have been idle for a while), so a burst of large sends
+does not hold its memory for the process's lifetime.
 
 Concurrency: the event-loop thread allocates and frees; worker threads only write into slots they
 were given.
@@ -105,6 +107,8 @@ class Pool:
         self._populated = 0
         self._waiters: list[asyncio.Future[None]] = []
         self.used = 0
+        #: Slots handed out so far (the transport trims only after a period without any).
+        self.acquired = 0
 
     @property
     def is_open(self) -> bool:
@@ -145,6 +149,7 @@ class Pool:
                 else:
                     self._free_blocks[index] = (offset + size, length - size)
                 self.used += size
+                self.acquired += 1
                 if offset + size > self._populated:
                     end = min(self.capacity, _round_up(offset + size, _POPULATE_STEP))
                     _populate(region, MADV_POPULATE_WRITE, self._populated, end)
@@ -201,6 +206,28 @@ class Pool:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def trim(self) -> int:
+        """Give the populated pages above the highest slot in use back to the system.
+
+        They are populated again when a later slot needs them. Peers' stale views of freed slots
+        there read zeros afterwards (a view is only valid until ``mark_done``).
+
+        Returns:
+            The bytes given back (0 if nothing was above the slots in use, or the kernel refused).
+        """
+        if self._region is None or not self._free_blocks:
+            return 0
+        start, length = self._free_blocks[-1]
+        if start + length != self.capacity or start >= self._populated:
+            return 0  # the top of the pool is in use, or nothing above the slots in use is populated
+        try:
+            self._region.madvise(mmap.MADV_REMOVE, start, self._populated - start)
+        except OSError as exc:
+            logger.debug("could not give pool pages back: %s", exc)
+            return 0
+        released, self._populated = self._populated - start, start
+        return released
 
     def close(self) -> None:
         """Unmap and close the region (views still held elsewhere keep their mapping alive)."""

@@ -95,6 +95,13 @@ class LocalhostSettings(BaseSettings):
         description="Threads that share each large copy into shared memory; 0 picks a quarter of the usable CPUs "
         "(2 to 8; 1 on a single CPU). One core rarely saturates a server's memory bandwidth.",
     )
+    pool_trim_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Once no send has taken a pool slot for this many seconds, the pool's pages above the slots "
+        "still in use go back to the system (0: never); later sends populate them again. A pool that has staged "
+        "CUDA tensors stays pinned and is never trimmed.",
+    )
     cuda_ipc: bool = Field(
         False,
         description="Send CUDA tensors to same-host peers that receive on a GPU as CUDA IPC handles (zero-copy) "
@@ -144,6 +151,7 @@ class LocalhostTransport(Transport):
         self._pool = Pool(self.settings.pool_bytes)
         self._copier = Copier(self.settings.copy_threads or default_copy_threads())
         self._pinning: asyncio.Future[bool] | None = None
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._links: dict[int, Link] = {}
         self._connecting: dict[int, asyncio.Task[Link]] = {}
         self._incoming: set[Incoming] = set()
@@ -166,6 +174,8 @@ class LocalhostTransport(Transport):
             logger.info("removed stale sockets of ranks %s in %s", stale, self._dir)
         self._claim = RankClaim(self._dir, self.ctx.rank)
         self._acceptor = self.ctx.loop.create_task(self._accept(self._claim))
+        if self.settings.pool_trim_seconds:
+            self._trim_timer = self.ctx.loop.call_later(self.settings.pool_trim_seconds, self._trim, 0)
 
     async def _accept(self, claim: RankClaim) -> None:
         options = ServeOptions(
@@ -395,11 +405,22 @@ class LocalhostTransport(Transport):
         parts = [U32.pack(len(body)), body, encode_header(frame.header)]
         return link.post(Msg.IPC_FRAME, parts, frame.header.describe(), _Keep(list(frame.buffers)))
 
+    def _trim(self, acquired: int) -> None:
+        """Every ``pool_trim_seconds``: trim the pool if no send took a slot since the last check."""
+        pool = self._pool
+        if pool.acquired == acquired and self._pinning is None:
+            released = pool.trim()
+            if released:
+                logger.debug("rank %d gave %d idle pool bytes back", self.ctx.rank, released)
+        self._trim_timer = self.ctx.loop.call_later(self.settings.pool_trim_seconds, self._trim, pool.acquired)
+
     # -- closing ------------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Stop listening, flush and close every connection, release the pool. Never raises."""
         try:
+            if self._trim_timer is not None:
+                self._trim_timer.cancel()
             if self._acceptor is not None:
                 self._acceptor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
