@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from sidecar_core._codec import Codec
 from sidecar_core._errors import SendTimeoutError, SidecarClosedError, SidecarError
-from sidecar_core._frame import Frame, Header
+from sidecar_core._frame import MAX_ID_CHARS, Frame, Header
 from sidecar_core._plugins import Registry, get_registry
 from sidecar_core._settings import SidecarSettings, load_settings
 from sidecar_core._store import ReceiveStore, Waiter
@@ -97,6 +97,18 @@ def flatten_ranks(dst: Ranks) -> list[int]:
     if not ranks:
         raise ValueError("dst_sidecar_ranks is empty; name at least one destination rank")
     return ranks
+
+
+def _check_id(id: object) -> None:
+    """Raises ValueError unless ``id`` can name a message (a frame header would refuse it)."""
+    if type(id) is not str or not 1 <= len(id) <= MAX_ID_CHARS:
+        raise ValueError(f"id must be a str of 1 to {MAX_ID_CHARS} characters, got {id!r:.80}")
+
+
+def _check_count(name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` is an int (not a bool, which JSON would write as true/false)."""
+    if type(value) is not int:
+        raise ValueError(f"{name} must be an int, got {value!r:.80}")
 
 
 class SendFuture(concurrent.futures.Future[T]):
@@ -342,6 +354,9 @@ class Sidecar:
                 f"cannot send None as chunk {chunk_id} of {id!r}: recv returns None for the end of a stream or "
                 "of a chunked message, so a None chunk would end it early; send a sentinel such as {} instead"
             )
+        _check_id(id)
+        _check_count("chunk_id", chunk_id)
+        _check_count("num_chunks", num_chunks)
         if chunk_id < 0 or (not stream and not 0 <= chunk_id < num_chunks):
             raise ValueError(f"chunk_id {chunk_id} must be in [0, num_chunks={num_chunks}) for id {id!r}")
         frames = self.codec.frames(
@@ -370,6 +385,8 @@ class Sidecar:
         """
         self._check_open()
         ranks = self._destinations(dst_sidecar_ranks)
+        _check_id(id)
+        _check_count("num_chunks", num_chunks)
         if num_chunks < 0:
             raise ValueError(f"num_chunks must be >= 0, got {num_chunks}")
         frame = Frame(Header(kind="close", id=id, num_chunks=num_chunks, src=self.sidecar_rank))

@@ -17,8 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
-import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import msgspec
 
 from sidecar_core._errors import FrameError
 
@@ -29,40 +28,46 @@ MAGIC = b"SCF1"
 PREFIX = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 1 << 20
 MAX_BUFFERS = 4096
+#: Longest message id, in characters.
+MAX_ID_CHARS = 1024
 
 #: A payload buffer: host memory as a flat byte ``memoryview``, or a flat ``torch.uint8`` tensor
 #: (on CUDA for GPU payloads, or a CPU tensor where a transport already holds one).
 Buffer: TypeAlias = "memoryview | torch.Tensor"
 
-NonNegative = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+_Sizes = Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_BUFFERS)]
 
 
-class Header(BaseModel):
-    """The metadata of one frame. Unknown fields are rejected."""
+class Header(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The metadata of one frame. Unknown fields are rejected.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    Decoding (:func:`decode_header`) checks the types and bounds strictly (no coercion: ``"1"`` is
+    not an int, ``true`` is not a number) and then the rules of ``__post_init__``. Building one in
+    code runs the rules of ``__post_init__`` but not the type checks: the core builds headers from
+    values it has checked itself.
+    """
 
     kind: Literal["data", "close"]
-    id: Annotated[str, Field(min_length=1, max_length=1024)]
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     chunk_id: NonNegative = 0
     #: Total chunks of the id; ``None`` while streaming (the end comes with a ``close`` frame).
     num_chunks: NonNegative | None = 1
     src: NonNegative
     part: NonNegative = 0
-    num_parts: Annotated[int, Field(ge=1)] = 1
+    num_parts: Annotated[int, msgspec.Meta(ge=1)] = 1
     serializer: str = ""
-    meta: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Sizes of the message's buffers once all parts are joined.
-    layout: Annotated[list[NonNegative], Field(max_length=MAX_BUFFERS)] = Field(default_factory=list)
+    layout: _Sizes = msgspec.field(default_factory=list)
     #: Where this frame's bytes start in the message's payload (its buffers laid end to end).
     offset: NonNegative = 0
     #: Sizes of the buffers this frame carries.
-    sizes: Annotated[list[NonNegative], Field(max_length=MAX_BUFFERS)] = Field(default_factory=list)
+    sizes: _Sizes = msgspec.field(default_factory=list)
     #: Device class of the sender's buffers: lets a transport pick a GPU path.
     device: Literal["cpu", "cuda"] = "cpu"
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Header:
+    def __post_init__(self) -> None:
         if self.part >= self.num_parts:
             raise ValueError(f"part {self.part} is not below num_parts {self.num_parts}")
         total = sum(self.layout)
@@ -74,7 +79,6 @@ class Header(BaseModel):
             raise ValueError("a close frame carries num_chunks and no buffers")
         if self.num_chunks is not None and self.kind == "data" and self.chunk_id >= self.num_chunks:
             raise ValueError(f"chunk_id {self.chunk_id} is not below num_chunks {self.num_chunks}")
-        return self
 
     @property
     def total_bytes(self) -> int:
@@ -89,6 +93,10 @@ class Header(BaseModel):
     def describe(self) -> str:
         """Short human form used in error messages."""
         return f"id={self.id!r} chunk={self.chunk_id}"
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(Header)
 
 
 @dataclass(slots=True)
@@ -108,7 +116,7 @@ def buffer_nbytes(buf: Buffer) -> int:
 
 def encode_header(header: Header) -> bytes:
     """Return the wire prefix and JSON header of a frame (payload buffers follow it)."""
-    body = header.model_dump_json(exclude_defaults=True).encode()
+    body = _ENCODER.encode(header)
     return PREFIX.pack(MAGIC, len(body)) + body
 
 
@@ -133,7 +141,6 @@ def decode_header(body: bytes | bytearray) -> Header:
         FrameError: The header is not valid JSON or breaks a rule (the message says which).
     """
     try:
-        return Header.model_validate_json(body)
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'header'}: {e['msg']}" for e in exc.errors())
-        raise FrameError(f"malformed frame header: {problems}") from None
+        return _DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise FrameError(f"malformed frame header: {exc}") from None

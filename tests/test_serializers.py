@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import safetensors
 import safetensors.torch
@@ -521,7 +522,7 @@ def test_json_validation(meta: dict[str, Any], text: bytes, needle: str) -> None
 
 def test_codec_names_the_message_of_a_bad_frame() -> None:
     frame = CODEC.frames(torch.ones(2), id="req-9", chunk_id=3, num_chunks=4, src=0, max_part_bytes=None)[0]
-    bad = frame.header.model_copy(update={"meta": tensor_meta(dtype="X")})
+    bad = msgspec.structs.replace(frame.header, meta=tensor_meta(dtype="X"))
     with pytest.raises(FrameError, match=r"meta\['tensor'\]\.dtype is 'X'"):
         CODEC.decode(bad, frame.buffers, "cpu")
 
