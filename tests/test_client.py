@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -215,6 +217,32 @@ def test_chunk_id_out_of_range(pair: tuple[Sidecar, Sidecar], chunk_id: int, num
     a, _ = pair
     with pytest.raises(ValueError, match=rf"chunk_id {chunk_id} must be in \[0, num_chunks={num_chunks}\)"):
         a.send(1, "x", 1, chunk_id=chunk_id, num_chunks=num_chunks)
+
+
+@pytest.mark.parametrize(
+    ("send", "close", "message"),
+    [
+        ({"id": ""}, ("", 1), "id must be a str of 1 to 1024 characters, got ''"),
+        ({"id": "x" * 1025}, ("x" * 1025, 1), "id must be a str of 1 to 1024 characters"),
+        ({"id": 7}, (7, 1), "id must be a str of 1 to 1024 characters, got 7"),
+        ({"id": "x", "chunk_id": True, "num_chunks": 2}, None, "chunk_id must be an int, got True"),
+        ({"id": "x", "chunk_id": 1.0, "num_chunks": 2}, None, "chunk_id must be an int, got 1.0"),
+        ({"id": "x", "num_chunks": 2.0}, ("x", 2.0), "num_chunks must be an int, got 2.0"),
+    ],
+)
+def test_bad_ids_and_chunk_numbers_are_value_errors(
+    pair: tuple[Sidecar, Sidecar], send: dict[str, Any], close: tuple[Any, Any] | None, message: str
+) -> None:
+    """Refused at the sender, before anything is encoded (a receiver would refuse the header)."""
+    a, b = pair
+    with pytest.raises(ValueError, match=re.escape(message)):
+        a.send(1, dst_sidecar_ranks=1, **send)
+    if close is not None:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            a.close_stream(*close, dst_sidecar_ranks=1)
+    a.send(2, "x-ok", 1).result(WAIT)  # the sidecar goes on
+    assert b.recv_sync("x-ok", timeout=WAIT) == 2
+    b.mark_done_sync("x-ok")
 
 
 def test_stream_chunk_ids_are_unbounded_and_close_needs_a_count(pair: tuple[Sidecar, Sidecar]) -> None:
