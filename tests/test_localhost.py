@@ -39,6 +39,7 @@ from sidecar_core.testing import PeerProcess, local_sidecar
 from transports.localhost import LocalhostTransport
 from transports.localhost._copy import Copier
 from transports.localhost._protocol import ENVELOPE, MAX_BODY, VERSION, Hello, Msg, Problem, envelope
+from transports.localhost._shm import Pool
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
 
@@ -443,7 +444,7 @@ def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerPr
     wait_until(lambda: pool.used == before, "both releases freed the shared slot")
 
 
-def _pool_resident(pool: Any) -> int:
+def _pool_resident(pool: Pool) -> int:
     """Bytes of memory the pool's memfd holds now."""
     return int(os.fstat(pool.fd).st_blocks) * 512
 
