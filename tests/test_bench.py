@@ -18,6 +18,7 @@ import torch
 from sidecar_core._bench import main
 from sidecar_core._bench._options import Options, parse_options, parse_size
 from sidecar_core._bench._peers import PEERS
+from sidecar_core._bench._runner import ROUNDS, Progress, Runner, _Pair, split_rounds
 
 MACHINE_KEYS = {
     "date", "cpu_model", "cpu_cores", "cpu_cores_usable", "ram_bytes", "load_average", "os", "python", "packages",
@@ -90,8 +91,10 @@ def test_smoke_run_measured_every_peer_size_and_object(cpu_run: tuple[int, dict[
     assert set(latency) == {(p, o) for p in peers if p != "memcpy" for o in ("int", "dict100")}
     not_ok = {key: row["reason"] for key, row in {**throughput, **latency}.items() if row["status"] != "ok"}
     assert not not_ok, not_ok
+    opts = parse_options(["--sizes", "4KiB,64KiB", "--repeats", "1"])
     for (peer, size), row in throughput.items():
         assert len(row["seconds"]) == row["transfers"] >= 1
+        assert row["warmup"] == sum(warm for warm, _ in split_rounds(*opts.transfers(size)))
         assert row["gbps"] == pytest.approx(size / row["median_s"] / 1e9)
         assert row["ratio"] == pytest.approx(row["gbps"] / throughput[("memcpy", size)]["gbps"])
         roles = {"solo"} if peer == "memcpy" else {"send", "recv"}
@@ -112,6 +115,45 @@ def test_sizes_and_transfer_counts() -> None:
     assert [opts.transfers(s) for s in opts.sizes] == [(20, 100), (20, 100), (3, 16), (1, 5)]
     quick = parse_options(["--quick", "--repeats", "3"])
     assert (quick.repeats, quick.round_trips, quick.sizes) == (3, 50, [4 << 10, 64 << 10, 1 << 20])
+
+
+@pytest.mark.parametrize(("warmup", "count"), [(20, 100), (3, 16), (1, 5), (1, 2), (1, 1), (5, 50)])
+def test_rounds_spread_the_timed_transfers_evenly(warmup: int, count: int) -> None:
+    rounds = split_rounds(warmup, count)
+    assert len(rounds) == min(ROUNDS, count)
+    assert sum(timed for _, timed in rounds) == count
+    assert max(timed for _, timed in rounds) - min(timed for _, timed in rounds) <= 1
+    assert rounds[0][0] == warmup
+    assert all(warm == max(1, warmup // ROUNDS) for warm, _ in rounds[1:])
+
+
+def test_peers_alternate_round_by_round(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The runner sends round 1 of every peer, then round 2 of every peer: a drift slows them alike."""
+    issued: list[tuple[str, str, int]] = []
+
+    def run(pair: _Pair, command: tuple[Any, ...], timeout: float) -> list[dict[str, Any]]:
+        kind, timed = command[0], command[3]
+        issued.append((pair.spec.name, kind, timed))
+        workers = 1 if pair.spec.is_ceiling else 2
+        result = {"seconds": [0.001 * (len(issued))] * timed, "peak_rss_bytes": 1 << 20, "peak_cuda_bytes": None}
+        return [dict(result) for _ in range(workers)]
+
+    monkeypatch.setattr(_Pair, "run", run)
+    monkeypatch.setattr(_Pair, "close", lambda pair: None)
+    opts = parse_options(["--sizes", "64MiB", "--repeats", "2", "--round-trips", "8", "--peers", "tcp,mp-queue"])
+    peers = [PEERS[name] for name in ("memcpy", "tcp", "mp-queue")]
+    rows = Runner(opts, Progress(9)).run(peers)
+    size_rounds = split_rounds(*opts.transfers(64 << 20))
+    expected = [(name, "throughput", timed) for _, timed in size_rounds for name in ("memcpy", "tcp", "mp-queue")]
+    latency_rounds = split_rounds(5, 8)
+    for _ in ("int", "dict100"):
+        expected += [(name, "latency", timed) for _, timed in latency_rounds for name in ("tcp", "mp-queue")]
+    assert issued == expected
+    assert len(size_rounds) == ROUNDS
+    tcp = next(r for r in rows if r["peer"] == "tcp" and r["kind"] == "throughput")
+    assert len(tcp["seconds"]) == tcp["transfers"] == sum(timed for _, timed in size_rounds)
+    assert [r["peer"] for r in rows] == ["memcpy", "tcp", "tcp", "tcp", "mp-queue", "mp-queue", "mp-queue"]
+    assert "64MiB: round 2 of 4" in capsys.readouterr().err
 
 
 def test_unknown_peer_is_refused_with_the_valid_names(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

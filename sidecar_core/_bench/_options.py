@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure sidecar transports side by side with single-thread memcpy and the tools users pick "
             "today (raw TCP, pyzmq with pickle protocol 5, torch.multiprocessing queues, raw ucxx). "
-            "Every peer runs in its own spawned processes, one peer at a time. Writes JSON and a PNG plot."
+            "Every peer runs in its own spawned processes; the peers take turns in rounds, so that a machine "
+            "whose speed drifts slows them alike. Writes JSON and a PNG plot."
         ),
     )
     parser.add_argument(

@@ -1,13 +1,22 @@
-"""Runs the peers one after another, each in fresh worker processes, and turns timings into rows."""
+"""Runs the peers, each in its own worker processes, in alternating rounds, and turns timings into rows.
+
+Machines drift: a shared or throttled machine can run 1.5 times slower a minute later. Measuring the
+peers one after another would fold that drift into their ratios. So every peer's workers stay up
+for the whole run, and each measurement (a size, or a small object) is cut into rounds: round 1 of
+every peer, then round 2 of every peer, and so on. A drift then slows every peer alike. Only one
+peer moves data at any moment; the others wait, idle, for their next command.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +30,45 @@ from sidecar_core._bench._worker import Worker, WorkerError, gather
 _START_TIMEOUT = 120.0
 _SLOWEST_BYTES_PER_S = 25e6
 _SLOWEST_ROUND_TRIP_S = 0.01
+#: How many rounds a measurement is cut into (fewer when it has fewer timed transfers).
+ROUNDS = 4
 
 Row = dict[str, Any]
+
+
+def split_rounds(warmup: int, count: int) -> list[tuple[int, int]]:
+    """``(warm-up, timed)`` per round for a measurement of ``warmup`` + ``count`` transfers or round trips.
+
+    The timed ones are spread evenly over at most :data:`ROUNDS` rounds. The first round has the whole
+    warm-up (connections, pools and page faults settle); each later round re-warms with a quarter of
+    it, at least one, since another peer ran in between.
+    """
+    rounds = max(1, min(ROUNDS, count))
+    base, extra = divmod(count, rounds)
+    rewarm = max(1, warmup // ROUNDS)
+    return [(warmup if i == 0 else rewarm, base + (1 if i < extra else 0)) for i in range(rounds)]
+
+
+@dataclass
+class _Tally:
+    """What the rounds of one peer's measurement added up to."""
+
+    warmup: int = 0
+    seconds: list[float] = field(default_factory=list)
+    peaks: dict[str, dict[str, int]] = field(default_factory=dict)  # key -> role -> bytes
+    error: WorkerError | None = None
+
+    def add(self, warmup: int, results: list[dict[str, Any]], roles: list[str]) -> None:
+        self.warmup += warmup
+        self.seconds.extend(results[0]["seconds"])
+        for key in ("peak_rss_bytes", "peak_cuda_bytes"):
+            for role, result in zip(roles, results, strict=True):
+                if result[key] is not None:
+                    held = self.peaks.setdefault(key, {})
+                    held[role] = max(held.get(role, 0), result[key])
+
+    def peak(self, key: str) -> dict[str, int] | None:
+        return self.peaks.get(key)
 
 
 class Progress:
@@ -133,11 +179,6 @@ class _Pair:
         self.workers = []
 
 
-def _peaks(results: list[dict[str, Any]], roles: list[str], key: str) -> dict[str, int] | None:
-    values = {role: r[key] for role, r in zip(roles, results, strict=True) if r[key] is not None}
-    return values or None
-
-
 def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.0f}"
 
@@ -152,10 +193,20 @@ class Runner:
         self.baseline = baseline_for(opts.device)
 
     def run(self, peers: list[PeerSpec]) -> list[Row]:
-        """Measure every peer on every device pair, one peer at a time."""
+        """Measure every peer on every device pair, in alternating rounds (see the module docstring)."""
         for src, dst in device_pairs(self.opts):
-            for spec in peers:
-                self._run_peer(spec, src, dst)
+            first = len(self.rows)
+            self._run_pair(peers, src, dst)
+            order = {spec.name: i for i, spec in enumerate(peers)}
+            objects = list(SMALL_OBJECTS)
+            self.rows[first:] = sorted(
+                self.rows[first:],
+                key=lambda r: (
+                    order[r["peer"]],
+                    r["kind"] != "throughput",
+                    r["size_bytes"] if r["kind"] == "throughput" else objects.index(r["object"]),
+                ),
+            )
         return self.rows
 
     def _baseline_gbps(self, src: str, dst: str, nbytes: int) -> float | None:
@@ -170,21 +221,27 @@ class Runner:
                 return float(row["gbps"])
         return None
 
-    def _run_peer(self, spec: PeerSpec, src: str, dst: str) -> None:
-        reason = spec.unavailable_reason()
-        if reason is not None:
-            self._skip_all(spec, src, dst, reason)
-            return
-        with _workdir(spec.name) as workdir:
-            pair = _Pair(spec, workdir, src, dst, self.opts.timeout_scale)
-            try:
-                for nbytes in self.opts.sizes:
-                    self._throughput(pair, spec, src, dst, nbytes)
-                if not spec.is_ceiling and self.opts.device == "cpu":
-                    for name in SMALL_OBJECTS:
-                        self._latency(pair, spec, name)
-            finally:
-                pair.close()
+    def _run_pair(self, peers: list[PeerSpec], src: str, dst: str) -> None:
+        live: list[PeerSpec] = []
+        for spec in peers:
+            reason = spec.unavailable_reason()
+            if reason is None:
+                live.append(spec)
+            else:
+                self._skip_all(spec, src, dst, reason)
+        # The baseline's rows come first in each round's results, so every ratio has its denominator.
+        live.sort(key=lambda spec: spec.name != self.baseline)
+        with contextlib.ExitStack() as stack:
+            pairs: dict[str, _Pair] = {}
+            for spec in live:
+                workdir = stack.enter_context(_workdir(spec.name))
+                pairs[spec.name] = _Pair(spec, workdir, src, dst, self.opts.timeout_scale)
+                stack.callback(pairs[spec.name].close)
+            for nbytes in self.opts.sizes:
+                self._throughput(pairs, live, src, dst, nbytes)
+            if self.opts.device == "cpu":
+                for name in SMALL_OBJECTS:
+                    self._latency(pairs, [spec for spec in live if not spec.is_ceiling], name)
 
     def _skip_all(self, spec: PeerSpec, src: str, dst: str, reason: str) -> None:
         for nbytes in self.opts.sizes:
@@ -223,44 +280,62 @@ class Runner:
         row.update(fields)
         return row
 
-    def _throughput(self, pair: _Pair, spec: PeerSpec, src: str, dst: str, nbytes: int) -> None:
+    def _throughput(self, pairs: dict[str, _Pair], specs: list[PeerSpec], src: str, dst: str, nbytes: int) -> None:
         warmup, count = self.opts.transfers(nbytes)
         what = self._what(nbytes, src, dst)
-        command: tuple[Any, ...] = ("throughput", nbytes, warmup, count)
-        if spec.is_ceiling:
-            command = (*command, src, dst)
-        timeout = 60 + (warmup + count) * nbytes / _SLOWEST_BYTES_PER_S
-        roles = ["solo"] if spec.is_ceiling else ["send", "recv"]
-        try:
-            results = pair.run(command, timeout)
-        except WorkerError as exc:
+        tallies = {spec.name: _Tally() for spec in specs}
+        plan = split_rounds(warmup, count)
+        for number, (warm, timed) in enumerate(plan, 1):
+            if len(plan) > 1:
+                self.progress.note(f"{what}: round {number} of {len(plan)}")
+            for spec in specs:
+                tally = tallies[spec.name]
+                if tally.error is not None:
+                    continue
+                command: tuple[Any, ...] = ("throughput", nbytes, warm, timed)
+                if spec.is_ceiling:
+                    command = (*command, src, dst)
+                roles = ["solo"] if spec.is_ceiling else ["send", "recv"]
+                try:
+                    tally.add(
+                        warm, pairs[spec.name].run(command, 60 + (warm + timed) * nbytes / _SLOWEST_BYTES_PER_S), roles
+                    )
+                except WorkerError as exc:
+                    tally.error = exc
+        for spec in specs:
+            self._throughput_done(spec, src, dst, nbytes, tallies[spec.name], count)
+
+    def _throughput_done(self, spec: PeerSpec, src: str, dst: str, nbytes: int, tally: _Tally, count: int) -> None:
+        what = self._what(nbytes, src, dst)
+        if tally.error is not None:
             self.rows.append(
-                self._throughput_row(spec, src, dst, nbytes, warmup, count, status="failed", reason=str(exc))
+                self._throughput_row(
+                    spec, src, dst, nbytes, tally.warmup, count, status="failed", reason=str(tally.error)
+                )
             )
-            self.progress.line(spec.name, what, f"FAILED: {exc}")
-            if exc.detail:
-                self.progress.note(exc.detail.strip())
+            self.progress.line(spec.name, what, f"FAILED: {tally.error}")
+            if tally.error.detail:
+                self.progress.note(tally.error.detail.strip())
             return
-        seconds: list[float] = results[0]["seconds"]
-        median = statistics.median(seconds)
+        median = statistics.median(tally.seconds)
         gbps = nbytes / median / 1e9
         base = gbps if spec.name == self.baseline else self._baseline_gbps(src, dst, nbytes)
         ratio = gbps / base if base else None
-        rss = _peaks(results, roles, "peak_rss_bytes")
+        rss = tally.peak("peak_rss_bytes")
         self.rows.append(
             self._throughput_row(
                 spec,
                 src,
                 dst,
                 nbytes,
-                warmup,
+                tally.warmup,
                 count,
-                seconds=seconds,
+                seconds=tally.seconds,
                 median_s=median,
                 gbps=gbps,
                 ratio=ratio,
                 peak_rss_bytes=rss,
-                peak_cuda_bytes=_peaks(results, roles, "peak_cuda_bytes"),
+                peak_cuda_bytes=tally.peak("peak_cuda_bytes"),
             )
         )
         ratio_text = f" ({ratio:.3g}x {self.baseline})" if ratio is not None else ""
@@ -284,30 +359,44 @@ class Runner:
         row.update(fields)
         return row
 
-    def _latency(self, pair: _Pair, spec: PeerSpec, name: str) -> None:
+    def _latency(self, pairs: dict[str, _Pair], specs: list[PeerSpec], name: str) -> None:
         count = self.opts.round_trips
-        warmup = max(5, count // 10)
-        timeout = 60 + (warmup + count) * _SLOWEST_ROUND_TRIP_S
-        try:
-            results = pair.run(("latency", name, warmup, count), timeout)
-        except WorkerError as exc:
-            self.rows.append(self._latency_row(spec, name, warmup, count, status="failed", reason=str(exc)))
-            self.progress.line(spec.name, f"latency {name}", f"FAILED: {exc}")
-            if exc.detail:
-                self.progress.note(exc.detail.strip())
+        tallies = {spec.name: _Tally() for spec in specs}
+        plan = split_rounds(max(5, count // 10), count)
+        for warm, timed in plan:
+            for spec in specs:
+                tally = tallies[spec.name]
+                if tally.error is not None:
+                    continue
+                timeout = 60 + (warm + timed) * _SLOWEST_ROUND_TRIP_S
+                try:
+                    tally.add(warm, pairs[spec.name].run(("latency", name, warm, timed), timeout), ["send", "recv"])
+                except WorkerError as exc:
+                    tally.error = exc
+        for spec in specs:
+            self._latency_done(spec, name, tallies[spec.name], count)
+
+    def _latency_done(self, spec: PeerSpec, name: str, tally: _Tally, count: int) -> None:
+        if tally.error is not None:
+            self.rows.append(
+                self._latency_row(spec, name, tally.warmup, count, status="failed", reason=str(tally.error))
+            )
+            self.progress.line(spec.name, f"latency {name}", f"FAILED: {tally.error}")
+            if tally.error.detail:
+                self.progress.note(tally.error.detail.strip())
             return
-        micros = [s * 1e6 for s in results[0]["seconds"]]
+        micros = [s * 1e6 for s in tally.seconds]
         p50, p99 = (float(p) for p in numpy.percentile(micros, [50, 99]))
         self.rows.append(
             self._latency_row(
                 spec,
                 name,
-                warmup,
+                tally.warmup,
                 count,
                 p50_us=p50,
                 p99_us=p99,
                 mean_us=statistics.fmean(micros),
-                peak_rss_bytes=_peaks(results, ["send", "recv"], "peak_rss_bytes"),
+                peak_rss_bytes=tally.peak("peak_rss_bytes"),
             )
         )
         self.progress.line(spec.name, f"latency {name}", f"p50 {p50:8.1f} us  p99 {p99:8.1f} us  x{count}")
