@@ -20,6 +20,10 @@ from sidecar_core._transport import Transport
 Status = Literal["ok", "info", "warn", "fail"]
 
 SHM_PATH = "/dev/shm"
+#: The kernel's transparent-huge-page policy for shared memory (the localhost pool is shared memory).
+THP_SHMEM_PATH = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+#: Policies under which the pool's ``MADV_HUGEPAGE`` gets huge pages.
+THP_SHMEM_GRANTED = ("advise", "within_size", "always", "force")
 #: Below this, shared memory is probably a container default (Docker gives 64 MiB).
 SHM_WARN_BYTES = 1 << 30
 PROBE_TIMEOUT = 0.5
@@ -91,6 +95,8 @@ def diagnose(registry: Registry, ranks: Sequence[int] | None = None, load_ucx: b
     transport = _check_transport(report, registry, settings)
     _check_ucx(report, load=load_ucx or settings.transport_name == "ucx")
     _check_shm(report, settings.transport_name)
+    if settings.transport_name == "localhost":
+        _check_huge_pages(report)
     _check_cuda(report, settings.recv_device)
     if transport is not None and not transport.peerless:
         _check_peers(report, settings, transport, ranks)
@@ -179,6 +185,31 @@ def _check_shm(report: Report, transport: str) -> None:
         )
     else:
         report.add("shared memory", "info", f"{detail}; {users} (its pool is an anonymous memfd)")
+
+
+def _check_huge_pages(report: Report) -> None:
+    """Whether the localhost pool can get transparent huge pages (large copies into it run faster with them)."""
+    try:
+        with open(THP_SHMEM_PATH) as file:
+            text = file.read()
+    except OSError:
+        report.add(
+            "huge pages", "info", "this kernel reports no huge-page policy for shared memory; the pool uses 4 KiB pages"
+        )
+        return
+    chosen = next((word[1:-1] for word in text.split() if word.startswith("[")), text.strip())
+    if chosen in THP_SHMEM_GRANTED:
+        report.add(
+            "huge pages", "ok", f"shared memory gets huge pages ({THP_SHMEM_PATH}: {chosen}); the pool asks for them"
+        )
+        return
+    report.add(
+        "huge pages",
+        "info",
+        f"shared memory gets no huge pages here ({THP_SHMEM_PATH}: {chosen}), so the localhost pool uses 4 KiB pages "
+        "and large copies into it run slower (64 MiB: about a fifth slower than into huge pages, measured on a 2-core "
+        f"VM). With `advise` the pool gets them: as root, echo advise > {THP_SHMEM_PATH}",
+    )
 
 
 def _gib(nbytes: int) -> str:

@@ -178,6 +178,37 @@ def test_doctor_warns_of_a_small_dev_shm_only_where_it_is_used(
         assert "--shm-size" in shm["detail"]
 
 
+@pytest.mark.parametrize(
+    ("policy", "status", "words"),
+    [
+        ("always within_size advise [never] deny force", "info", "no huge pages here"),
+        ("always within_size [advise] never deny force", "ok", "gets huge pages"),
+        ("[always] within_size advise never deny force", "ok", "gets huge pages"),
+        (None, "info", "no huge-page policy"),
+    ],
+)
+def test_doctor_reports_whether_the_localhost_pool_gets_huge_pages(
+    policy: str | None,
+    status: str,
+    words: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "shmem_enabled"
+    if policy is not None:
+        path.write_text(policy + "\n")
+    monkeypatch.setattr("sidecar_core._doctor.THP_SHMEM_PATH", str(path))
+    monkeypatch.setenv("SIDECAR_TRANSPORT", "localhost")
+    code, report = run_json(capsys, "doctor", "--json")
+    pages = checks_by_name(report)["huge pages"]
+    assert (pages["status"], words in pages["detail"]) == (status, True), pages
+    assert code == 0
+    monkeypatch.setenv("SIDECAR_TRANSPORT", "ucx")
+    _, report = run_json(capsys, "doctor", "--json")
+    assert "huge pages" not in checks_by_name(report)
+
+
 def test_doctor_table_masks_the_token(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("SIDECAR_AUTH_TOKEN", SECRET)
     assert main(["doctor"]) == 0
