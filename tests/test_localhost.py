@@ -26,6 +26,7 @@ import torch
 from sidecar_core import (
     AuthenticationError,
     CapacityError,
+    Frame,
     PeerLostError,
     PeerUnreachableError,
     RecvTimeoutError,
@@ -431,6 +432,34 @@ def test_a_failed_copy_fails_its_send_and_the_peer_drops_the_frame(
         tensor = random_bytes(4 * MiB, 6)
         own.send(tensor, "copy-after", 1).result(WAIT)
         assert peer.call(peer_recv_digest, "copy-after")["digest"] == _digest(tensor)
+
+
+def test_medium_frames_are_copied_and_announced_on_the_sending_thread(
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shared-memory frames up to 4 MiB skip the loop once the peer has the pool; larger ones take it."""
+    with local_sidecar(env, 26) as own:
+        pool = transport(own)._pool
+        own.send(random_bytes(MiB, 30), "medium-0", 1).result(WAIT)  # shares the pool, on the loop
+        peer.call(peer_mark_done, "medium-0")
+        on_loop: list[str] = []
+        original = LocalhostTransport.send
+
+        async def counted(self: LocalhostTransport, dst: int, frame: Frame) -> None:
+            on_loop.append(frame.header.id)
+            await original(self, dst, frame)
+
+        monkeypatch.setattr(LocalhostTransport, "send", counted)
+        sizes = {"medium-1": 256 << 10, "medium-2": 4 * MiB, "medium-3": 4 * MiB + 4096}
+        tensors = {id: random_bytes(nbytes, 31 + i) for i, (id, nbytes) in enumerate(sizes.items())}
+        for id, tensor in tensors.items():
+            own.send(tensor, id, 1).result(WAIT)
+            received = peer.call(peer_recv_digest, id, True)
+            assert (received["digest"], received["in_pool"]) == (_digest(tensor), True)
+        assert on_loop == ["medium-3"]
+        assert pool.used >= sum(sizes.values())
+        peer.call(peer_mark_done, *sizes)
+        wait_until(lambda: pool.used == 0, "mark_done released every slot, whichever thread sent it")
 
 
 def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerProcess) -> None:

@@ -11,9 +11,9 @@ Shared memory: a frame sent through the pool keeps its slot leased until the pee
 the slot no more).
 
 Concurrency: event-loop thread only, except :meth:`Link.post_threadsafe` (any thread): it writes
-a small frame from the caller's thread (see :meth:`Channel.write_threadsafe`), and the loop
-thread hands its acknowledgement to the caller's callback. ``_lock`` guards the sequence
-numbers and the table of frames awaiting acknowledgement, which both kinds of post share.
+a frame from the caller's thread (see :meth:`Channel.write_threadsafe`), and the loop thread hands
+its acknowledgement to the caller's callback. ``_lock`` guards the sequence numbers, the table of
+frames awaiting acknowledgement and the table of what they hold, which both kinds of post share.
 Cancellation: a cancelled ``send`` only stops waiting for its acknowledgement; the frame is still
 written whole, so the link stays usable. Closing: when the
 connection breaks, every unacknowledged send fails with :class:`PeerLostError` and the link is
@@ -188,37 +188,47 @@ class Link:
         if self.channel.closed is not None:
             raise PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}")
         future: asyncio.Future[None] = self._loop.create_future()
-        seq = self._register(functools.partial(_settle, future), what)
-        if hold is not None:
-            self._holds[seq] = hold
+        seq = self._register(functools.partial(_settle, future), what, hold)
         length = sum(memoryview(p).nbytes for p in parts)
         self.channel.write(envelope(kind, length, seq), *parts)
         return seq, future
 
-    def post_threadsafe(self, parts: Sequence[Bytes], what: str, done: Done) -> None:
-        """Write an inline ``FRAME`` message from any thread; ``done`` gets the outcome.
+    def post_threadsafe(
+        self, kind: Msg, parts: Sequence[Bytes], what: str, done: Done, hold: Holder | None = None
+    ) -> None:
+        """Write a frame message from any thread; ``done`` gets the outcome.
 
         ``done`` is called once: with ``None`` on the loop thread once the peer acknowledged the
         frame, or with :class:`RemoteError` if it refused it, or with :class:`PeerLostError` if the
         connection broke first (on this thread if it is already closed).
 
         Args:
-            parts: The frame's bytes, in pieces (written back to back, not joined).
+            kind: ``FRAME`` (buffers inline) or ``SHM_FRAME`` (a slot of this sidecar's pool, which
+                the peer must already have, see :meth:`share_pool`).
+            parts: The message body, in pieces (written back to back, not joined).
             what: The frame in words, for errors.
             done: Receives the outcome.
+            hold: Kept until the peer releases the frame (or the link closes), then released on
+                the loop thread.
         """
-        seq = self._register(done, what)
+        seq = self._register(done, what, hold)
         length = sum(memoryview(p).nbytes for p in parts)
         try:
-            self.channel.write_threadsafe(envelope(Msg.FRAME, length, seq), *parts)
+            self.channel.write_threadsafe(envelope(kind, length, seq), *parts)
         except BrokenPipeError:
             if self._take(seq) is not None:  # else the closing loop already reported it
                 done(PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}"))
+            with self._lock:
+                kept = self._holds.pop(seq, None)
+            if kept is not None:  # else the closing loop released it
+                self._loop.call_soon_threadsafe(kept.release)
 
-    def _register(self, done: Done, what: str) -> int:
+    def _register(self, done: Done, what: str, hold: Holder | None = None) -> int:
         with self._lock:
             self._seq += 1
             self._pending[self._seq] = (done, what)
+            if hold is not None:
+                self._holds[self._seq] = hold
             return self._seq
 
     def _take(self, seq: int) -> tuple[Done, str] | None:
@@ -259,7 +269,8 @@ class Link:
             if entry is not None:
                 entry[0](None)
         elif kind is Msg.RELEASE:
-            hold = self._holds.pop(arg, None)
+            with self._lock:
+                hold = self._holds.pop(arg, None)
             if hold is not None:
                 hold.release()
         elif kind in (Msg.NACK, Msg.ERROR):
@@ -287,11 +298,11 @@ class Link:
             self._welcome.set_exception(
                 PeerUnreachableError(f"{self.describe} closed the connection during the handshake: {reason}")
             )
-        with self._lock:  # a post_threadsafe after this finds the channel closed and reports it itself
+        with self._lock:  # a post_threadsafe after this finds the channel closed and cleans up itself
             pending, self._pending = self._pending, {}
+            holds, self._holds = self._holds, {}
         for done, what in pending.values():
             done(PeerLostError(f"{self.describe} was lost before it acknowledged {what}: {reason}"))
-        holds, self._holds = self._holds, {}
         for hold in holds.values():
             hold.release()
         self._on_closed(self)

@@ -17,8 +17,10 @@ wait for releases. :meth:`Pool.trim` gives the pages above the highest slot in u
 system (the transport calls it once sends have been idle for a while), so a burst of large sends
 does not hold its memory for the process's lifetime.
 
-Concurrency: the event-loop thread allocates and frees; worker threads only write into slots they
-were given.
+Concurrency: slots are taken on the event-loop thread, or on a thread that sends a small frame
+itself (:meth:`Pool.try_acquire`, under the pool's lock); they are freed (:meth:`Lease.release`)
+and the pool trimmed on the loop thread only, since freeing wakes the loop's waiting senders.
+Worker threads only write into slots they were given.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import fcntl
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from typing import cast
 
@@ -80,7 +83,7 @@ class Lease:
         self.refs += 1
 
     def release(self) -> None:
-        """Drop a holder; the last one returns the slot to the pool."""
+        """Drop a holder; the last one returns the slot to the pool (loop thread)."""
         self.refs -= 1
         if self.refs == 0:
             self.pool.free(self)
@@ -103,6 +106,9 @@ class Pool:
         self.fd = -1
         self._region: mmap.mmap | None = None
         self.view = memoryview(b"")
+        #: Guards the free blocks, the populated mark, the counters and closing (see the module docstring).
+        self._lock = threading.Lock()
+        self._closed = False
         self._free_blocks: list[tuple[int, int]] = [(0, self.capacity)]
         self._populated = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -139,22 +145,25 @@ class Pool:
         self.view = memoryview(region)
 
     def try_acquire(self, nbytes: int) -> Lease | None:
-        """A slot of at least ``nbytes`` bytes (page aligned), or ``None`` if none is free now."""
+        """A slot of at least ``nbytes`` bytes (page aligned), or ``None`` if none is free now; any thread."""
         size = _round_up(max(nbytes, 1), PAGE)
-        region = self.region
-        for index, (offset, length) in enumerate(self._free_blocks):
-            if length >= size:
-                if length == size:
-                    del self._free_blocks[index]
-                else:
-                    self._free_blocks[index] = (offset + size, length - size)
-                self.used += size
-                self.acquired += 1
-                if offset + size > self._populated:
-                    end = min(self.capacity, _round_up(offset + size, _POPULATE_STEP))
-                    _populate(region, MADV_POPULATE_WRITE, self._populated, end)
-                    self._populated = end
-                return Lease(self, offset, size)
+        with self._lock:
+            if self._closed:
+                return None
+            region = self.region
+            for index, (offset, length) in enumerate(self._free_blocks):
+                if length >= size:
+                    if length == size:
+                        del self._free_blocks[index]
+                    else:
+                        self._free_blocks[index] = (offset + size, length - size)
+                    self.used += size
+                    self.acquired += 1
+                    if offset + size > self._populated:
+                        end = min(self.capacity, _round_up(offset + size, _POPULATE_STEP))
+                        _populate(region, MADV_POPULATE_WRITE, self._populated, end)
+                        self._populated = end
+                    return Lease(self, offset, size)
         return None
 
     async def acquire(self, nbytes: int, timeout: float, holders: Callable[[], str]) -> Lease:
@@ -192,16 +201,17 @@ class Pool:
         return lease
 
     def free(self, lease: Lease) -> None:
-        """Return a slot and wake senders waiting for room (use :meth:`Lease.release`)."""
-        self.used -= lease.size
-        start, end = lease.offset, lease.offset + lease.size
-        index = bisect.bisect(self._free_blocks, (start, 0))
-        if index < len(self._free_blocks) and self._free_blocks[index][0] == end:
-            end += self._free_blocks.pop(index)[1]
-        if index > 0 and sum(self._free_blocks[index - 1]) == start:
-            index -= 1
-            start = self._free_blocks.pop(index)[0]
-        self._free_blocks.insert(index, (start, end - start))
+        """Return a slot and wake senders waiting for room (use :meth:`Lease.release`; loop thread)."""
+        with self._lock:
+            self.used -= lease.size
+            start, end = lease.offset, lease.offset + lease.size
+            index = bisect.bisect(self._free_blocks, (start, 0))
+            if index < len(self._free_blocks) and self._free_blocks[index][0] == end:
+                end += self._free_blocks.pop(index)[1]
+            if index > 0 and sum(self._free_blocks[index - 1]) == start:
+                index -= 1
+                start = self._free_blocks.pop(index)[0]
+            self._free_blocks.insert(index, (start, end - start))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -216,21 +226,24 @@ class Pool:
         Returns:
             The bytes given back (0 if nothing was above the slots in use, or the kernel refused).
         """
-        if self._region is None or not self._free_blocks:
-            return 0
-        start, length = self._free_blocks[-1]
-        if start + length != self.capacity or start >= self._populated:
-            return 0  # the top of the pool is in use, or nothing above the slots in use is populated
-        try:
-            self._region.madvise(mmap.MADV_REMOVE, start, self._populated - start)
-        except OSError as exc:
-            logger.debug("could not give pool pages back: %s", exc)
-            return 0
-        released, self._populated = self._populated - start, start
-        return released
+        with self._lock:
+            if self._region is None or not self._free_blocks:
+                return 0
+            start, length = self._free_blocks[-1]
+            if start + length != self.capacity or start >= self._populated:
+                return 0  # the top of the pool is in use, or nothing above the slots in use is populated
+            try:
+                self._region.madvise(mmap.MADV_REMOVE, start, self._populated - start)
+            except OSError as exc:
+                logger.debug("could not give pool pages back: %s", exc)
+                return 0
+            released, self._populated = self._populated - start, start
+            return released
 
     def close(self) -> None:
         """Unmap and close the region (views still held elsewhere keep their mapping alive)."""
+        with self._lock:
+            self._closed = True
         if self._region is None:
             return
         self.view.release()
