@@ -14,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,8 +283,29 @@ class Runner:
     def _throughput(self, pairs: dict[str, _Pair], specs: list[PeerSpec], src: str, dst: str, nbytes: int) -> None:
         warmup, count = self.opts.transfers(nbytes)
         what = self._what(nbytes, src, dst)
+
+        def command(spec: PeerSpec, warm: int, timed: int) -> tuple[Any, ...]:
+            ceiling = (src, dst) if spec.is_ceiling else ()
+            return ("throughput", nbytes, warm, timed, *ceiling)
+
+        def timeout(warm: int, timed: int) -> float:
+            return 60 + (warm + timed) * nbytes / _SLOWEST_BYTES_PER_S
+
+        tallies = self._rounds(pairs, specs, split_rounds(warmup, count), command, timeout, what)
+        for spec in specs:
+            self._throughput_done(spec, src, dst, nbytes, tallies[spec.name], count)
+
+    def _rounds(
+        self,
+        pairs: dict[str, _Pair],
+        specs: list[PeerSpec],
+        plan: list[tuple[int, int]],
+        command: Callable[[PeerSpec, int, int], tuple[Any, ...]],
+        timeout: Callable[[int, int], float],
+        what: str,
+    ) -> dict[str, _Tally]:
+        """Run one measurement's rounds, every peer in turn in each; a peer that fails sits out the rest."""
         tallies = {spec.name: _Tally() for spec in specs}
-        plan = split_rounds(warmup, count)
         for number, (warm, timed) in enumerate(plan, 1):
             if len(plan) > 1:
                 self.progress.note(f"{what}: round {number} of {len(plan)}")
@@ -292,18 +313,12 @@ class Runner:
                 tally = tallies[spec.name]
                 if tally.error is not None:
                     continue
-                command: tuple[Any, ...] = ("throughput", nbytes, warm, timed)
-                if spec.is_ceiling:
-                    command = (*command, src, dst)
                 roles = ["solo"] if spec.is_ceiling else ["send", "recv"]
                 try:
-                    tally.add(
-                        warm, pairs[spec.name].run(command, 60 + (warm + timed) * nbytes / _SLOWEST_BYTES_PER_S), roles
-                    )
+                    tally.add(warm, pairs[spec.name].run(command(spec, warm, timed), timeout(warm, timed)), roles)
                 except WorkerError as exc:
                     tally.error = exc
-        for spec in specs:
-            self._throughput_done(spec, src, dst, nbytes, tallies[spec.name], count)
+        return tallies
 
     def _throughput_done(self, spec: PeerSpec, src: str, dst: str, nbytes: int, tally: _Tally, count: int) -> None:
         what = self._what(nbytes, src, dst)
@@ -361,18 +376,14 @@ class Runner:
 
     def _latency(self, pairs: dict[str, _Pair], specs: list[PeerSpec], name: str) -> None:
         count = self.opts.round_trips
-        tallies = {spec.name: _Tally() for spec in specs}
-        plan = split_rounds(max(5, count // 10), count)
-        for warm, timed in plan:
-            for spec in specs:
-                tally = tallies[spec.name]
-                if tally.error is not None:
-                    continue
-                timeout = 60 + (warm + timed) * _SLOWEST_ROUND_TRIP_S
-                try:
-                    tally.add(warm, pairs[spec.name].run(("latency", name, warm, timed), timeout), ["send", "recv"])
-                except WorkerError as exc:
-                    tally.error = exc
+        tallies = self._rounds(
+            pairs,
+            specs,
+            split_rounds(max(5, count // 10), count),
+            lambda spec, warm, timed: ("latency", name, warm, timed),
+            lambda warm, timed: 60 + (warm + timed) * _SLOWEST_ROUND_TRIP_S,
+            f"latency {name}",
+        )
         for spec in specs:
             self._latency_done(spec, name, tallies[spec.name], count)
 

@@ -221,7 +221,8 @@ class Link:
             with self._lock:
                 kept = self._holds.pop(seq, None)
             if kept is not None:  # else the closing loop released it
-                self._loop.call_soon_threadsafe(kept.release)
+                with contextlib.suppress(RuntimeError):  # the loop is closed, and the pool with it
+                    self._loop.call_soon_threadsafe(kept.release)
 
     def _register(self, done: Done, what: str, hold: Holder | None = None) -> int:
         with self._lock:

@@ -17,8 +17,8 @@ wait for releases. :meth:`Pool.trim` gives the pages above the highest slot in u
 system (the transport calls it once sends have been idle for a while), so a burst of large sends
 does not hold its memory for the process's lifetime.
 
-Concurrency: slots are taken on the event-loop thread, or on a thread that sends a small frame
-itself (:meth:`Pool.try_acquire`, under the pool's lock); they are freed (:meth:`Lease.release`)
+Concurrency: slots are taken on the event-loop thread, or on a thread that sends a frame of a few
+MiB itself (:meth:`Pool.try_acquire`, under the pool's lock); they are freed (:meth:`Lease.release`)
 and the pool trimmed on the loop thread only, since freeing wakes the loop's waiting senders.
 Worker threads only write into slots they were given.
 """

@@ -277,7 +277,8 @@ class LocalhostTransport(Transport):
         try:
             self._copier.copy(lease.view(), buffers, offsets)
         except Exception:
-            self.ctx.loop.call_soon_threadsafe(lease.release)
+            with contextlib.suppress(RuntimeError):  # the loop is closed, and the pool with it
+                self.ctx.loop.call_soon_threadsafe(lease.release)
             return False
         parts = [SHM_PREFIX.pack(lease.offset, span), encode_header(header)]
         link.post_threadsafe(Msg.SHM_FRAME, parts, header.describe(), done, lease)
