@@ -8,6 +8,7 @@ its socket directory and files, auth handshake, malformed control-socket input, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import hashlib
@@ -97,6 +98,20 @@ def peer_recv_values(sidecar: Sidecar, ids: list[str]) -> list[Any]:
         values.append(sidecar.recv_sync(id, timeout=WAIT))
         sidecar.mark_done_sync(id)
     return values
+
+
+def peer_recv_digests(sidecar: Sidecar, id_lists: list[list[str]]) -> dict[str, str]:
+    """One thread per list receives its ids in turn, releasing each at once; their digests."""
+
+    def receive(ids: list[str]) -> dict[str, str]:
+        digests = {}
+        for id in ids:
+            digests[id] = _digest(sidecar.recv_sync(id, timeout=WAIT))
+            sidecar.mark_done_sync(id)
+        return digests
+
+    with concurrent.futures.ThreadPoolExecutor(len(id_lists)) as threads:
+        return {id: digest for part in threads.map(receive, id_lists) for id, digest in part.items()}
 
 
 def peer_holds(sidecar: Sidecar, id: str) -> bool:
@@ -460,6 +475,42 @@ def test_medium_frames_are_copied_and_announced_on_the_sending_thread(
         assert pool.used >= sum(sizes.values())
         peer.call(peer_mark_done, *sizes)
         wait_until(lambda: pool.used == 0, "mark_done released every slot, whichever thread sent it")
+
+
+def test_threads_sending_medium_frames_into_a_small_pool(
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads race for slots on the fast path while the pool fills: every byte arrives, every slot comes back."""
+    small_pool = {**env, "SIDECAR_LOCALHOST__POOL_BYTES": str(8 * MiB)}
+    with local_sidecar(small_pool, 27) as own:
+        pool = transport(own)._pool
+        own.send(random_bytes(MiB, 40), "race-first", 1).result(WAIT)  # shares the pool
+        on_loop: list[str] = []
+        original = LocalhostTransport.send
+
+        async def counted(self: LocalhostTransport, dst: int, frame: Frame) -> None:
+            on_loop.append(frame.header.id)
+            await original(self, dst, frame)
+
+        monkeypatch.setattr(LocalhostTransport, "send", counted)
+        plan = {f"race-{t}-{i}": ((256 << 10) * (1 + (t + i) % 8), 41 + 10 * t + i) for t in range(4) for i in range(8)}
+        own_order = [[f"race-{t}-{i}" for i in range(8)] for t in range(4)]
+        receiving = peer.submit(peer_recv_digests, [["race-first"], *own_order])
+
+        def send_share(t: int) -> dict[str, str]:
+            tensors = {id: random_bytes(*plan[id]) for id in own_order[t]}
+            futures = [own.send(tensor, id, 1) for id, tensor in tensors.items()]  # all in flight at once
+            for future in futures:
+                future.result(WAIT)
+            return {id: _digest(tensor) for id, tensor in tensors.items()}
+
+        with concurrent.futures.ThreadPoolExecutor(4) as threads:
+            shares = list(threads.map(send_share, range(4)))
+        received = receiving.result(WAIT)
+        assert {id: digest for share in shares for id, digest in share.items()} == {id: received[id] for id in plan}
+        wait_until(lambda: pool.used == 0, "every slot was released")
+        # Both paths ran: the fast path while there was room, the loop's waiting send while there was none.
+        assert 0 < len(on_loop) < len(plan), on_loop
 
 
 def test_broadcast_copies_once(sender: Sidecar, peer: PeerProcess, peer2: PeerProcess) -> None:
