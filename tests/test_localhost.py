@@ -193,6 +193,19 @@ def wait_until(condition: Any, what: str, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def ids_sent_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the ids of the frames that go through the loop's send (not the fast path)."""
+    ids: list[str] = []
+    original = LocalhostTransport.send
+
+    async def counted(self: LocalhostTransport, dst: int, frame: Frame) -> None:
+        ids.append(frame.header.id)
+        await original(self, dst, frame)
+
+    monkeypatch.setattr(LocalhostTransport, "send", counted)
+    return ids
+
+
 def random_bytes(nbytes: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -457,14 +470,7 @@ def test_medium_frames_are_copied_and_announced_on_the_sending_thread(
         pool = transport(own)._pool
         own.send(random_bytes(MiB, 30), "medium-0", 1).result(WAIT)  # shares the pool, on the loop
         peer.call(peer_mark_done, "medium-0")
-        on_loop: list[str] = []
-        original = LocalhostTransport.send
-
-        async def counted(self: LocalhostTransport, dst: int, frame: Frame) -> None:
-            on_loop.append(frame.header.id)
-            await original(self, dst, frame)
-
-        monkeypatch.setattr(LocalhostTransport, "send", counted)
+        on_loop = ids_sent_on_the_loop(monkeypatch)
         sizes = {"medium-1": 256 << 10, "medium-2": 4 * MiB, "medium-3": 4 * MiB + 4096}
         tensors = {id: random_bytes(nbytes, 31 + i) for i, (id, nbytes) in enumerate(sizes.items())}
         for id, tensor in tensors.items():
@@ -485,14 +491,7 @@ def test_threads_sending_medium_frames_into_a_small_pool(
     with local_sidecar(small_pool, 27) as own:
         pool = transport(own)._pool
         own.send(random_bytes(MiB, 40), "race-first", 1).result(WAIT)  # shares the pool
-        on_loop: list[str] = []
-        original = LocalhostTransport.send
-
-        async def counted(self: LocalhostTransport, dst: int, frame: Frame) -> None:
-            on_loop.append(frame.header.id)
-            await original(self, dst, frame)
-
-        monkeypatch.setattr(LocalhostTransport, "send", counted)
+        on_loop = ids_sent_on_the_loop(monkeypatch)
         plan = {f"race-{t}-{i}": ((256 << 10) * (1 + (t + i) % 8), 41 + 10 * t + i) for t in range(4) for i in range(8)}
         own_order = [[f"race-{t}-{i}" for i in range(8)] for t in range(4)]
         receiving = peer.submit(peer_recv_digests, [["race-first"], *own_order])
