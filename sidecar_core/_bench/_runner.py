@@ -67,9 +67,6 @@ class _Tally:
                     held = self.peaks.setdefault(key, {})
                     held[role] = max(held.get(role, 0), result[key])
 
-    def peak(self, key: str) -> dict[str, int] | None:
-        return self.peaks.get(key)
-
 
 class Progress:
     """Prints one line per measurement to stderr: ``[ 3/31  12s] peer  what  result``."""
@@ -194,11 +191,11 @@ class Runner:
 
     def run(self, peers: list[PeerSpec]) -> list[Row]:
         """Measure every peer on every device pair, in alternating rounds (see the module docstring)."""
+        order = {spec.name: i for i, spec in enumerate(peers)}
+        objects = list(SMALL_OBJECTS)
         for src, dst in device_pairs(self.opts):
             first = len(self.rows)
             self._run_pair(peers, src, dst)
-            order = {spec.name: i for i, spec in enumerate(peers)}
-            objects = list(SMALL_OBJECTS)
             self.rows[first:] = sorted(
                 self.rows[first:],
                 key=lambda r: (
@@ -336,7 +333,7 @@ class Runner:
         gbps = nbytes / median / 1e9
         base = gbps if spec.name == self.baseline else self._baseline_gbps(src, dst, nbytes)
         ratio = gbps / base if base else None
-        rss = tally.peak("peak_rss_bytes")
+        rss = tally.peaks.get("peak_rss_bytes")
         self.rows.append(
             self._throughput_row(
                 spec,
@@ -350,7 +347,7 @@ class Runner:
                 gbps=gbps,
                 ratio=ratio,
                 peak_rss_bytes=rss,
-                peak_cuda_bytes=tally.peak("peak_cuda_bytes"),
+                peak_cuda_bytes=tally.peaks.get("peak_cuda_bytes"),
             )
         )
         ratio_text = f" ({ratio:.3g}x {self.baseline})" if ratio is not None else ""
@@ -407,7 +404,7 @@ class Runner:
                 p50_us=p50,
                 p99_us=p99,
                 mean_us=statistics.fmean(micros),
-                peak_rss_bytes=tally.peak("peak_rss_bytes"),
+                peak_rss_bytes=tally.peaks.get("peak_rss_bytes"),
             )
         )
         self.progress.line(spec.name, f"latency {name}", f"p50 {p50:8.1f} us  p99 {p99:8.1f} us  x{count}")
