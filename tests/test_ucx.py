@@ -255,6 +255,7 @@ def test_unreachable_peer_names_rank_host_and_port(sender: Sidecar, base_port: i
         sender.send(5, "nobody", 9).result(WAIT)
     elapsed = time.monotonic() - start
     assert f"cannot connect to rank 9 at 127.0.0.1:{base_port + 9} over ucx" in str(info.value)
+    assert "(tried for 3s, SIDECAR_CONNECT_TIMEOUT)" in str(info.value)
     assert elapsed < 3.0 + 1.0, f"gave up after {elapsed:.2f}s, SIDECAR_CONNECT_TIMEOUT is 3s"
 
 

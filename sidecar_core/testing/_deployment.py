@@ -38,6 +38,8 @@ PART_SIZE = 65536
 
 #: A rank that no process of the deployment serves.
 UNSERVED_RANK = 9
+#: A rank whose sidecar starts only after a send to it began.
+LATE_RANK = 4
 
 
 @contextlib.contextmanager
@@ -127,6 +129,14 @@ class Deployment:
         env = {**self.env, **(extra_env or {})}
         with environment(env, _OVERRIDING):
             return PeerProcess(rank, env)
+
+    def local(self, rank: int) -> contextlib.AbstractContextManager[Sidecar]:
+        """A sidecar of ``rank`` in this process, on the deployment's settings, shut down when the block ends.
+
+        Raises:
+            SidecarError: The sidecar could not start (as :class:`~sidecar_core.Sidecar` raises it).
+        """
+        return local_sidecar(self.env, rank, _OVERRIDING)
 
     def close(self) -> None:
         """Stop every peer and rank 0."""

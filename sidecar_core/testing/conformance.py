@@ -33,7 +33,7 @@ from sidecar_core._errors import (
     SendTimeoutError,
 )
 from sidecar_core.testing import _peer_ops as ops
-from sidecar_core.testing._deployment import PART_SENDER_RANK, PART_SIZE, UNSERVED_RANK, Deployment
+from sidecar_core.testing._deployment import LATE_RANK, PART_SENDER_RANK, PART_SIZE, UNSERVED_RANK, Deployment
 from sidecar_core.testing._payloads import PAYLOADS, fingerprint, payload
 from sidecar_core.testing._plugin import NEEDS_PEER, plugin_active
 from sidecar_core.testing._probe import NAME as PROBE_SERIALIZER
@@ -354,6 +354,28 @@ class TransportConformance:
         alive = new_id("after-lost")
         dep.sidecar.send(payload("text"), alive, 1).result(WAIT)
         assert peer.call(ops.recv, alive) == expected("text"), "rank 0 stopped serving after a peer died"
+
+    @needs_peer
+    def test_send_waits_for_a_peer_that_starts_later(self, sidecar_deployment: Deployment) -> None:
+        """A send to a rank whose sidecar starts within SIDECAR_CONNECT_TIMEOUT is delivered.
+
+        The processes of a deployment start in any order, so a first send must wait for its peer
+        rather than fail while nothing listens yet.
+        """
+        dep = sidecar_deployment
+        id = new_id("late-peer")
+        future = dep.sidecar.send(payload("float32-matrix"), id, LATE_RANK)
+        time.sleep(SETTLE)
+        if future.done():
+            pytest.fail(
+                f"{dep.name}: a send to rank {LATE_RANK}, whose sidecar was not started yet, ended at once "
+                f"instead of waiting up to SIDECAR_CONNECT_TIMEOUT: {raised(future.result)!r}"
+            )
+        with dep.local(LATE_RANK) as late:
+            future.result(WAIT)
+            got = fingerprint(late.recv_sync(id, timeout=WAIT))
+            late.mark_done_sync(id)
+        assert got == expected("float32-matrix"), f"{dep.name}: the payload changed on its way to the late rank"
 
     @needs_peer
     def test_send_to_unserved_rank_fails(self, sidecar_deployment: Deployment) -> None:

@@ -178,6 +178,25 @@ class Link:
         self._on_closed(self)
 
 
+#: First pause between connection attempts while nothing accepts them, in seconds (it doubles).
+_RETRY_FIRST = 0.02
+#: Longest pause between connection attempts, in seconds.
+_RETRY_MAX = 0.5
+
+
+class _Opening:
+    """One connection attempt: remembers why its endpoint broke and forwards later breaks to its link."""
+
+    def __init__(self) -> None:
+        self.link: Link | None = None
+        self.broken = ""
+
+    def on_broken(self, reason: str) -> None:
+        self.broken = self.broken or reason
+        if self.link is not None:
+            self.link.close(reason)
+
+
 async def connect(
     worker: UcxWorker,
     rank: int,
@@ -189,42 +208,53 @@ async def connect(
     timeout: float,
     on_closed: Callable[[Link], None],
 ) -> Link:
-    """Connect to ``rank`` and shake hands.
+    """Connect to ``rank`` and shake hands, trying again until ``timeout`` while nothing accepts.
+
+    Peers start in any order, so a refused connection (nothing listens at ``address`` yet, or its
+    name does not resolve yet) is tried again, after pauses growing from 20 ms to 0.5 s. A listener
+    that accepts but does not answer the handshake, or answers wrongly, ends the attempt at once.
 
     Raises:
         PeerUnreachableError: No sidecar answered at ``address`` within ``timeout`` seconds.
         AuthenticationError: The peer refused this sidecar's auth token.
     """
     where = f"rank {rank} at {address}"
-    link: Link | None = None
-    endpoint: Endpoint | None = None
-    broken: list[str] = []
-
-    def on_broken(reason: str) -> None:
-        broken.append(reason)
-        if link is not None:
-            link.close(reason)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = _RETRY_FIRST
 
     def unreachable(reason: str) -> PeerUnreachableError:
-        if endpoint is not None:
-            endpoint.close()
         return PeerUnreachableError(
             f"cannot connect to {where} over ucx: {reason}. Check that the peer is running and listening there "
             "(SIDECAR_RANK, SIDECAR_BASE_PORT, SIDECAR_HOST_TEMPLATE / SIDECAR_PEERS agree on both sides) and that "
             "no firewall is in the way"
         )
 
-    try:
-        handle = worker.api.UCXEndpoint.create(worker.worker, address.host, address.port, True)
-        endpoint = Endpoint(worker, handle, on_broken)
-        # A broken endpoint fails the handshake's requests, so this ends early when the peer is not there.
-        reply = await asyncio.wait_for(_handshake(endpoint, own_rank, token, ack_tag), timeout)
-    except TimeoutError:
-        raise unreachable(f"no answer within SIDECAR_CONNECT_TIMEOUT={timeout:g}s") from None
-    except wire.ProtocolError as exc:
-        raise unreachable(str(exc)) from None
-    except Exception as exc:  # UCX errors, ConnectionError
-        raise unreachable(broken[0] if broken else describe_error(exc)) from None
+    while True:
+        opening = _Opening()
+        endpoint: Endpoint | None = None
+        try:
+            handle = worker.api.UCXEndpoint.create(worker.worker, address.host, address.port, True)
+            endpoint = Endpoint(worker, handle, opening.on_broken)
+            # A broken endpoint fails the handshake's requests, so a refused attempt ends early.
+            reply = await asyncio.wait_for(_handshake(endpoint, own_rank, token, ack_tag), deadline - loop.time())
+            break
+        except TimeoutError:
+            failure = unreachable(f"no answer within SIDECAR_CONNECT_TIMEOUT={timeout:g}s")
+        except wire.ProtocolError as exc:
+            failure = unreachable(str(exc))
+        except Exception as exc:  # UCX errors, ConnectionError: nothing accepted the connection
+            if loop.time() + pause < deadline:
+                if endpoint is not None:
+                    endpoint.close()
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, _RETRY_MAX)
+                continue
+            reason = opening.broken or describe_error(exc)
+            failure = unreachable(f"{reason} (tried for {timeout:g}s, SIDECAR_CONNECT_TIMEOUT)")
+        if endpoint is not None:
+            endpoint.close()
+        raise failure from None
     if not reply.accepted:
         endpoint.close()
         if reply.error == "AuthenticationError":
@@ -236,8 +266,8 @@ async def connect(
             f"{address} is served by rank {reply.rank}, not rank {rank}; check the peer addressing settings on "
             "both sides"
         )
-    link = Link(endpoint, rank, address, reply.tag_base, ack_tag, on_closed)
-    return link
+    opening.link = Link(endpoint, rank, address, reply.tag_base, ack_tag, on_closed)
+    return opening.link
 
 
 async def _handshake(endpoint: Endpoint, own_rank: int, token: str | None, ack_tag: int) -> wire.Reply:
