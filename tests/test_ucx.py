@@ -213,6 +213,34 @@ def test_concurrent_frames_on_one_connection_keep_their_bytes(sender: Sidecar, p
     assert [digest(t) for t in peer.call(peer_recv_values, ["concurrent-multi"])[0]] == [digest(t) for t in multi]
 
 
+def test_sends_to_an_open_connection_skip_the_loops_send(
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_loop: list[str] = []
+    original = UcxTransport.send
+
+    async def counted(self: UcxTransport, dst: int, frame: Frame) -> None:
+        on_loop.append(frame.header.id)
+        await original(self, dst, frame)
+
+    monkeypatch.setattr(UcxTransport, "send", counted)
+    payload = random_bytes(3 * MiB, 30)
+    with local_sidecar(env, 30) as sidecar:
+        sidecar.send(0, "nowait-connect", 1).result(WAIT)  # no connection yet: the loop connects
+        futures = [
+            sidecar.send(7, "nowait-int", 1),
+            sidecar.send(b"x" * 4096, "nowait-inline", 1),
+            sidecar.send(payload, "nowait-payload", 1),
+        ]
+        for future in futures:
+            future.result(WAIT)
+        with pytest.raises(RemoteError, match=r"refused id='nowait-int' chunk=0: DuplicateChunkError"):
+            sidecar.send(8, "nowait-int", 1).result(WAIT)
+    assert on_loop == ["nowait-connect"]
+    assert peer.call(peer_recv_values, ["nowait-connect", "nowait-int", "nowait-inline"]) == [0, 7, b"x" * 4096]
+    assert peer.call(peer_recv_digests, ["nowait-payload"]) == [digest(payload)]
+
+
 def test_inbox_refusal_comes_back_and_the_connection_stays(sender: Sidecar, peer: PeerProcess) -> None:
     sender.send(1, "dup", 1).result(WAIT)
     with pytest.raises(RemoteError, match=r"rank 1 at 127\.0\.0\.1:\d+ refused id='dup' chunk=0: DuplicateChunkError"):

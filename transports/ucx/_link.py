@@ -9,15 +9,23 @@ memory, or CUDA memory that UCX moves by CUDA IPC or GPUDirect), then waits for 
 acknowledgement. Host payloads of at most 8 KiB ride inline in the header message instead. Any
 number of frames may be in flight on one link.
 
-Concurrency: loop thread only. Cancellation: a cancelled ``send`` closes the link (its messages may
-be half sent), so the next send connects again. Closing: :meth:`Link.close` fails every
-unacknowledged send with :class:`PeerLostError`; a broken connection does the same.
+Two ways in: the coroutine :meth:`Link.send`, and :meth:`Link.send_nowait`, which the caller's
+thread uses for a frame to an open link. It encodes the header message there and hands the
+submission to the loop as one plain callback, and the acknowledgement settles the caller's
+``done``: no task, no coroutine, no future crosses threads. UCX itself is only ever called on the
+loop thread.
+
+Concurrency: loop thread only, except :meth:`Link.send_nowait` (any thread). Cancellation: a
+cancelled ``send`` closes the link (its messages may be half sent), so the next send connects
+again. Closing: :meth:`Link.close` fails every unacknowledged send with :class:`PeerLostError`; a
+broken connection does the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -43,6 +51,11 @@ logger = logging.getLogger(__name__)
 _CLOSED = object()
 
 
+def cuda_devices(buffers: Sequence[Buffer]) -> set[torch.device]:
+    """The CUDA devices the buffers live on."""
+    return {buf.device for buf in buffers if isinstance(buf, torch.Tensor) and buf.is_cuda}
+
+
 async def wait_cuda_idle(buffers: Sequence[Buffer]) -> None:
     """Wait until work queued on the legacy default stream of the buffers' devices is done.
 
@@ -50,9 +63,8 @@ async def wait_cuda_idle(buffers: Sequence[Buffer]) -> None:
     tensor still being written there must be finished first. Tensors written on other streams must
     be synchronized by the caller before ``send``.
     """
-    devices = {buf.device for buf in buffers if isinstance(buf, torch.Tensor) and buf.is_cuda}
-    for device in devices:
-        stream = torch.cuda.current_stream(device)
+    for device in cuda_devices(buffers):
+        stream = torch.cuda.default_stream(device)
         if not stream.query():
             await asyncio.get_running_loop().run_in_executor(None, stream.synchronize)
 
@@ -90,12 +102,14 @@ class Link:
         self._payload_tag = tag_base | wire.PAYLOAD
         self._ack_tag = ack_tag
         self._on_closed = on_closed
-        self._seq = 0
-        #: Per unacknowledged frame: the refusal (``None``: accepted) or :data:`_CLOSED`.
-        self._acks: dict[int, asyncio.Future[wire.Problem | object | None]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._seqs = itertools.count()
+        #: Per unacknowledged frame: what takes its outcome (``None``: accepted; a
+        #: :class:`~transports.ucx._wire.Problem`: refused; :data:`_CLOSED`: the link closed first).
+        self._acks: dict[int, Callable[[wire.Problem | object | None], None]] = {}
         self._reason = ""
         self.closed = False
-        self._reader = asyncio.get_running_loop().create_task(self._read_acks(), name=f"sidecar-ucx-acks-{rank}")
+        self._reader = self._loop.create_task(self._read_acks(), name=f"sidecar-ucx-acks-{rank}")
 
     async def _read_acks(self) -> None:
         buf = bytearray(wire.ACK_MESSAGE_BYTES)
@@ -104,12 +118,11 @@ class Link:
             while not self.closed:
                 await self._endpoint.recv(buf, self._ack_tag, idle=True)
                 seq = wire.message_seq(view)
-                waiter = self._acks.get(seq)
+                waiter = self._acks.pop(seq, None)
                 if waiter is None:
                     raise wire.ProtocolError(f"acknowledgement for unknown frame {seq}")
                 _, problem, closing = wire.parse_ack(view)
-                if not waiter.done():
-                    waiter.set_result(problem)
+                waiter(problem)
                 if closing:
                     assert problem is not None  # parse_ack returns a problem with every refusal
                     self.close(f"it refused a frame and closed the connection ({problem.error})")
@@ -119,6 +132,35 @@ class Link:
             self.close(f"it sent a malformed acknowledgement ({exc})")
         except Exception as exc:
             self.close(describe_error(exc))
+
+    @staticmethod
+    def _messages(seq: int, frame: Frame, buffers: list[Buffer]) -> list[Buffer | bytes]:
+        """The header message (with a small host payload inline), then any payload buffers."""
+        inline = _inline(buffers)
+        if inline is not None:
+            return [wire.header_message(seq, frame.header, inline)]
+        return [wire.header_message(seq, frame.header), *buffers]
+
+    def _submit(self, messages: list[Buffer | bytes]) -> list[asyncio.Future[None]]:
+        """Submit a frame's messages back to back (loop thread).
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+            Exception: UCX refused a message (the connection is broken).
+        """
+        header, *payloads = messages
+        return [
+            self._endpoint.send(header, self._header_tag),
+            *(self._endpoint.send(buf, self._payload_tag) for buf in payloads),
+        ]
+
+    def _error(self, frame: Frame, outcome: wire.Problem | object | None) -> Exception | None:
+        """What a send of ``frame`` raises for an acknowledgement outcome (``None``: it succeeded)."""
+        if outcome is _CLOSED:
+            return self._lost(frame)
+        if isinstance(outcome, wire.Problem):
+            return RemoteError(f"{self.describe} refused {frame.header.describe()}: {outcome.error}: {outcome.message}")
+        return None
 
     async def send(self, frame: Frame) -> None:
         """Send one frame and wait for the peer's acknowledgement.
@@ -131,19 +173,12 @@ class Link:
             raise self._lost(frame)
         buffers = [buf for buf in frame.buffers if buffer_nbytes(buf)]
         await wait_cuda_idle(buffers)
-        seq = self._seq
-        self._seq += 1
-        ack: asyncio.Future[wire.Problem | object | None] = asyncio.get_running_loop().create_future()
-        self._acks[seq] = ack
+        seq = next(self._seqs)
+        ack: asyncio.Future[wire.Problem | object | None] = self._loop.create_future()
+        self._acks[seq] = lambda outcome: None if ack.done() else ack.set_result(outcome)
         try:
-            inline = _inline(buffers)
-            if inline is not None:
-                sent = [self._endpoint.send(wire.header_message(seq, frame.header, inline), self._header_tag)]
-            else:
-                sent = [self._endpoint.send(wire.header_message(seq, frame.header), self._header_tag)]
-                sent += [self._endpoint.send(buf, self._payload_tag) for buf in buffers]
-            await asyncio.gather(*sent)
-            problem = await ack
+            await asyncio.gather(*self._submit(self._messages(seq, frame, buffers)))
+            outcome = await ack
         except asyncio.CancelledError:
             self.close("a send was cancelled mid-frame")
             raise
@@ -152,10 +187,53 @@ class Link:
             raise self._lost(frame) from None
         finally:
             self._acks.pop(seq, None)
-        if problem is _CLOSED:
-            raise self._lost(frame)
-        if isinstance(problem, wire.Problem):
-            raise RemoteError(f"{self.describe} refused {frame.header.describe()}: {problem.error}: {problem.message}")
+        error = self._error(frame, outcome)
+        if error is not None:
+            raise error
+
+    def send_nowait(self, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
+        """Send one frame from the calling thread (any thread); ``done`` gets the outcome.
+
+        The header message is encoded here; the loop submits the messages in one callback and the
+        acknowledgement calls ``done`` with ``None`` or the error :meth:`send` would raise. Declines
+        (returns ``False``, having changed nothing) for a CUDA frame whose device still has work
+        queued on its default stream (:meth:`send` waits for it off the loop), and once the loop
+        is closed.
+        """
+        buffers = [buf for buf in frame.buffers if buffer_nbytes(buf)]
+        if not all(torch.cuda.default_stream(device).query() for device in cuda_devices(buffers)):
+            return False
+        seq = next(self._seqs)
+        messages = self._messages(seq, frame, buffers)
+        try:
+            self._loop.call_soon_threadsafe(self._post, seq, frame, messages, done)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    def _post(
+        self, seq: int, frame: Frame, messages: list[Buffer | bytes], done: Callable[[Exception | None], None]
+    ) -> None:
+        """Submit a frame taken by :meth:`send_nowait` (loop thread)."""
+        if self.closed:
+            done(self._lost(frame))
+            return
+        self._acks[seq] = lambda outcome: done(self._error(frame, outcome))
+        try:
+            sent = self._submit(messages)
+        except Exception as exc:  # a UCX error: the connection broke (the ack waiter gets _CLOSED)
+            self.close(describe_error(exc))
+            return
+        for future in sent:
+            if future.done():  # small messages usually leave at once
+                self._check_sent(future)
+            else:
+                future.add_done_callback(self._check_sent)
+
+    def _check_sent(self, future: asyncio.Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:  # a UCX error: the connection broke (the ack waiter gets _CLOSED)
+            self.close(describe_error(error))
 
     def _lost(self, frame: Frame) -> PeerLostError:
         return PeerLostError(
@@ -170,9 +248,9 @@ class Link:
         self.closed = True
         self._reason = reason
         self._endpoint.close()
-        for waiter in self._acks.values():
-            if not waiter.done():
-                waiter.set_result(_CLOSED)
+        waiters, self._acks = list(self._acks.values()), {}
+        for waiter in waiters:
+            waiter(_CLOSED)
         if asyncio.current_task() is not self._reader:
             self._reader.cancel()
         self._on_closed(self)

@@ -10,8 +10,10 @@ CUDA memory (see :mod:`transports.ucx._wire` for the protocol). ucxx is imported
 UCX itself reads its usual ``UCX_*`` environment variables (``UCX_TLS``, ``UCX_NET_DEVICES``, ...).
 
 Concurrency, cancellation and closing follow :class:`sidecar_core.Transport`: everything runs on the
-sidecar's loop; a cancelled ``send`` closes that destination's connection; ``close`` releases the
-listener, every connection and the UCX worker, and never raises.
+sidecar's loop except :meth:`UcxTransport.send_nowait`, which prepares a frame for an open
+connection on the caller's thread and hands its submission to the loop; a cancelled ``send`` closes
+that destination's connection; ``close`` releases the listener, every connection and the UCX
+worker, and never raises.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +187,15 @@ class UcxTransport(Transport):
         if link is None:
             link = await self._link(dst)
         await link.send(frame)
+
+    def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
+        """Send ``frame`` to an open connection from the calling thread (see :meth:`Link.send_nowait`).
+
+        Declines (returns ``False``) while there is no open connection to ``dst`` and for a CUDA
+        frame whose device still has work queued; :meth:`send` handles those on the loop.
+        """
+        link = self._links.get(dst)
+        return link is not None and not link.closed and link.send_nowait(frame, done)
 
     async def _link(self, dst: int) -> Link:
         task = self._connecting.get(dst)
