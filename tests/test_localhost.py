@@ -8,6 +8,7 @@ its socket directory and files, auth handshake, malformed control-socket input, 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import gc
@@ -481,6 +482,38 @@ def test_medium_frames_are_copied_and_announced_on_the_sending_thread(
         assert pool.used >= sum(sizes.values())
         peer.call(peer_mark_done, *sizes)
         wait_until(lambda: pool.used == 0, "mark_done released every slot, whichever thread sent it")
+
+
+def test_pool_gives_room_to_waiting_sends_in_order() -> None:
+    """A frame that waits for room holds back later ones, fast path included, until it fits or gives up."""
+
+    async def scenario() -> None:
+        pool = Pool(8 * MiB)
+        try:
+            first = await pool.acquire(6 * MiB, WAIT, str)
+            big = asyncio.create_task(pool.acquire(4 * MiB, WAIT, str))
+            await asyncio.sleep(0.01)
+            assert pool.try_acquire(MiB) is None, "a later frame took the room an earlier one waits for"
+            small = asyncio.create_task(pool.acquire(MiB, WAIT, str))
+            await asyncio.sleep(0.01)
+            assert not big.done()
+            assert not small.done(), "a later frame was given room before the earlier one that waits"
+            first.release()
+            big_lease, small_lease = await big, await small
+            assert (big_lease.size, small_lease.size, pool.used) == (4 * MiB, MiB, 5 * MiB)
+
+            # A waiter that gives up lets the next one have the room it could not use.
+            hopeless = asyncio.create_task(pool.acquire(6 * MiB, 0.2, str))
+            await asyncio.sleep(0.01)
+            modest = asyncio.create_task(pool.acquire(2 * MiB, WAIT, str))
+            with pytest.raises(CapacityError, match=r"no room for 6291456 bytes after waiting 0\.2s"):
+                await hopeless
+            assert (await modest).size == 2 * MiB
+            assert pool.used == 7 * MiB
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
 
 
 def test_threads_sending_medium_frames_into_a_small_pool(

@@ -17,8 +17,8 @@ wait for releases. :meth:`Pool.trim` gives the pages above the highest slot in u
 system (the transport calls it once sends have been idle for a while), so a burst of large sends
 does not hold its memory for the process's lifetime.
 
-Concurrency: slots are taken on the event-loop thread, or on a thread that sends a frame of a few
-MiB itself (:meth:`Pool.try_acquire`, under the pool's lock); they are freed (:meth:`Lease.release`)
+Concurrency: slots are taken on the event-loop thread, or on a thread that sends a frame to an open
+connection itself (:meth:`Pool.try_acquire`, under the pool's lock); they are freed (:meth:`Lease.release`)
 and the pool trimmed on the loop thread only, since freeing wakes the loop's waiting senders.
 Worker threads only write into slots they were given.
 """
@@ -111,7 +111,8 @@ class Pool:
         self._closed = False
         self._free_blocks: list[tuple[int, int]] = [(0, self.capacity)]
         self._populated = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        #: Sends waiting for room, in order: the slot size each needs and the future that gets it.
+        self._waiters: list[tuple[int, asyncio.Future[Lease]]] = []
         self.used = 0
         #: Slots handed out so far (the transport trims only after a period without any).
         self.acquired = 0
@@ -145,31 +146,40 @@ class Pool:
         self.view = memoryview(region)
 
     def try_acquire(self, nbytes: int) -> Lease | None:
-        """A slot of at least ``nbytes`` bytes (page aligned), or ``None`` if none is free now; any thread."""
-        size = _round_up(max(nbytes, 1), PAGE)
+        """A slot of at least ``nbytes`` bytes (page aligned), or ``None``; any thread.
+
+        ``None`` when no slot is free now, and also while sends wait in :meth:`acquire`: they get
+        room first, so a later frame never takes the room an earlier one waits for.
+        """
         with self._lock:
-            if self._closed:
+            if self._closed or self._waiters:
                 return None
-            region = self.region
-            for index, (offset, length) in enumerate(self._free_blocks):
-                if length >= size:
-                    if length == size:
-                        del self._free_blocks[index]
-                    else:
-                        self._free_blocks[index] = (offset + size, length - size)
-                    self.used += size
-                    self.acquired += 1
-                    if offset + size > self._populated:
-                        end = min(self.capacity, _round_up(offset + size, _POPULATE_STEP))
-                        _populate(region, MADV_POPULATE_WRITE, self._populated, end)
-                        self._populated = end
-                    return Lease(self, offset, size)
+            return self._take(_round_up(max(nbytes, 1), PAGE))
+
+    def _take(self, size: int) -> Lease | None:
+        """The first free block of ``size`` bytes, or ``None`` (with the lock held)."""
+        region = self.region
+        for index, (offset, length) in enumerate(self._free_blocks):
+            if length >= size:
+                if length == size:
+                    del self._free_blocks[index]
+                else:
+                    self._free_blocks[index] = (offset + size, length - size)
+                self.used += size
+                self.acquired += 1
+                if offset + size > self._populated:
+                    end = min(self.capacity, _round_up(offset + size, _POPULATE_STEP))
+                    _populate(region, MADV_POPULATE_WRITE, self._populated, end)
+                    self._populated = end
+                return Lease(self, offset, size)
         return None
 
     async def acquire(self, nbytes: int, timeout: float, holders: Callable[[], str]) -> Lease:
         """A slot of at least ``nbytes`` bytes, waiting up to ``timeout`` seconds for one to be freed.
 
-        Cancelling the wait leaves the pool unchanged.
+        Waiting sends get room in the order they started waiting: a frame that does not fit yet
+        holds back later ones, so none waits forever behind a stream of smaller frames. Cancelling
+        the wait leaves the pool unchanged.
 
         Raises:
             CapacityError: No slot was freed in time (the message says who holds the pool and what to do).
@@ -179,29 +189,32 @@ class Pool:
                 f"a frame of {nbytes} bytes cannot fit the {self.capacity}-byte shared-memory pool; raise "
                 "SIDECAR_LOCALHOST__POOL_BYTES"
             )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (lease := self.try_acquire(nbytes)) is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise CapacityError(
-                    f"the shared-memory pool is full: no room for {nbytes} bytes after waiting {timeout:.3g}s "
-                    f"({self.used} of {self.capacity} bytes are held {holders()}). Receivers must call "
-                    "mark_done on chunks they have consumed; or raise SIDECAR_LOCALHOST__POOL_BYTES"
-                )
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                pass
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-        return lease
+        size = _round_up(max(nbytes, 1), PAGE)
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            lease = None if self._waiters else self._take(size)
+            if lease is not None:
+                return lease
+            self._waiters.append((size, waiter))
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise CapacityError(
+                f"the shared-memory pool is full: no room for {nbytes} bytes after waiting {timeout:.3g}s "
+                f"({self.used} of {self.capacity} bytes are held {holders()}). Receivers must call "
+                "mark_done on chunks they have consumed; or raise SIDECAR_LOCALHOST__POOL_BYTES"
+            ) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                waiter.result().release()  # granted just as the wait was cancelled
+            raise
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove((size, waiter))
+            self._grant()  # the next waiter may fit where this one did not
 
     def free(self, lease: Lease) -> None:
-        """Return a slot and wake senders waiting for room (use :meth:`Lease.release`; loop thread)."""
+        """Return a slot and hand room to waiting senders (use :meth:`Lease.release`; loop thread)."""
         with self._lock:
             self.used -= lease.size
             start, end = lease.offset, lease.offset + lease.size
@@ -212,10 +225,24 @@ class Pool:
                 index -= 1
                 start = self._free_blocks.pop(index)[0]
             self._free_blocks.insert(index, (start, end - start))
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._grant()
+
+    def _grant(self) -> None:
+        """Give free room to the waiting senders in order, until the first that does not fit (loop thread)."""
+        granted: list[tuple[asyncio.Future[Lease], Lease]] = []
+        with self._lock:
+            while self._waiters and not self._closed:
+                size, waiter = self._waiters[0]
+                if waiter.done():  # timed out or cancelled; acquire removes it
+                    self._waiters.pop(0)
+                    continue
+                lease = self._take(size)
+                if lease is None:
+                    break
+                self._waiters.pop(0)
+                granted.append((waiter, lease))
+        for waiter, lease in granted:
+            waiter.set_result(lease)
 
     def trim(self) -> int:
         """Give the populated pages above the highest slot in use back to the system.
