@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -463,25 +464,63 @@ def test_a_failed_copy_fails_its_send_and_the_peer_drops_the_frame(
         assert peer.call(peer_recv_digest, "copy-after")["digest"] == _digest(tensor)
 
 
-def test_medium_frames_are_copied_and_announced_on_the_sending_thread(
+def test_shared_memory_frames_skip_the_loop_once_the_peer_has_the_pool(
     env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Shared-memory frames up to 4 MiB skip the loop once the peer has the pool; larger ones take it."""
+    """Up to 4 MiB the sending thread copies and announces a frame itself, beyond that a copy thread does."""
     with local_sidecar(env, 26) as own:
         pool = transport(own)._pool
         own.send(random_bytes(MiB, 30), "medium-0", 1).result(WAIT)  # shares the pool, on the loop
         peer.call(peer_mark_done, "medium-0")
         on_loop = ids_sent_on_the_loop(monkeypatch)
-        sizes = {"medium-1": 256 << 10, "medium-2": 4 * MiB, "medium-3": 4 * MiB + 4096}
+        copied_by: dict[int, str] = {}
+        copy = Copier.copy
+
+        def recorded(self: Copier, slot: memoryview, buffers: Any, offsets: Any) -> None:
+            copied_by[sum(memoryview(buf).nbytes for buf in buffers)] = threading.current_thread().name
+            copy(self, slot, buffers, offsets)
+
+        monkeypatch.setattr(Copier, "copy", recorded)
+        sizes = {"medium-1": 256 << 10, "medium-2": 4 * MiB, "large-1": 4 * MiB + 4096, "large-2": 24 * MiB}
         tensors = {id: random_bytes(nbytes, 31 + i) for i, (id, nbytes) in enumerate(sizes.items())}
         for id, tensor in tensors.items():
             own.send(tensor, id, 1).result(WAIT)
             received = peer.call(peer_recv_digest, id, True)
             assert (received["digest"], received["in_pool"]) == (_digest(tensor), True)
-        assert on_loop == ["medium-3"]
+        assert on_loop == []
+        this_thread = threading.current_thread().name
+        assert [copied_by[nbytes] == this_thread for nbytes in sizes.values()] == [True, True, False, False]
+        assert all(copied_by[nbytes].startswith("sidecar-copy-job") for nbytes in list(sizes.values())[2:])
         assert pool.used >= sum(sizes.values())
         peer.call(peer_mark_done, *sizes)
         wait_until(lambda: pool.used == 0, "mark_done released every slot, whichever thread sent it")
+
+
+def test_a_failed_copy_on_a_copy_thread_fails_its_send(
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large fast-path frame whose copy fails: its send raises the error, its slot is freed, nothing is announced."""
+    with local_sidecar(env, 28) as own:
+        pool = transport(own)._pool
+        own.send(random_bytes(MiB, 50), "copy-thread-hello", 1).result(WAIT)  # shares the pool
+        peer.call(peer_mark_done, "copy-thread-hello")
+        wait_until(lambda: pool.used == 0, "the first frame's slot came back")
+        on_loop = ids_sent_on_the_loop(monkeypatch)
+        copy = Copier.copy
+
+        def broken(self: Copier, *args: Any) -> None:
+            raise OSError("the copy failed on purpose")
+
+        monkeypatch.setattr(Copier, "copy", broken)
+        with pytest.raises(OSError, match="on purpose"):
+            own.send(random_bytes(8 * MiB, 51), "copy-thread-broken", 1).result(WAIT)
+        monkeypatch.setattr(Copier, "copy", copy)
+        wait_until(lambda: pool.used == 0, "the failed copy's slot came back")
+        assert on_loop == []
+        assert not peer.call(peer_holds, "copy-thread-broken"), "nothing may reach the peer when the copy failed"
+        tensor = random_bytes(8 * MiB, 52)
+        own.send(tensor, "copy-thread-after", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "copy-thread-after")["digest"] == _digest(tensor)
 
 
 def test_pool_gives_room_to_waiting_sends_in_order() -> None:

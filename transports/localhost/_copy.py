@@ -5,7 +5,8 @@ not stall the event loop. With ``threads > 1`` a large copy is cut into that man
 once; that helps where one core cannot saturate memory bandwidth, and hurts on a busy host with
 few cores (``benchmarks/localhost_probe.py --copy-threads N`` measures it).
 
-Concurrency: :meth:`Copier.copy` may run on any thread, several at once.
+Concurrency: :meth:`Copier.copy` and :meth:`Copier.submit` may be called from any thread, several at
+once.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ class Copier:
             if threads > 1
             else None
         )
+        # Whole copies started with submit(); separate from the helpers, which they may wait for.
+        self._jobs = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sidecar-copy-job")
+
+    def submit(
+        self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]
+    ) -> concurrent.futures.Future[None]:
+        """Start :meth:`copy` on a worker thread; the future completes once every byte is in place."""
+        return self._jobs.submit(self.copy, slot, buffers, offsets)
 
     def copy(self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]) -> None:
         """Copy each buffer to ``slot[offset:]``; returns when every byte is in place."""
@@ -82,6 +91,7 @@ class Copier:
         return [(target[i : i + step], source[i : i + step]) for i in range(0, source.size, step)]
 
     def close(self) -> None:
-        """Stop the helper threads."""
+        """Stop the worker threads once the copies already started are done."""
+        self._jobs.shutdown(wait=False)
         if self._helpers is not None:
             self._helpers.shutdown(wait=False)

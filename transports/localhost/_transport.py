@@ -12,12 +12,13 @@ Sending a frame to rank ``dst`` (on the event-loop thread, see :class:`sidecar_c
 3. Wait for the peer's acknowledgement; its inbox errors come back as :class:`RemoteError`.
 
 Fast path: :meth:`LocalhostTransport.send_nowait` writes a CPU frame to an established
-connection from the caller's thread (see :meth:`~._link.Link.post_threadsafe`): inline frames
-directly, shared-memory frames up to 4 MiB after copying them into a pool slot on that thread. The
-loop thread only reads the acknowledgement (and later the release) and hands it to the core's
-callback. The first frame to a rank, larger or CUDA frames, multi-frame messages and frames that
-find the pool full still go through :meth:`LocalhostTransport.send` on the loop, so a small
-message may overtake a large one sent just before it to the same rank.
+connection without the loop (see :meth:`~._link.Link.post_threadsafe`): inline frames directly
+from the caller's thread; shared-memory frames up to 4 MiB after copying them into a pool slot on
+that thread; larger ones from a copy thread, once it has filled their slot. The loop thread only
+reads the acknowledgement (and later the release) and hands it to the core's callback. The first
+frame to a rank, CUDA frames, multi-frame messages and frames that find the pool full still go
+through :meth:`LocalhostTransport.send` on the loop, so a small message may overtake a large one
+sent just before it to the same rank.
 
 Receiving: every accepted connection is an :class:`~._incoming.Incoming` that delivers to the inbox.
 
@@ -29,6 +30,7 @@ every connection, unmap the pool, remove this rank's socket and lock files.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -243,16 +245,17 @@ class LocalhostTransport(Transport):
     def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
         """Send a CPU frame to an open connection from the calling thread (any thread).
 
-        Inline frames go on the socket at once. Frames for shared memory of at most
-        :data:`_CALLER_COPY_BYTES` are copied into a pool slot on this thread (a copy that short
-        costs less than the hops to the loop and to a copy thread) and announced from here.
+        Inline frames go on the socket at once. Frames for shared memory take a pool slot here;
+        those of at most :data:`_CALLER_COPY_BYTES` are copied into it on this thread (a copy that
+        short costs less than the hop to a copy thread) and announced from here, larger ones are
+        copied and announced by a copy thread, so this call returns at once.
 
         Declines (returns ``False``, having changed nothing) while there is no open connection to
         ``dst``, before the connection has the pool, while the pool has no room (the loop's send
-        waits for it), when the copy fails (the loop's send copies again and reports the error),
-        and for larger or CUDA frames; :meth:`send` handles those on the loop. Otherwise ``done``
+        waits for it), when a copy on this thread fails (the loop's send copies again and reports
+        the error), and for CUDA frames; :meth:`send` handles those on the loop. Otherwise ``done``
         gets the outcome :meth:`send` would return or raise (see
-        :meth:`sidecar_core.Transport.send_nowait`).
+        :meth:`sidecar_core.Transport.send_nowait`), a failed copy on a copy thread included.
         """
         link = self._links.get(dst)
         if link is None or link.channel.closed is not None:
@@ -268,21 +271,50 @@ class LocalhostTransport(Transport):
         if header.frame_bytes <= self.settings.shm_threshold:
             link.post_threadsafe(Msg.FRAME, [encode_header(header), *buffers], header.describe(), done)
             return True
-        if header.frame_bytes > _CALLER_COPY_BYTES or not link.pool_shared:
+        if not link.pool_shared:
             return False
         offsets, span = slot_layout(header.sizes)
         lease = self._pool.try_acquire(span)
         if lease is None:
             return False
+        parts = [SHM_PREFIX.pack(lease.offset, span), encode_header(header)]
+        if header.frame_bytes > _CALLER_COPY_BYTES:
+            job = self._copier.submit(lease.view(), buffers, offsets)
+            job.add_done_callback(lambda job: self._announce(link, lease, parts, header.describe(), done, job))
+            return True
         try:
             self._copier.copy(lease.view(), buffers, offsets)
         except Exception:
-            with contextlib.suppress(RuntimeError):  # the loop is closed, and the pool with it
-                self.ctx.loop.call_soon_threadsafe(lease.release)
+            self._release_soon(lease)
             return False
-        parts = [SHM_PREFIX.pack(lease.offset, span), encode_header(header)]
         link.post_threadsafe(Msg.SHM_FRAME, parts, header.describe(), done, lease)
         return True
+
+    def _announce(
+        self,
+        link: Link,
+        lease: Lease,
+        parts: list[bytes],
+        what: str,
+        done: Callable[[Exception | None], None],
+        job: concurrent.futures.Future[None],
+    ) -> None:
+        """A copy thread filled a fast-path frame's slot: announce the frame, or report the failed copy."""
+        error: BaseException | None
+        if job.cancelled():
+            error = RuntimeError("the copy was cancelled: the sidecar is shutting down")
+        else:
+            error = job.exception()
+        if error is None:
+            link.post_threadsafe(Msg.SHM_FRAME, parts, what, done, lease)
+            return
+        self._release_soon(lease)
+        done(error if isinstance(error, Exception) else RuntimeError(str(error)))
+
+    def _release_soon(self, lease: Lease) -> None:
+        """Return a slot from any thread (slots are released on the loop)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed, and the pool with it
+            self.ctx.loop.call_soon_threadsafe(lease.release)
 
     async def _link(self, dst: int) -> Link:
         link = self._links.get(dst)
@@ -377,7 +409,7 @@ class LocalhostTransport(Transport):
             else:
                 finished(None)
             return
-        job = self.ctx.loop.run_in_executor(None, self._copier.copy, lease.view(), shared.frame.buffers, offsets)
+        job = asyncio.wrap_future(self._copier.submit(lease.view(), shared.frame.buffers, offsets))
         job.add_done_callback(lambda j: finished(None if j.cancelled() else j.exception()))
 
     def _forget_shared(self, key: int, lease: Lease) -> None:
