@@ -29,7 +29,6 @@ import torch
 from sidecar_core import (
     AuthenticationError,
     CapacityError,
-    Frame,
     PeerLostError,
     PeerUnreachableError,
     RecvTimeoutError,
@@ -39,7 +38,7 @@ from sidecar_core import (
     Sidecar,
 )
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
-from sidecar_core.testing import PeerProcess, local_sidecar
+from sidecar_core.testing import PeerProcess, ids_sent_on_the_loop, local_sidecar
 from transports.localhost import LocalhostTransport
 from transports.localhost._copy import Copier
 from transports.localhost._protocol import ENVELOPE, MAX_BODY, VERSION, Hello, Msg, Problem, envelope
@@ -193,19 +192,6 @@ def wait_until(condition: Any, what: str, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         time.sleep(0.01)
-
-
-def ids_sent_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """From now on, the ids of the frames that go through the loop's send (not the fast path)."""
-    ids: list[str] = []
-    original = LocalhostTransport.send
-
-    async def counted(self: LocalhostTransport, dst: int, frame: Frame) -> None:
-        ids.append(frame.header.id)
-        await original(self, dst, frame)
-
-    monkeypatch.setattr(LocalhostTransport, "send", counted)
-    return ids
 
 
 def random_bytes(nbytes: int, seed: int) -> torch.Tensor:
@@ -472,7 +458,7 @@ def test_shared_memory_frames_skip_the_loop_once_the_peer_has_the_pool(
         pool = transport(own)._pool
         own.send(random_bytes(MiB, 30), "medium-0", 1).result(WAIT)  # shares the pool, on the loop
         peer.call(peer_mark_done, "medium-0")
-        on_loop = ids_sent_on_the_loop(monkeypatch)
+        on_loop = ids_sent_on_the_loop(monkeypatch, LocalhostTransport)
         copied_by: dict[int, str] = {}
         copy = Copier.copy
 
@@ -505,7 +491,7 @@ def test_a_failed_copy_on_a_copy_thread_fails_its_send(
         own.send(random_bytes(MiB, 50), "copy-thread-hello", 1).result(WAIT)  # shares the pool
         peer.call(peer_mark_done, "copy-thread-hello")
         wait_until(lambda: pool.used == 0, "the first frame's slot came back")
-        on_loop = ids_sent_on_the_loop(monkeypatch)
+        on_loop = ids_sent_on_the_loop(monkeypatch, LocalhostTransport)
         copy = Copier.copy
 
         def broken(self: Copier, *args: Any) -> None:
@@ -563,7 +549,7 @@ def test_threads_sending_medium_frames_into_a_small_pool(
     with local_sidecar(small_pool, 27) as own:
         pool = transport(own)._pool
         own.send(random_bytes(MiB, 40), "race-first", 1).result(WAIT)  # shares the pool
-        on_loop = ids_sent_on_the_loop(monkeypatch)
+        on_loop = ids_sent_on_the_loop(monkeypatch, LocalhostTransport)
         plan = {f"race-{t}-{i}": ((256 << 10) * (1 + (t + i) % 8), 41 + 10 * t + i) for t in range(4) for i in range(8)}
         own_order = [[f"race-{t}-{i}" for i in range(8)] for t in range(4)]
         receiving = peer.submit(peer_recv_digests, [["race-first"], *own_order])

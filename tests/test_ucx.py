@@ -38,7 +38,7 @@ from sidecar_core import (
     SidecarSettings,
     load_settings,
 )
-from sidecar_core.testing import PeerProcess, environment, local_sidecar
+from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.ucx import UcxTransport
 from transports.ucx._addressing import TEST_PORTS, Address, Addressing, ports_free
 
@@ -216,14 +216,7 @@ def test_concurrent_frames_on_one_connection_keep_their_bytes(sender: Sidecar, p
 def test_sends_to_an_open_connection_skip_the_loops_send(
     env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    on_loop: list[str] = []
-    original = UcxTransport.send
-
-    async def counted(self: UcxTransport, dst: int, frame: Frame) -> None:
-        on_loop.append(frame.header.id)
-        await original(self, dst, frame)
-
-    monkeypatch.setattr(UcxTransport, "send", counted)
+    on_loop = ids_sent_on_the_loop(monkeypatch, UcxTransport)
     payload = random_bytes(3 * MiB, 30)
     with local_sidecar(env, 30) as sidecar:
         sidecar.send(0, "nowait-connect", 1).result(WAIT)  # no connection yet: the loop connects
