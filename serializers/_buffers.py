@@ -7,13 +7,12 @@ parts). These helpers turn either into what a decoder needs, without copying hos
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from sidecar_core import Buffer, FrameError, buffer_nbytes
+from sidecar_core import Buffer, FrameError
 
 
 def expect_buffers(buffers: Sequence[Buffer], count: int, serializer: str) -> None:
@@ -56,18 +55,3 @@ def host_view(buf: Buffer) -> memoryview:
     if isinstance(buf, memoryview):
         return buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
     return buf.detach().cpu().numpy().data
-
-
-def as_uint8(buf: Buffer) -> torch.Tensor:
-    """A flat ``torch.uint8`` tensor over a buffer's bytes, without copying.
-
-    A read-only ``memoryview`` is wrapped as it is: the tensor must not be written to (PyTorch has no
-    read-only tensors, so its warning about that is not repeated here).
-    """
-    if isinstance(buf, torch.Tensor):
-        return buf
-    if buffer_nbytes(buf) == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        return torch.frombuffer(buf, dtype=torch.uint8)

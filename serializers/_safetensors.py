@@ -25,8 +25,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from serializers._buffers import as_uint8, expect_keys
-from sidecar_core import Buffer, FrameError, SerializationError, buffer_nbytes
+from serializers._buffers import expect_keys
+from sidecar_core import Buffer, FrameError, SerializationError, buffer_nbytes, buffer_tensor
 
 #: safetensors dtype codes and the torch dtypes they load as (those this torch build has).
 DTYPES: dict[str, torch.dtype] = {
@@ -180,7 +180,7 @@ def load_tensor(where: str, spec: TensorSpec, buf: Buffer, target: torch.device)
     dtype, shape, _ = spec
     if buffer_nbytes(buf) == 0:
         return torch.empty(shape, dtype=dtype, device=target)
-    flat = as_uint8(buf)
+    flat = buffer_tensor(buf)
     if dtype == torch.bool and bool((flat > 1).any()):
         raise FrameError(f"{where}: a BOOL tensor holds bytes other than 0 and 1")
     if flat.storage_offset() % dtype.itemsize or flat.data_ptr() % dtype.itemsize:

@@ -14,6 +14,8 @@ Headers are validated (sizes, counts, ids) before the receiver allocates anythin
 from __future__ import annotations
 
 import struct
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
@@ -34,6 +36,9 @@ MAX_ID_CHARS = 1024
 #: A payload buffer: host memory as a flat byte ``memoryview``, or a flat ``torch.uint8`` tensor
 #: (on CUDA for GPU payloads, or a CPU tensor where a transport already holds one).
 Buffer: TypeAlias = "memoryview | torch.Tensor"
+
+#: Serializes the warning filter changes of :func:`buffer_tensor` among threads.
+_WARNINGS_LOCK = threading.Lock()
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 _Sizes = Annotated[list[NonNegative], msgspec.Meta(max_length=MAX_BUFFERS)]
@@ -112,6 +117,25 @@ def buffer_nbytes(buf: Buffer) -> int:
     if isinstance(buf, memoryview):
         return buf.nbytes
     return int(buf.numel()) * int(buf.element_size())
+
+
+def buffer_tensor(buf: Buffer) -> torch.Tensor:
+    """A flat ``torch.uint8`` tensor over a payload buffer's bytes, without copying.
+
+    A read-only ``memoryview`` (a transport's receive memory) is wrapped as it is: the tensor must
+    not be written to. PyTorch has no read-only tensors and warns about such buffers on every call;
+    that warning is silenced here, under a lock, since ``warnings.catch_warnings`` changes
+    process-wide state and receiving threads may call this at once.
+    """
+    import torch
+
+    if not isinstance(buf, memoryview):
+        return buf
+    if not buf.nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(buf, dtype=torch.uint8)
 
 
 def encode_header(header: Header) -> bytes:

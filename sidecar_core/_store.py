@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from sidecar_core._errors import (
     RecvTimeoutError,
     SidecarClosedError,
 )
-from sidecar_core._frame import Buffer, Frame, Header
+from sidecar_core._frame import Buffer, Frame, Header, buffer_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -185,7 +184,7 @@ class ReceiveStore:
             raise FrameError(f"{h.describe()}: part {h.part} arrived twice")
         pos = h.offset
         for buf, size in zip(frame.buffers, h.sizes, strict=True):
-            assembly.dest[pos : pos + size].copy_(_as_tensor(buf), non_blocking=False)
+            assembly.dest[pos : pos + size].copy_(buffer_tensor(buf), non_blocking=False)
             pos += size
         assembly.parts.add(h.part)
         if len(assembly.parts) < first.num_parts:
@@ -378,16 +377,3 @@ def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:
     table.move_to_end(key)
     if len(table) > DONE_MEMORY:
         table.popitem(last=False)
-
-
-def _as_tensor(buf: Buffer) -> torch.Tensor:
-    import torch
-
-    if isinstance(buf, memoryview):
-        if not buf.nbytes:
-            return torch.empty(0, dtype=torch.uint8)
-        with warnings.catch_warnings():
-            # Only read from (copied into the assembly), so a read-only buffer is fine.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.frombuffer(buf, dtype=torch.uint8)
-    return buf

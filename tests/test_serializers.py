@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import json
 import math
 import random
 import struct
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,7 +29,7 @@ import serializers.json as json_serializer
 import serializers.primitives as primitives
 import serializers.tensor as tensor
 from serializers._safetensors import DTYPES, MAX_NDIM, safetensors_bytes
-from sidecar_core import Buffer, Codec, Encoded, FrameError, SerializationError, get_registry
+from sidecar_core import Buffer, Codec, Encoded, FrameError, SerializationError, buffer_tensor, get_registry
 from sidecar_core._store import ReceiveStore
 
 CODEC = Codec([tensor, chunked_tensor, primitives, json_serializer])
@@ -586,3 +588,25 @@ def test_parts_of_any_tensor_list_join_in_any_order(
     value = container(items)
     _, got = deliver_shuffled(value, limit, seed)
     assert_same(got, value)
+
+
+def test_buffer_tensor_wraps_read_only_memory_quietly_from_many_threads() -> None:
+    """Receive memory is read-only: wrapped without a warning, and the warning filters are left as they were."""
+    data = bytes(range(256)) * 64
+    view = memoryview(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads switch often, so unguarded filter changes would interleave
+        try:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                tensors = list(pool.map(lambda _: buffer_tensor(view), range(4000)))
+        finally:
+            sys.setswitchinterval(interval)
+        after = list(warnings.filters)
+    assert after == before, "concurrent calls left the process's warning filters changed"
+    assert [str(w.message) for w in caught] == []
+    assert all(t.dtype == torch.uint8 and t.numel() == len(data) for t in tensors)
+    assert bytes(tensors[-1].numpy()) == data
+    assert buffer_tensor(memoryview(b"")).numel() == 0
