@@ -1,9 +1,10 @@
 """One UCX endpoint: submits tagged and stream messages now, and reports once when it breaks.
 
 Concurrency: loop thread only; ``send``/``recv`` submit immediately (so messages on one tag go out
-in call order) and return futures. Cancellation: cancelling a returned future does not withdraw the
-message; :meth:`Endpoint.close` does (every unfinished request then fails). Closing: ``close`` is
-idempotent and does not call ``on_broken``; a broken endpoint calls ``on_broken`` exactly once.
+in call order) and return futures; ``recv_then`` reports to a callback instead. Cancellation:
+cancelling a returned future does not withdraw the message; :meth:`Endpoint.close` does (every
+unfinished request then fails). Closing: ``close`` is idempotent and does not call ``on_broken``; a
+broken endpoint calls ``on_broken`` exactly once.
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ class Endpoint:
         array = self._array(buf)
         request = self._check().tag_recv(array, self._api.UCXXTag(tag))
         return self._worker.track(request, array, busy=array.cuda and not idle)
+
+    def recv_then(
+        self, buf: BufferLike, tag: int, on_done: Callable[[Exception | None], None], *, idle: bool = False
+    ) -> None:
+        """Submit a tagged receive into ``buf``; ``on_done`` gets its outcome on the loop (see :meth:`UcxWorker.watch`).
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+        """
+        array = self._array(buf)
+        request = self._check().tag_recv(array, self._api.UCXXTag(tag))
+        self._worker.watch(request, array, on_done, busy=array.cuda and not idle)
 
     def stream_send(self, buf: bytes) -> asyncio.Future[None]:
         """Submit a stream send (handshake messages).

@@ -1,6 +1,7 @@
 """A connection a peer opened to this sidecar: handshake, then frames in and acknowledgements out.
 
-After the handshake, :meth:`Inbound.serve` reads header messages one after another. For each it
+After the handshake, header messages are read one after another, each receive posted from the
+completion callback of the one before (no task per message). For each, the connection
 validates the header, allocates the frame's memory (CPU, or the GPU named by
 ``SIDECAR_RECV_DEVICE`` for CUDA frames), posts the payload receives straight into it, and moves on
 to the next header while a task waits for the payload, hands the frame to the inbox and sends the
@@ -10,8 +11,9 @@ delivered at once. A frame refused before allocation (too large) has its payload
 being stored. Host buffers of 1 MiB and more come from :class:`~transports.ucx._pool.HostPool` and
 go back to it when the inbox releases them.
 
-Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` cancels the reader and the
-frame tasks; frames not yet delivered are dropped (their senders see the connection close).
+Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` closes the endpoint (which ends
+the header receive) and cancels the frame tasks; frames not yet delivered are dropped (their
+senders see the connection close).
 Closing: a connection that breaks after the handshake calls ``inbox.peer_lost(rank, reason)``;
 ``close`` (this sidecar shutting down) does not.
 """
@@ -73,6 +75,7 @@ class Inbound:
         self._endpoint: Endpoint | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = bytearray(1)
+        self._header = bytearray(wire.HEADER_MESSAGE_BYTES)
         self.rank: int | None = None
         self._ack_tag = 0
         self.closed = False
@@ -86,11 +89,11 @@ class Inbound:
         self._close(reason, lost=True)
 
     async def serve(self) -> None:
-        """Shake hands, then read frames until the connection closes. Never raises."""
+        """Shake hands, then start reading frames (until the connection closes). Never raises."""
         try:
             accepted = await asyncio.wait_for(self._handshake(), self._options.handshake_timeout)
             if accepted:
-                await self._read_frames()
+                self._read_header()
         except asyncio.CancelledError:
             pass
         except TimeoutError:
@@ -147,28 +150,50 @@ class Inbound:
 
     # -- frames -------------------------------------------------------------------------------
 
-    async def _read_frames(self) -> None:
-        endpoint = self._require()
-        buf = bytearray(wire.HEADER_MESSAGE_BYTES)
-        view = memoryview(buf)
-        header_tag = self._tag_base | wire.HEADER
-        while not self.closed:
-            view[: len(_ZERO)] = _ZERO
-            await endpoint.recv(buf, header_tag, idle=True)
-            seq = wire.message_seq(view)
-            try:
-                header, inline = wire.parse_header_message(view)
-            except FrameError as exc:
-                # The payload's size is unknown, so the rest of this connection cannot be read.
-                logger.warning("ucx: malformed frame header from %s: %s", self._who(), exc)
-                self._ack(seq, exc, closing=True)
-                await self._linger()
-                self._close(f"malformed frame header: {exc}", lost=True)
-                return
-            if inline is not None:
-                self._deliver(seq, header, _split(bytearray(inline), header.sizes), None)
-            else:
-                await self._receive(seq, header)
+    def _read_header(self) -> None:
+        """Post the receive of the next header message; :meth:`_on_header` takes it."""
+        if self.closed:
+            return
+        self._header[: len(_ZERO)] = _ZERO
+        try:
+            self._require().recv_then(self._header, self._tag_base | wire.HEADER, self._on_header, idle=True)
+        except Exception as exc:  # the endpoint is closed or broken
+            self._close(describe_error(exc), lost=True)
+
+    def _on_header(self, error: Exception | None) -> None:
+        """A header message arrived: deliver an inline frame at once, or post the payload's receives."""
+        if self.closed:
+            return
+        if error is not None:  # a UCX error: the connection broke
+            self._close(describe_error(error), lost=True)
+            return
+        view = memoryview(self._header)
+        seq = wire.message_seq(view)
+        try:
+            header, inline = wire.parse_header_message(view)
+        except FrameError as exc:
+            # The payload's size is unknown, so the rest of this connection cannot be read.
+            logger.warning("ucx: malformed frame header from %s: %s", self._who(), exc)
+            self._ack(seq, exc, closing=True)
+            self._spawn(self._close_after_linger(f"malformed frame header: {exc}"))
+            return
+        if inline is not None:
+            self._deliver(seq, header, _split(bytearray(inline), header.sizes), None)
+            self._read_header()
+        else:
+            self._spawn(self._receive_then_read(seq, header))
+
+    async def _receive_then_read(self, seq: int, header: Header) -> None:
+        try:
+            await self._receive(seq, header)
+        except Exception as exc:  # a UCX error: the connection broke
+            self._close(describe_error(exc), lost=True)
+            return
+        self._read_header()
+
+    async def _close_after_linger(self, reason: str) -> None:
+        await self._linger()
+        self._close(reason, lost=True)
 
     async def _receive(self, seq: int, header: Header) -> None:
         """Post the payload receives of one frame, in order, and start the task that finishes it."""

@@ -109,29 +109,40 @@ class Link:
         self._acks: dict[int, Callable[[wire.Problem | object | None], None]] = {}
         self._reason = ""
         self.closed = False
-        self._reader = self._loop.create_task(self._read_acks(), name=f"sidecar-ucx-acks-{rank}")
+        self._ack_buf = bytearray(wire.ACK_MESSAGE_BYTES)
+        self._read_ack()
 
-    async def _read_acks(self) -> None:
-        buf = bytearray(wire.ACK_MESSAGE_BYTES)
-        view = memoryview(buf)
+    def _read_ack(self) -> None:
+        """Post the receive of the next acknowledgement; :meth:`_on_ack` takes it."""
+        if self.closed:
+            return
         try:
-            while not self.closed:
-                await self._endpoint.recv(buf, self._ack_tag, idle=True)
-                seq = wire.message_seq(view)
-                waiter = self._acks.pop(seq, None)
-                if waiter is None:
-                    raise wire.ProtocolError(f"acknowledgement for unknown frame {seq}")
-                _, problem, closing = wire.parse_ack(view)
-                waiter(problem)
-                if closing:
-                    assert problem is not None  # parse_ack returns a problem with every refusal
-                    self.close(f"it refused a frame and closed the connection ({problem.error})")
-        except asyncio.CancelledError:
-            raise
+            self._endpoint.recv_then(self._ack_buf, self._ack_tag, self._on_ack, idle=True)
+        except Exception as exc:  # the endpoint is closed or broken
+            self.close(describe_error(exc))
+
+    def _on_ack(self, error: Exception | None) -> None:
+        if self.closed:
+            return
+        if error is not None:
+            self.close(describe_error(error))
+            return
+        view = memoryview(self._ack_buf)
+        try:
+            seq = wire.message_seq(view)
+            waiter = self._acks.pop(seq, None)
+            if waiter is None:
+                raise wire.ProtocolError(f"acknowledgement for unknown frame {seq}")
+            _, problem, closing = wire.parse_ack(view)
         except wire.ProtocolError as exc:
             self.close(f"it sent a malformed acknowledgement ({exc})")
-        except Exception as exc:
-            self.close(describe_error(exc))
+            return
+        waiter(problem)
+        if closing:
+            assert problem is not None  # parse_ack returns a problem with every refusal
+            self.close(f"it refused a frame and closed the connection ({problem.error})")
+            return
+        self._read_ack()
 
     @staticmethod
     def _messages(seq: int, frame: Frame, buffers: list[Buffer]) -> list[Buffer | bytes]:
@@ -251,8 +262,6 @@ class Link:
         waiters, self._acks = list(self._acks.values()), {}
         for waiter in waiters:
             waiter(_CLOSED)
-        if asyncio.current_task() is not self._reader:
-            self._reader.cancel()
         self._on_closed(self)
 
 
