@@ -46,7 +46,7 @@ from sidecar_core._hooks import hookimpl, hookspec
 from sidecar_core._plugins import PluginEntry, Registry, build_registry, get_registry
 from sidecar_core._serializer import Encoded, Serializer
 from sidecar_core._settings import SidecarSettings, load_settings
-from sidecar_core._transport import Inbox, Transport, TransportContext
+from sidecar_core._transport import Inbox, Transport, TransportContext, settle
 
 __version__ = "0.1.0"
 
@@ -95,4 +95,5 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "load_settings",
+    "settle",
 ]

@@ -35,6 +35,20 @@ if TYPE_CHECKING:
     from sidecar_core._settings import SidecarSettings
 
 
+def settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    """Resolve ``future`` with an outcome (``None``: success), unless its waiter already gave up.
+
+    A helper for transports, whose sends often learn their outcome in a callback (an
+    acknowledgement, a completed request) after the waiting coroutine may have been cancelled.
+    """
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 class Inbox(Protocol):
     """Where a transport hands what arrives: implemented by the core's receive store."""
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sidecar_core import AuthenticationError, PeerLostError, PeerUnreachableError, RemoteError
+from sidecar_core import AuthenticationError, PeerLostError, PeerUnreachableError, RemoteError, settle
 from transports.localhost._channel import Bytes, Channel
 from transports.localhost._protocol import (
     RECEIVER_MESSAGES,
@@ -54,16 +54,6 @@ _RETRY_MAX = 0.1
 
 #: What a frame's outcome goes to, on the loop thread: ``None`` once acknowledged, else the error.
 Done = Callable[[Exception | None], None]
-
-
-def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
-    """Resolve ``future`` unless its sender stopped waiting (``post``'s :data:`Done`)."""
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class Holder(Protocol):
@@ -188,7 +178,7 @@ class Link:
         if self.channel.closed is not None:
             raise PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}")
         future: asyncio.Future[None] = self._loop.create_future()
-        seq = self._register(functools.partial(_settle, future), what, hold)
+        seq = self._register(functools.partial(settle, future), what, hold)
         length = sum(memoryview(p).nbytes for p in parts)
         self.channel.write(envelope(kind, length, seq), *parts)
         return seq, future

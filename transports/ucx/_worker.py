@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
+
+from sidecar_core import settle
 
 logger = logging.getLogger(__name__)
 
@@ -143,19 +146,10 @@ class UcxWorker:
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         else:
             future = self.loop.create_future()
-
-            def settle(error: Exception | None) -> None:
-                if future.done():
-                    return
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
-
             if request.completed:  # e.g. a receive matched a message that was already there
-                settle(self._outcome(request))
+                settle(future, self._outcome(request))
             else:
-                self._add(request, settle, busy, keep)
+                self._add(request, functools.partial(settle, future), busy, keep)
         # A failure nobody waits for any more (its connection is being closed anyway) is not an
         # "exception never retrieved": callers that care await the future.
         future.add_done_callback(_retrieve)
