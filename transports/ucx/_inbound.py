@@ -167,6 +167,14 @@ class Inbound:
         if error is not None:  # a UCX error: the connection broke
             self._close(describe_error(error), lost=True)
             return
+        try:
+            self._take_header()
+        except Exception as exc:  # never leave a connection unread: close it, as a broken one
+            logger.exception("ucx: handling a frame header from %s failed", self._who())
+            self._close(describe_error(exc), lost=True)
+
+    def _take_header(self) -> None:
+        """Validate the header message in the buffer, then deliver its frame or start receiving its payload."""
         view = memoryview(self._header)
         seq = wire.message_seq(view)
         try:

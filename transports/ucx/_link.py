@@ -137,7 +137,7 @@ class Link:
         except wire.ProtocolError as exc:
             self.close(f"it sent a malformed acknowledgement ({exc})")
             return
-        waiter(problem)
+        waiter(problem)  # never raises: it sets a future or calls the core's outcome callback
         if closing:
             assert problem is not None  # parse_ack returns a problem with every refusal
             self.close(f"it refused a frame and closed the connection ({problem.error})")
