@@ -234,6 +234,27 @@ def test_sends_to_an_open_connection_skip_the_loops_send(
     assert peer.call(peer_recv_digests, ["nowait-payload"]) == [digest(payload)]
 
 
+def test_a_send_onto_an_endpoint_closed_underneath_fails_and_the_next_connects_again(
+    sender: Sidecar, peer: PeerProcess
+) -> None:
+    sender.send(0, "underneath-warm", 1).result(WAIT)
+    link = transport(sender)._links[1]
+
+    async def close_endpoint_only() -> None:  # as if it broke, before UCX reported it
+        link._endpoint.close()
+
+    sender._loop_thread.call(close_endpoint_only())
+    assert not link.closed
+    start = time.monotonic()
+    with pytest.raises(PeerLostError, match=r"rank 1 at .* broke before it acknowledged id='underneath-1'"):
+        sender.send(1, "underneath-1", 1).result(WAIT)  # submitted on this thread: it finds the endpoint closed
+    assert time.monotonic() - start < 5  # failed at once, not by the send timeout
+    assert link.closed
+    sender.send(2, "underneath-2", 1).result(WAIT)
+    assert transport(sender)._links[1] is not link
+    assert peer.call(peer_recv_values, ["underneath-warm", "underneath-2"]) == [0, 2]
+
+
 def test_inbox_refusal_comes_back_and_the_connection_stays(sender: Sidecar, peer: PeerProcess) -> None:
     sender.send(1, "dup", 1).result(WAIT)
     with pytest.raises(RemoteError, match=r"rank 1 at 127\.0\.0\.1:\d+ refused id='dup' chunk=0: DuplicateChunkError"):

@@ -1,17 +1,20 @@
 """One UCX endpoint: submits tagged and stream messages now, and reports once when it breaks.
 
-Concurrency: loop thread only; ``send``/``recv`` submit immediately (so messages on one tag go out
-in call order) and return futures; ``recv_then`` reports to a callback instead. Cancellation:
-cancelling a returned future does not withdraw the message; :meth:`Endpoint.close` does (every
-unfinished request then fails). Closing: ``close`` is idempotent and does not call ``on_broken``; a
-broken endpoint calls ``on_broken`` exactly once.
+Concurrency: loop thread only, except :meth:`Endpoint.submit` (any thread; UCX workers made by
+ucxx serve several threads). ``send``/``recv``/``submit`` submit immediately (so messages on one tag
+go out in call order); ``submit`` puts its messages out back to back, never interleaved with
+another thread's. ``send``/``recv`` return futures; ``recv_then`` reports to a callback instead.
+Cancellation: cancelling a returned future does not withdraw the message; :meth:`Endpoint.close`
+does (every unfinished request then fails). Closing: ``close`` is idempotent and does not call
+``on_broken``; a broken endpoint calls ``on_broken`` exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,10 +49,13 @@ class Endpoint:
     """
 
     def __init__(self, worker: UcxWorker, handle: Any, on_broken: Callable[[str], None]) -> None:
-        self._worker = worker
+        self.worker = worker
         self._api = worker.api
         self._handle: Any = handle
         self._on_broken = on_broken
+        #: Held while messages are submitted from a thread other than the loop's, and while closing:
+        #: a frame's messages stay together, and no thread submits on a closed UCX endpoint.
+        self._submitting = threading.Lock()
         self.closed = False
         try:
             handle.set_close_callback(worker.call_on_loop, (self._broken,))
@@ -95,7 +101,23 @@ class Endpoint:
             ConnectionError: The endpoint is closed.
         """
         array = self._array(buf)
-        return self._worker.track(self._check().tag_send(array, self._api.UCXXTag(tag)), array, busy=array.cuda)
+        return self.worker.track(self._check().tag_send(array, self._api.UCXXTag(tag)), array, busy=array.cuda)
+
+    def submit(self, messages: Sequence[tuple[BufferLike, int]]) -> list[tuple[Any, Any]]:
+        """Submit tagged sends back to back, from any thread; none of another call's come in between.
+
+        Returns:
+            Each message's request and the array it reads: keep the array alive until the request
+            completes (:meth:`UcxWorker.watch` does).
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+            Exception: UCX refused a message (the connection is broken).
+        """
+        tagged = [(self._array(buf), self._api.UCXXTag(tag)) for buf, tag in messages]
+        with self._submitting:
+            handle = self._check()
+            return [(handle.tag_send(array, tag), array) for array, tag in tagged]
 
     def recv(self, buf: BufferLike, tag: int, *, idle: bool = False) -> asyncio.Future[None]:
         """Submit a tagged receive into ``buf``; ``idle`` for receives that may wait for the peer indefinitely.
@@ -105,7 +127,7 @@ class Endpoint:
         """
         array = self._array(buf)
         request = self._check().tag_recv(array, self._api.UCXXTag(tag))
-        return self._worker.track(request, array, busy=array.cuda and not idle)
+        return self.worker.track(request, array, busy=array.cuda and not idle)
 
     def recv_then(
         self, buf: BufferLike, tag: int, on_done: Callable[[Exception | None], None], *, idle: bool = False
@@ -117,7 +139,7 @@ class Endpoint:
         """
         array = self._array(buf)
         request = self._check().tag_recv(array, self._api.UCXXTag(tag))
-        self._worker.watch(request, array, on_done, busy=array.cuda and not idle)
+        self.worker.watch(request, array, on_done, busy=array.cuda and not idle)
 
     def stream_send(self, buf: bytes) -> asyncio.Future[None]:
         """Submit a stream send (handshake messages).
@@ -126,7 +148,7 @@ class Endpoint:
             ConnectionError: The endpoint is closed.
         """
         array = self._api_array(buf)
-        return self._worker.track(self._check().stream_send(array), array, busy=False)
+        return self.worker.track(self._check().stream_send(array), array, busy=False)
 
     def stream_recv(self, buf: bytearray) -> asyncio.Future[None]:
         """Submit a stream receive that completes once ``buf`` is full.
@@ -135,14 +157,15 @@ class Endpoint:
             ConnectionError: The endpoint is closed.
         """
         array = self._api_array(buf)
-        return self._worker.track(self._check().stream_recv(array), array, busy=False)
+        return self.worker.track(self._check().stream_recv(array), array, busy=False)
 
     def close(self) -> None:
         """Close the endpoint at once; its unfinished requests fail. Idempotent, never raises."""
         if self.closed:
             return
-        self.closed = True
-        handle, self._handle = self._handle, None
+        with self._submitting:
+            self.closed = True
+            handle, self._handle = self._handle, None
         if handle is None:
             return
         try:

@@ -10,12 +10,14 @@ acknowledgement. Host payloads of at most 8 KiB ride inline in the header messag
 number of frames may be in flight on one link.
 
 Two ways in: the coroutine :meth:`Link.send`, and :meth:`Link.send_nowait`, which the caller's
-thread uses for a frame to an open link. It encodes the header message there and hands the
-submission to the loop as one plain callback, and the acknowledgement settles the caller's
-``done``: no task, no coroutine, no future crosses threads. UCX itself is only ever called on the
-loop thread.
+thread uses for a frame to an open link. It encodes the header message and submits the messages
+there (UCX workers made by ucxx serve several threads), and the acknowledgement settles the
+caller's ``done``: no task, no coroutine, no future crosses threads, and the loop is not woken for
+a message that leaves at once. In the thread progress modes the loop submits them instead, in one
+callback.
 
-Concurrency: loop thread only, except :meth:`Link.send_nowait` (any thread). Cancellation: a
+Concurrency: loop thread only, except :meth:`Link.send_nowait` (any thread). Acknowledgement
+waiters are filed from any thread but only ever called on the loop thread. Cancellation: a
 cancelled ``send`` closes the link (its messages may be half sent), so the next send connects
 again. Closing: :meth:`Link.close` fails every unacknowledged send with :class:`PeerLostError`; a
 broken connection does the same.
@@ -98,6 +100,7 @@ class Link:
         self.rank = rank
         self.describe = f"rank {rank} at {address}"
         self._endpoint = endpoint
+        self._worker = endpoint.worker
         self._header_tag = tag_base | wire.HEADER
         self._payload_tag = tag_base | wire.PAYLOAD
         self._ack_tag = ack_tag
@@ -159,11 +162,12 @@ class Link:
             ConnectionError: The endpoint is closed.
             Exception: UCX refused a message (the connection is broken).
         """
+        sent = self._endpoint.submit(self._tagged(messages))
+        return [self._worker.track(request, array, busy=array.cuda) for request, array in sent]
+
+    def _tagged(self, messages: list[Buffer | bytes]) -> list[tuple[Buffer | bytes, int]]:
         header, *payloads = messages
-        return [
-            self._endpoint.send(header, self._header_tag),
-            *(self._endpoint.send(buf, self._payload_tag) for buf in payloads),
-        ]
+        return [(header, self._header_tag), *((buf, self._payload_tag) for buf in payloads)]
 
     def _error(self, frame: Frame, outcome: wire.Problem | object | None) -> Exception | None:
         """What a send of ``frame`` raises for an acknowledgement outcome (``None``: it succeeded)."""
@@ -205,27 +209,53 @@ class Link:
     def send_nowait(self, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
         """Send one frame from the calling thread (any thread); ``done`` gets the outcome.
 
-        The header message is encoded here; the loop submits the messages in one callback and the
-        acknowledgement calls ``done`` with ``None`` or the error :meth:`send` would raise. Declines
-        (returns ``False``, having changed nothing) for a CUDA frame whose device still has work
-        queued on its default stream (:meth:`send` waits for it off the loop), and once the loop
-        is closed.
+        The header message is encoded and, in the ``blocking`` and ``polling`` progress modes, the
+        messages are submitted right here; the loop only hears of a message that did not leave at
+        once (a large payload), and of the acknowledgement, which calls ``done`` with ``None`` or
+        the error :meth:`send` would raise. In the thread modes the loop submits the messages, in
+        one callback. Declines (returns ``False``, having changed nothing) for a CUDA frame whose
+        device still has work queued on its default stream (:meth:`send` waits for it off the
+        loop), and once the link or the loop is closed.
         """
         buffers = [buf for buf in frame.buffers if buffer_nbytes(buf)]
-        if not all(torch.cuda.default_stream(device).query() for device in cuda_devices(buffers)):
+        if self.closed or not all(torch.cuda.default_stream(device).query() for device in cuda_devices(buffers)):
             return False
         seq = next(self._seqs)
         messages = self._messages(seq, frame, buffers)
+        if self._worker.threaded:
+            try:
+                self._loop.call_soon_threadsafe(self._post, seq, frame, messages, done)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
+        self._acks[seq] = lambda outcome: done(self._error(frame, outcome))
         try:
-            self._loop.call_soon_threadsafe(self._post, seq, frame, messages, done)
-        except RuntimeError:  # the loop is closed
-            return False
+            sent = self._endpoint.submit(self._tagged(messages))
+        except Exception as exc:  # closed meanwhile, or broken
+            try:
+                self._loop.call_soon_threadsafe(self._abandon, seq, describe_error(exc))
+            except RuntimeError:  # the loop is closed: nothing else will settle the frame
+                self._abandon(seq, describe_error(exc))
+            return True
+        for request, array in sent:
+            self._worker.watch_from_thread(request, array, self._on_sent, busy=array.cuda)
         return True
+
+    def _abandon(self, seq: int, reason: str) -> None:
+        """Close the link and fail frame ``seq``, whose messages could not be submitted (loop thread).
+
+        Acknowledgement waiters are only called on the loop thread (here, in :meth:`_on_ack` and in
+        :meth:`close`), so each is called once, even when the link closed while ``seq`` was filed.
+        """
+        self.close(reason)
+        waiter = self._acks.pop(seq, None)
+        if waiter is not None:
+            waiter(_CLOSED)
 
     def _post(
         self, seq: int, frame: Frame, messages: list[Buffer | bytes], done: Callable[[Exception | None], None]
     ) -> None:
-        """Submit a frame taken by :meth:`send_nowait` (loop thread)."""
+        """Submit a frame taken by :meth:`send_nowait` in a thread progress mode (loop thread)."""
         if self.closed:
             done(self._lost(frame))
             return
@@ -240,6 +270,10 @@ class Link:
                 self._check_sent(future)
             else:
                 future.add_done_callback(self._check_sent)
+
+    def _on_sent(self, error: Exception | None) -> None:
+        if error is not None:  # a UCX error: the connection broke (the ack waiter gets _CLOSED)
+            self.close(describe_error(error))
 
     def _check_sent(self, future: asyncio.Future[None]) -> None:
         error = None if future.cancelled() else future.exception()

@@ -17,7 +17,8 @@ Progress modes (``SIDECAR_UCX__PROGRESS_MODE``):
   hops per completion. Idle, about 3% of a core.
 * ``thread-polling``: the same, but the progress thread spins (one core busy).
 
-Concurrency: every method is called on the loop's thread. Requests are submitted in call order
+Concurrency: every method is called on the loop's thread, except :meth:`UcxWorker.watch_from_thread`
+and :meth:`UcxWorker.call_on_loop` (any thread). Requests are submitted in call order
 (ordering on a tag follows it). Cancellation: cancelling a future returned by :meth:`UcxWorker.track`
 stops the wait only; the owner must close the endpoint, which cancels its requests. Closing:
 :meth:`UcxWorker.close` stops the threads and frees the worker; close endpoints and listeners first.
@@ -169,6 +170,20 @@ class UcxWorker:
             self.loop.call_soon(on_done, self._outcome(request))
         else:
             self._add(request, on_done, busy, keep)
+
+    def watch_from_thread(
+        self, request: Any, keep: object, on_done: Callable[[Exception | None], None], *, busy: bool
+    ) -> None:
+        """:meth:`watch` for a request submitted on another thread (call it from that thread).
+
+        A request that already completed successfully is not reported: small sends usually leave
+        at once, and then the loop is not woken. Any other outcome reaches ``on_done`` on the loop,
+        as with :meth:`watch`. Once the worker is closed nothing is reported: closing fails the
+        request's endpoint, whose owner reports that.
+        """
+        if not self.threaded and request.completed and self._outcome(request) is None:
+            return
+        self.call_on_loop(functools.partial(self.watch, request, keep, on_done, busy=busy))
 
     def _add(self, request: Any, on_done: Callable[[Exception | None], None], busy: bool, keep: object) -> None:
         self._pending.append((request, on_done, busy, keep))
