@@ -18,7 +18,7 @@ import torch
 
 from sidecar_core import Sidecar, SidecarConfig
 from sidecar_core.testing import PeerProcess
-from transports.ucx import UcxTransport
+from transports.ucx import UcxTransport, _inbound
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multiprocess, pytest.mark.transport("ucx")]
 
@@ -111,6 +111,25 @@ def test_cuda_from_a_peer_lands_on_this_gpu(sender: Sidecar, gpu_peer: PeerProce
     assert received.device == torch.device("cuda:0")
     assert digest(received) == digest(pattern(256 * MiB, 2, "cpu"))
     sender.mark_done_sync("gpu-in")
+
+
+def test_cuda_frames_into_a_busy_gpu_land_after_its_queued_work(
+    sender: Sidecar, gpu_peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waited: list[str] = []
+    wait = _inbound.wait_cuda_idle
+
+    async def recording_wait(buffers: Any) -> None:
+        waited.append(str(buffers[0].device))
+        await wait(buffers)
+
+    monkeypatch.setattr(_inbound, "wait_cuda_idle", recording_wait)
+    torch.cuda._sleep(2_000_000_000)  # about a second of work queued on this process's default stream
+    gpu_peer.call(peer_send_pattern, 64 * MiB, 6, "cuda:0", "gpu-busy", 0)
+    received = sender.recv_sync("gpu-busy", timeout=WAIT)
+    assert waited == ["cuda:0"]  # the payload receive was posted once the queued work was done
+    assert digest(received) == digest(pattern(64 * MiB, 6, "cpu"))
+    sender.mark_done_sync("gpu-busy")
 
 
 def test_cuda_to_a_host_receiver(env: dict[str, str], sender: Sidecar) -> None:

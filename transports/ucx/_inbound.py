@@ -3,17 +3,18 @@
 After the handshake, header messages are read one after another, each receive posted from the
 completion callback of the one before (no task per message). For each, the connection
 validates the header, allocates the frame's memory (CPU, or the GPU named by
-``SIDECAR_RECV_DEVICE`` for CUDA frames), posts the payload receives straight into it, and moves on
-to the next header while a task waits for the payload, hands the frame to the inbox and sends the
-acknowledgement (or the inbox's refusal, which the sender raises as ``RemoteError``). A small
-host payload that rode inline in its header message is copied out of the reused header buffer and
-delivered at once. A frame refused before allocation (too large) has its payload drained without
-being stored. Host buffers of 1 MiB and more come from :class:`~transports.ucx._pool.HostPool` and
+``SIDECAR_RECV_DEVICE`` for CUDA frames), posts the payload receives straight into it, and posts the
+next header receive, all in the same callback (so payload receives keep header order). The last
+payload receive to complete hands the frame to the inbox and sends the acknowledgement (or the
+inbox's refusal, which the sender raises as ``RemoteError``). Only CUDA memory whose device still
+has work queued waits for it in a task first. A small host payload that rode inline in its header
+message is copied out of the reused header buffer and delivered at once. A frame refused before
+allocation (too large) has its payload drained without being stored. Host buffers of 1 MiB and more come from :class:`~transports.ucx._pool.HostPool` and
 go back to it when the inbox releases them.
 
 Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` closes the endpoint (which ends
-the header receive) and cancels the frame tasks; frames not yet delivered are dropped (their
-senders see the connection close).
+the header and payload receives) and cancels the tasks; frames not yet delivered are dropped
+(their senders see the connection close).
 Closing: a connection that breaks after the handshake calls ``inbox.peer_lost(rank, reason)``;
 ``close`` (this sidecar shutting down) does not.
 """
@@ -188,12 +189,26 @@ class Inbound:
         if inline is not None:
             self._deliver(seq, header, _split(bytearray(inline), header.sizes), None)
             self._read_header()
-        else:
-            self._spawn(self._receive_then_read(seq, header))
-
-    async def _receive_then_read(self, seq: int, header: Header) -> None:
+            return
         try:
-            await self._receive(seq, header)
+            dest, block = self._allocate(header)
+        except CapacityError as refusal:
+            self._drain(seq, header, refusal)
+            self._read_header()
+            return
+        if dest.is_cuda and not torch.cuda.default_stream(dest.device).query():
+            self._spawn(self._receive_when_idle(seq, header, dest, block))
+        else:
+            self._receive(seq, header, dest, block)
+            self._read_header()
+
+    async def _receive_when_idle(
+        self, seq: int, header: Header, dest: torch.Tensor, block: torch.Tensor | None
+    ) -> None:
+        """Receive into CUDA memory whose device still has work queued, once that work is done."""
+        try:
+            await wait_cuda_idle([dest])
+            self._receive(seq, header, dest, block)
         except Exception as exc:  # a UCX error: the connection broke
             self._close(describe_error(exc), lost=True)
             return
@@ -203,45 +218,62 @@ class Inbound:
         await self._linger()
         self._close(reason, lost=True)
 
-    async def _receive(self, seq: int, header: Header) -> None:
-        """Post the payload receives of one frame, in order, and start the task that finishes it."""
-        endpoint = self._require()
-        payload_tag = self._tag_base | wire.PAYLOAD
-        sizes = [size for size in header.sizes if size]
-        refusal: Exception | None = None
-        views: list[torch.Tensor] = []
-        block: torch.Tensor | None = None
+    def _allocate(self, header: Header) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The memory a frame's payload lands in, and the host pool block that is (or ``None``).
+
+        Raises:
+            CapacityError: The frame is over ``SIDECAR_MAX_BUFFERED_BYTES``, or its memory cannot be
+                allocated.
+        """
         if header.total_bytes > self._options.max_bytes:
-            refusal = CapacityError(
+            raise CapacityError(
                 f"{header.describe()}: {header.total_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
                 f"{self._options.max_bytes} on rank {self._options.rank}; raise the bound or send smaller chunks"
             )
-        else:
-            device = self._land_device(header)
-            try:
-                if device.type == "cpu":
-                    dest, block = self._options.pool.take(header.frame_bytes)
-                else:
-                    dest = torch.empty(header.frame_bytes, dtype=torch.uint8, device=device)
-                    await wait_cuda_idle([dest])
-            except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
-                refusal = CapacityError(
-                    f"{header.describe()}: rank {self._options.rank} cannot allocate {header.frame_bytes} bytes "
-                    f"on {device}: {exc}"
-                )
-            else:
-                pos = 0
-                for size in header.sizes:
-                    views.append(dest[pos : pos + size])
-                    pos += size
-        if refusal is not None:
-            # Drain: a 1-byte receive consumes each message (UCX reports it truncated).
-            drains = [endpoint.recv(self._scratch, payload_tag) for _ in sizes]
-            self._spawn(self._drain(seq, drains, refusal))
-            return
-        received = [endpoint.recv(view, payload_tag) for view in views if view.numel()]
+        device = self._land_device(header)
+        try:
+            if device.type == "cpu":
+                dest, block = self._options.pool.take(header.frame_bytes)
+                return dest, block
+            return torch.empty(header.frame_bytes, dtype=torch.uint8, device=device), None
+        except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
+            raise CapacityError(
+                f"{header.describe()}: rank {self._options.rank} cannot allocate {header.frame_bytes} bytes "
+                f"on {device}: {exc}"
+            ) from exc
+
+    def _receive(self, seq: int, header: Header, dest: torch.Tensor, block: torch.Tensor | None) -> None:
+        """Post the payload receives of one frame into ``dest``, in order; the last to arrive delivers it.
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+            Exception: UCX refused a receive (the connection is broken).
+        """
+        views: list[torch.Tensor] = []
+        pos = 0
+        for size in header.sizes:
+            views.append(dest[pos : pos + size])
+            pos += size
         release = None if block is None else functools.partial(self._options.pool.give, block)
-        self._spawn(self._finish(seq, header, views, received, release))
+        waiting = [view for view in views if view.numel()]
+        outcomes: list[Exception | None] = []
+
+        def arrived(error: Exception | None) -> None:
+            outcomes.append(error)
+            if len(outcomes) < len(waiting) or self.closed or any(outcomes):
+                return  # more to come, or the connection broke (on_broken reports it)
+            try:
+                self._deliver(seq, header, list(views), release)
+            except Exception as exc:  # never raise into the worker: close the connection, as a broken one
+                logger.exception("ucx: delivering a frame from %s failed", self._who())
+                self._close(describe_error(exc), lost=True)
+
+        if not waiting:  # empty buffers only: nothing to wait for
+            self._deliver(seq, header, list(views), release)
+            return
+        endpoint = self._require()
+        for view in waiting:
+            endpoint.recv_then(view, self._tag_base | wire.PAYLOAD, arrived)
 
     def _land_device(self, header: Header) -> torch.device:
         if header.device == "cuda" and self._options.recv_device.type == "cuda":
@@ -257,20 +289,6 @@ class Inbound:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(
-        self,
-        seq: int,
-        header: Header,
-        views: list[torch.Tensor],
-        received: list[asyncio.Future[None]],
-        release: Callable[[], None] | None,
-    ) -> None:
-        try:
-            await asyncio.gather(*received)
-        except Exception:
-            return  # the connection broke; on_broken reports it
-        self._deliver(seq, header, list(views), release)
-
     def _deliver(self, seq: int, header: Header, buffers: list[Buffer], release: Callable[[], None] | None) -> None:
         """Hand a complete frame to the inbox and acknowledge it (or pass on the inbox's refusal)."""
         refusal: Exception | None = None
@@ -280,7 +298,19 @@ class Inbound:
             refusal = exc
         self._ack(seq, refusal)
 
-    async def _drain(self, seq: int, drains: list[asyncio.Future[None]], refusal: Exception) -> None:
+    def _drain(self, seq: int, header: Header, refusal: Exception) -> None:
+        """Consume the payload of a refused frame, then acknowledge it with the refusal.
+
+        A 1-byte receive takes each message (UCX reports it truncated).
+
+        Raises:
+            ConnectionError: The endpoint is closed.
+        """
+        endpoint = self._require()
+        drains = [endpoint.recv(self._scratch, self._tag_base | wire.PAYLOAD) for size in header.sizes if size]
+        self._spawn(self._acknowledge_drained(seq, drains, refusal))
+
+    async def _acknowledge_drained(self, seq: int, drains: list[asyncio.Future[None]], refusal: Exception) -> None:
         for drain in drains:
             try:
                 await drain
