@@ -390,6 +390,16 @@ def test_every_progress_mode_moves_data(env: dict[str, str], mode: str) -> None:
         assert a.recv_sync("mode-back", timeout=WAIT) == {"mode": mode}
 
 
+@pytest.mark.parametrize(("given", "expected"), [(None, "y"), ("n", "n")])
+def test_the_worker_lock_is_a_mutex_unless_the_environment_says_otherwise(
+    env: dict[str, str], given: str | None, expected: str
+) -> None:
+    # Callers' threads submit while the loop progresses: a spinning waiter can burn a time slice.
+    lock_env = {**env, "UCX_USE_MT_MUTEX": given} if given else env
+    with local_sidecar(lock_env, 42, remove=() if given else ("UCX_USE_MT_MUTEX",)) as a:
+        assert transport(a)._worker._context.config["USE_MT_MUTEX"] == expected
+
+
 def test_explicit_peer_map(env: dict[str, str], base_port: int) -> None:
     peers = f'{{"50": "127.0.0.1:{base_port + 30}", "51": "localhost:{base_port + 31}"}}'
     mapped = {**env, "SIDECAR_IS_LOCAL": "0", "SIDECAR_PEERS": peers}

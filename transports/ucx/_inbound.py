@@ -9,8 +9,9 @@ payload receive to complete hands the frame to the inbox and sends the acknowled
 inbox's refusal, which the sender raises as ``RemoteError``). Only CUDA memory whose device still
 has work queued waits for it in a task first. A small host payload that rode inline in its header
 message is copied out of the reused header buffer and delivered at once. A frame refused before
-allocation (too large) has its payload drained without being stored. Host buffers of 1 MiB and more come from :class:`~transports.ucx._pool.HostPool` and
-go back to it when the inbox releases them.
+allocation (too large) has its payload drained without being stored. Host buffers of 1 MiB and
+more come from :class:`~transports.ucx._pool.HostPool` and go back to it when the inbox releases
+them.
 
 Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` closes the endpoint (which ends
 the header and payload receives) and cancels the tasks; frames not yet delivered are dropped
