@@ -100,8 +100,8 @@ class Endpoint:
         Raises:
             ConnectionError: The endpoint is closed.
         """
-        array = self._array(buf)
-        return self.worker.track(self._check().tag_send(array, self._api.UCXXTag(tag)), array, busy=array.cuda)
+        [(request, array)] = self.submit([(buf, tag)])
+        return self.worker.track(request, array, busy=array.cuda)
 
     def submit(self, messages: Sequence[tuple[BufferLike, int]]) -> list[tuple[Any, Any]]:
         """Submit tagged sends back to back, from any thread; none of another call's come in between.

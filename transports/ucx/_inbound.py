@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,15 +43,17 @@ logger = logging.getLogger(__name__)
 _ZERO = bytes(wire.HEAD.size + 8)
 
 
-def _split(payload: bytearray, sizes: list[int]) -> list[Buffer]:
-    """Views of consecutive buffers of ``sizes`` bytes in ``payload``."""
-    view = memoryview(payload)
-    buffers: list[Buffer] = []
+_Whole = TypeVar("_Whole", memoryview, torch.Tensor)
+
+
+def _split(whole: _Whole, sizes: list[int]) -> list[_Whole]:
+    """Consecutive slices of ``sizes`` bytes of ``whole``, without copying."""
+    parts: list[_Whole] = []
     pos = 0
     for size in sizes:
-        buffers.append(view[pos : pos + size])
+        parts.append(whole[pos : pos + size])
         pos += size
-    return buffers
+    return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +190,7 @@ class Inbound:
             self._spawn(self._close_after_linger(f"malformed frame header: {exc}"))
             return
         if inline is not None:
-            self._deliver(seq, header, _split(bytearray(inline), header.sizes), None)
+            self._deliver(seq, header, _split(memoryview(bytearray(inline)), header.sizes), None)
             self._read_header()
             return
         try:
@@ -250,11 +252,7 @@ class Inbound:
             ConnectionError: The endpoint is closed.
             Exception: UCX refused a receive (the connection is broken).
         """
-        views: list[torch.Tensor] = []
-        pos = 0
-        for size in header.sizes:
-            views.append(dest[pos : pos + size])
-            pos += size
+        views = _split(dest, header.sizes)
         release = None if block is None else functools.partial(self._options.pool.give, block)
         waiting = [view for view in views if view.numel()]
         outcomes: list[Exception | None] = []
@@ -264,13 +262,13 @@ class Inbound:
             if len(outcomes) < len(waiting) or self.closed or any(outcomes):
                 return  # more to come, or the connection broke (on_broken reports it)
             try:
-                self._deliver(seq, header, list(views), release)
+                self._deliver(seq, header, views, release)
             except Exception as exc:  # never raise into the worker: close the connection, as a broken one
                 logger.exception("ucx: delivering a frame from %s failed", self._who())
                 self._close(describe_error(exc), lost=True)
 
         if not waiting:  # empty buffers only: nothing to wait for
-            self._deliver(seq, header, list(views), release)
+            self._deliver(seq, header, views, release)
             return
         endpoint = self._require()
         for view in waiting:
@@ -290,11 +288,11 @@ class Inbound:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _deliver(self, seq: int, header: Header, buffers: list[Buffer], release: Callable[[], None] | None) -> None:
+    def _deliver(self, seq: int, header: Header, buffers: Sequence[Buffer], release: Callable[[], None] | None) -> None:
         """Hand a complete frame to the inbox and acknowledge it (or pass on the inbox's refusal)."""
         refusal: Exception | None = None
         try:
-            self._options.inbox.deliver(Frame(header, buffers), release)
+            self._options.inbox.deliver(Frame(header, list(buffers)), release)
         except Exception as exc:  # FrameError, DuplicateChunkError, CapacityError: the sender raises it
             refusal = exc
         self._ack(seq, refusal)
