@@ -8,7 +8,7 @@ out=${1:-benchmarks/results}
 mkdir -p "$out"
 gpus=$(python3 -c 'import torch; print(",".join(str(i) for i in range(min(2, torch.cuda.device_count()))))')
 python3 -m pytest -q -rs -m gpu -p no:cacheprovider \
-    tests/test_localhost_gpu.py tests/test_ucx_gpu.py tests/test_cross_gpu.py tests/test_bench.py 2>&1 | tee "$out/gpu-tests.log"
+    tests/test_localhost_gpu.py tests/test_ucx_gpu.py tests/test_cross_gpu.py tests/test_serializers.py tests/test_bench.py 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 python3 -m sidecar_core._cli bench --device cuda --gpus "$gpus" --out "$out" 2>&1 | tee "$out/gpu-bench.log"
 bench=${PIPESTATUS[0]}

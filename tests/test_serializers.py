@@ -34,7 +34,6 @@ from sidecar_core._store import ReceiveStore
 
 CODEC = Codec([tensor, chunked_tensor, primitives, json_serializer])
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -306,7 +305,7 @@ def test_mixed_devices_and_too_many_tensors_are_refused() -> None:
         chunked_tensor.encode([torch.ones(1), torch.ones(1, dtype=torch.complex128)])
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_tensor_travels_as_a_cuda_buffer() -> None:
     t = torch.arange(10, dtype=torch.bfloat16, device="cuda").reshape(2, 5).t()
     enc = tensor.encode(t)
@@ -322,7 +321,7 @@ def test_cuda_tensor_travels_as_a_cuda_buffer() -> None:
     assert_same(on_host, t.cpu().contiguous())
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_host_buffer_lands_on_the_requested_gpu() -> None:
     t = torch.arange(6, dtype=torch.float32)
     enc = tensor.encode(t)
@@ -335,7 +334,7 @@ def test_host_buffer_lands_on_the_requested_gpu() -> None:
     assert_same(items, [t, t.half()])
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cpu_and_cuda_tensors_in_one_list_are_refused() -> None:
     with pytest.raises(SerializationError, match="mixes CPU and CUDA"):
         chunked_tensor.encode([torch.ones(1), torch.ones(1, device="cuda")])
