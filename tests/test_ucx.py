@@ -9,6 +9,7 @@ GPU paths are in ``tests/test_ucx_gpu.py``; two simulated hosts in ``tests/test_
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import signal
@@ -211,6 +212,23 @@ def test_concurrent_frames_on_one_connection_keep_their_bytes(sender: Sidecar, p
     ids = [f"concurrent-{i}" for i in range(len(sizes))]
     assert peer.call(peer_recv_digests, ids) == [digest(t) for t in tensors]
     assert [digest(t) for t in peer.call(peer_recv_values, ["concurrent-multi"])[0]] == [digest(t) for t in multi]
+
+
+def test_frames_submitted_from_many_threads_at_once_keep_their_bytes(sender: Sidecar, peer: PeerProcess) -> None:
+    # Each frame is a header message and a payload message; threads submit them at the same time.
+    sender.send(0, "threads-warm", 1).result(WAIT)
+    tensors = {f"threads-{i}": random_bytes(16_384 + 4_099 * i, seed=200 + i) for i in range(48)}
+    start = threading.Barrier(8)
+
+    def send_share(first: int) -> None:
+        start.wait(WAIT)
+        futures = [sender.send(tensors[f"threads-{i}"], f"threads-{i}", 1) for i in range(first, 48, 8)]
+        for future in futures:
+            future.result(WAIT)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(send_share, range(8)))
+    assert peer.call(peer_recv_digests, list(tensors)) == [digest(t) for t in tensors.values()]
 
 
 def test_sends_to_an_open_connection_skip_the_loops_send(
