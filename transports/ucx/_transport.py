@@ -10,9 +10,9 @@ CUDA memory (see :mod:`transports.ucx._wire` for the protocol). ucxx is imported
 UCX itself reads its usual ``UCX_*`` environment variables (``UCX_TLS``, ``UCX_NET_DEVICES``, ...).
 
 Concurrency, cancellation and closing follow :class:`sidecar_core.Transport`: everything runs on the
-sidecar's loop except :meth:`UcxTransport.send_nowait`, which prepares a frame for an open
-connection on the caller's thread and hands its submission to the loop; a cancelled ``send`` closes
-that destination's connection; ``close`` releases the listener, every connection and the UCX
+sidecar's loop except :meth:`UcxTransport.send_nowait`, which sends a frame to an open connection
+from the caller's thread (see :meth:`transports.ucx._link.Link.send_nowait`); a cancelled ``send``
+closes that destination's connection; ``close`` releases the listener, every connection and the UCX
 worker, and never raises.
 """
 
@@ -195,7 +195,7 @@ class UcxTransport(Transport):
         frame whose device still has work queued; :meth:`send` handles those on the loop.
         """
         link = self._links.get(dst)
-        return link is not None and not link.closed and link.send_nowait(frame, done)
+        return link is not None and link.send_nowait(frame, done)
 
     async def _link(self, dst: int) -> Link:
         task = self._connecting.get(dst)
