@@ -41,7 +41,7 @@ from sidecar_core import (
 )
 from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.ucx import UcxTransport
-from transports.ucx._addressing import TEST_PORTS, Address, Addressing, ports_free
+from transports.ucx._addressing import TEST_PORTS, Address, Addressing, free_base_port, ports_free
 
 pytest.importorskip("ucxx", reason="ucxx is not installed: pip install 'sidecar[ucx]'")
 
@@ -416,6 +416,43 @@ def test_the_worker_lock_is_a_mutex_unless_the_environment_says_otherwise(
     lock_env = {**env, "UCX_USE_MT_MUTEX": given} if given else env
     with local_sidecar(lock_env, 42, remove=() if given else ("UCX_USE_MT_MUTEX",)) as a:
         assert transport(a)._worker._context.config["USE_MT_MUTEX"] == expected
+
+
+_LATE_PEER = """
+import os, time
+from sidecar_core import Sidecar, SidecarConfig
+given = os.environ.get("UCXX_LOG_LEVEL")
+early = Sidecar(SidecarConfig(sidecar_rank=0))
+assert os.environ.get("UCXX_LOG_LEVEL") == given, "the transport left UCXX_LOG_LEVEL changed"
+sent = early.send(7, "late", 1)
+time.sleep(0.5)  # nothing listens for rank 1 yet: the first connection attempts are refused
+late = Sidecar(SidecarConfig(sidecar_rank=1))
+sent.result(20)
+assert late.recv_sync("late", timeout=20) == 7
+early.shutdown_sync()
+late.shutdown_sync()
+"""
+
+
+@pytest.mark.parametrize("given", [None, "ERROR"])
+def test_refused_attempts_while_a_peer_starts_print_nothing_unless_asked(
+    env: dict[str, str], given: str | None
+) -> None:
+    # ucxx logs an ERROR line per failed endpoint; the transport retries and reports failures itself.
+    run_env = {k: v for k, v in os.environ.items() if k != "UCXX_LOG_LEVEL"}
+    run_env.update(env, SIDECAR_BASE_PORT=str(free_base_port()))
+    if given:
+        run_env["UCXX_LOG_LEVEL"] = given
+    done = subprocess.run(
+        [sys.executable, "-c", _LATE_PEER], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr  # UCX's logs go to stdout
+    refusals = [line for line in output.splitlines() if "UCXX ERROR" in line]
+    if given:
+        assert refusals, f"UCXX_LOG_LEVEL={given} printed no refused attempt; output: {output}"
+    else:
+        assert not refusals, f"ucxx printed errors for refused attempts: {refusals}"
 
 
 def test_explicit_peer_map(env: dict[str, str], base_port: int) -> None:

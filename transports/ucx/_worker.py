@@ -32,7 +32,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeAlias
 
 from sidecar_core import settle
@@ -77,6 +77,29 @@ def _context_config() -> dict[str, str]:
     return {name: value for name, value in _CONTEXT_DEFAULTS.items() if f"UCX_{name}" not in os.environ}
 
 
+#: ucxx's own log level unless ``UCXX_LOG_LEVEL`` is set. ucxx logs an ERROR line for every endpoint
+#: that fails, including each refused attempt while a peer is still starting; the transport reports
+#: every failure itself (as exceptions and this package's log records), so ucxx keeps its fatal lines.
+_UCXX_LOG_LEVEL = "FATAL"
+
+
+@contextlib.contextmanager
+def _ucxx_log_level() -> Iterator[None]:
+    """Give ucxx :data:`_UCXX_LOG_LEVEL` while it reads its level (making the first context), unless set.
+
+    ucxx reads ``UCXX_LOG_LEVEL`` once per process; the variable is removed again afterwards, so the
+    environment of this process and of its children stays as the user left it.
+    """
+    if "UCXX_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["UCXX_LOG_LEVEL"] = _UCXX_LOG_LEVEL
+    try:
+        yield
+    finally:
+        os.environ.pop("UCXX_LOG_LEVEL", None)
+
+
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -111,10 +134,11 @@ class UcxWorker:
         self.mode = mode
         self.threaded = mode.startswith("thread")
         flags = (ucx_api.Feature.TAG, ucx_api.Feature.STREAM, ucx_api.Feature.WAKEUP)
-        self._context = ucx_api.UCXContext(_context_config(), feature_flags=flags)
-        self.worker: Any = ucx_api.UCXWorker(
-            self._context, enable_delayed_submission=self.threaded, enable_python_future=self.threaded
-        )
+        with _ucxx_log_level():
+            self._context = ucx_api.UCXContext(_context_config(), feature_flags=flags)
+            self.worker: Any = ucx_api.UCXWorker(
+                self._context, enable_delayed_submission=self.threaded, enable_python_future=self.threaded
+            )
         self._inflight: dict[int, tuple[Any, object]] = {}
         self._closed = False
         # blocking / polling state
