@@ -15,6 +15,10 @@ exactly and refuses everything else (which then goes to another serializer, or `
 - nesting at most :data:`MAX_DEPTH` deep (this also refuses containers that hold themselves).
 
 Strings that are not valid UTF-8 (a lone surrogate) are accepted but make :func:`encode` raise.
+
+msgspec writes and reads the text (about ten times faster than the standard library for a small
+dict); a buffer it refuses is read again by the standard library's parser only to name the problem.
+Numbers out of the double range (``1e400``) are refused rather than read as infinity.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import msgspec
 
 from serializers._buffers import expect_buffers, expect_keys, host_view
 from sidecar_core import Buffer, Encoded, FrameError, SerializationError
@@ -35,6 +41,8 @@ MAX_DEPTH = 256
 MAX_INT_BITS = 14_000
 
 _SCALARS = (str, bool, type(None))
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
 
 
 def accepts(obj: object) -> bool:
@@ -76,7 +84,7 @@ def encode(obj: dict[str, Any] | list[Any]) -> Encoded:
             f"(nested at most {MAX_DEPTH} deep)"
         )
     try:
-        data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        data = _ENCODER.encode(obj)
     except UnicodeEncodeError as exc:
         raise SerializationError(
             f"a str in the object is not valid UTF-8 ({exc.reason}); send such text as bytes"
@@ -92,21 +100,33 @@ def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> d
     """
     expect_keys("meta", meta, set())
     expect_buffers(buffers, 1, NAME)
+    data = host_view(buffers[0])
     try:
-        text = str(host_view(buffers[0]), "utf-8")
-    except UnicodeDecodeError as exc:
-        raise FrameError(f"json buffer is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except FrameError:
-        raise
-    except ValueError as exc:  # JSONDecodeError, or an int longer than Python parses
-        raise FrameError(f"json buffer is not valid JSON: {exc}") from None
+        value = _DECODER.decode(data)
     except RecursionError:
         raise FrameError("json buffer nests too deeply to parse") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _explain(data, exc) from None
     if type(value) is not dict and type(value) is not list:
         raise FrameError(f"json buffer holds a {type(value).__name__}; expected an object or an array")
     return value
+
+
+def _explain(data: memoryview, refusal: Exception) -> FrameError:
+    """The error for a buffer msgspec refused, naming the problem as precisely as the standard library can."""
+    try:
+        text = str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        return FrameError(f"json buffer is not valid UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except FrameError as exc:
+        return exc
+    except ValueError as exc:  # JSONDecodeError, or an int longer than Python parses
+        return FrameError(f"json buffer is not valid JSON: {exc}")
+    except RecursionError:
+        return FrameError("json buffer nests too deeply to parse")
+    return FrameError(f"json buffer is not valid JSON: {refusal}")  # e.g. 1e400, which is no double
 
 
 def _refuse_constant(name: str) -> Any:

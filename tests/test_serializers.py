@@ -514,6 +514,8 @@ def test_primitives_validation(meta: dict[str, Any], buffers: list[Buffer], need
         ({}, b"3", r"json buffer holds a int; expected an object or an array"),
         ({}, b"[" + b"1" * 5000 + b"]", r"json buffer is not valid JSON"),
         ({}, b"[" * 100_000 + b"]" * 100_000, r"json buffer nests too deeply"),
+        ({}, b'{"x": 1e400}', r"json buffer is not valid JSON: Number out of range"),  # not inf
+        ({}, b'["\\ud800"]', r"json buffer is not valid JSON"),  # a lone surrogate, which no str encodes
     ],
 )
 def test_json_validation(meta: dict[str, Any], text: bytes, needle: str) -> None:
