@@ -122,6 +122,13 @@ class SendFuture(concurrent.futures.Future[T]):
         super().__init__()
         self._what = what
         self._retrieved = False
+        #: Whether callbacks were attached: then the outcome is set on the sidecar's thread (see the guide).
+        self.has_callbacks = False
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
+        """Call ``fn(future)`` once it is done, on the sidecar's thread (at once if it is done already)."""
+        self.has_callbacks = True
+        super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> T:
         """Wait for completion; raise the send's error if it failed (see ``Sidecar.send``)."""
@@ -173,8 +180,12 @@ class _LoopThread:
         except RuntimeError:  # the loop is closed
             raise SidecarClosedError("the sidecar was shut down; create a new Sidecar") from None
 
+    def is_current(self) -> bool:
+        """Whether the calling thread is the loop's."""
+        return threading.current_thread() is self.thread
+
     def check_not_on_loop(self) -> None:
-        if threading.current_thread() is self.thread:
+        if self.is_current():
             raise RuntimeError("a blocking sidecar call was made on the sidecar's own thread; use the async form")
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -295,6 +306,9 @@ class Sidecar:
         # Pull-based transports (mock-file) fetch on demand; push-based ones leave ``want`` alone.
         self._pulls = type(self._transport).want is not Transport.want
         self._sends_nowait = type(self._transport).send_nowait is not Transport.send_nowait
+        self._polls = type(self._transport).poll_while_waiting is not Transport.poll_while_waiting
+        hooks = (self._hooks.sidecar_on_send, self._hooks.sidecar_on_error)
+        self._reports_sends = any(hook.get_hookimpls() for hook in hooks)
         self._deadlines = _SendDeadlines(self._loop_thread, self.settings.send_timeout)
         limits = [x for x in (self.settings.chunk_size, self._transport.max_part_bytes) if x is not None]
         self._max_part_bytes = min(limits) if limits else None
@@ -429,6 +443,10 @@ class Sidecar:
             nonlocal settled
             if settled:
                 return
+            if self._must_hand_to_loop(future):
+                with contextlib.suppress(SidecarClosedError):  # a stopped loop: settle it here
+                    self._loop_thread.call_soon(done, error)
+                    return
             settled = True
             self._deadlines.discard(future)
             self._report_send(header, rank, start, error)
@@ -441,6 +459,10 @@ class Sidecar:
                 pass
 
         return done
+
+    def _must_hand_to_loop(self, future: SendFuture[None]) -> bool:
+        """Whether an outcome reported off the loop thread must be set on it: callbacks and hooks run there."""
+        return (future.has_callbacks or self._reports_sends) and not self._loop_thread.is_current()
 
     def _send_timeout_error(self, header: Header, rank: int) -> SendTimeoutError:
         timeout = self.settings.send_timeout
@@ -494,6 +516,10 @@ class Sidecar:
 
     def _report_recv(self, header: Header, nbytes: int) -> None:
         if not self._hooks.sidecar_on_recv.get_hookimpls():
+            return
+        if not self._loop_thread.is_current():  # a thread polling in recv_sync delivered it: hooks run on the loop
+            with contextlib.suppress(SidecarClosedError):
+                self._loop_thread.call_soon(self._report_recv, header, nbytes)
             return
         self._hooks.sidecar_on_recv(
             id=header.id,
@@ -589,6 +615,8 @@ class Sidecar:
         self._loop_thread.check_not_on_loop()
         timeout = self.settings.recv_timeout if timeout is None else timeout
         waiter = self._waiter(id, chunk_id)
+        if self._polls and not waiter.done():
+            self._transport.poll_while_waiting(waiter.done)
         try:
             return waiter.result(timeout)
         except TimeoutError:

@@ -4,9 +4,11 @@ A transport moves :class:`~sidecar_core.Frame` objects between sidecar ranks. It
 serializers, chunks, streams or ``mark_done``: the core does all of that.
 
 Concurrency: every method is called on the sidecar's own event-loop thread (one per ``Sidecar``),
-except the optional fast path :meth:`Transport.send_nowait`, which is called on the thread that
-calls ``Sidecar.send`` (any thread). A transport calls its :class:`Inbox` only from the loop thread,
-and the core runs every frame's ``release`` there too. ``send`` (and ``send_nowait``) may be called
+except the optional fast paths :meth:`Transport.send_nowait`, which is called on the thread that
+calls ``Sidecar.send``, and :meth:`Transport.poll_while_waiting`, called on a thread in
+``Sidecar.recv_sync`` (any threads but the loop's). A transport calls its :class:`Inbox` from the
+loop thread, or from a thread inside ``poll_while_waiting``; the core runs every frame's
+``release`` on the loop thread. ``send`` (and ``send_nowait``) may be called
 concurrently for different destinations and for different frames to the same destination; frames
 of one message to one destination are sent one after another (a message of several frames never
 takes the fast path).
@@ -157,6 +159,22 @@ class Transport(abc.ABC):
             Whether the frame was taken (``done`` will be called).
         """
         return False
+
+    def poll_while_waiting(self, ready: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
+        """Optional: a thread is about to wait in ``recv_sync``; read on that thread for a short while.
+
+        The core calls it from the thread in ``Sidecar.recv_sync`` (any thread but the loop's) when
+        the chunk has not arrived yet, before that thread sleeps. A transport may read and handle
+        arriving messages on this thread, delivering to the :class:`Inbox` from here, until
+        ``ready()`` is true or a short budget of its own is spent: a reply that comes soon then
+        reaches the store without waking the loop thread, and the waiting thread has not slept.
+        Returning at once is always correct (the default does): the caller then waits for its chunk
+        as usual. Several threads may call it at once. Must not block beyond its budget, must not
+        raise.
+
+        Args:
+            ready: Whether the chunk the caller waits for has arrived (cheap; any thread).
+        """
 
     async def want(self, id: str, chunk_id: int) -> None:  # noqa: B027 - optional hook
         """A ``recv`` is waiting for ``(id, chunk_id)``; pull-based transports fetch it here.

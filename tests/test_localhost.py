@@ -36,12 +36,26 @@ from sidecar_core import (
     SendTimeoutError,
     SettingsError,
     Sidecar,
+    SidecarConfig,
+    build_registry,
+    hookimpl,
 )
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
-from sidecar_core.testing import PeerProcess, ids_sent_on_the_loop, local_sidecar
+from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.localhost import LocalhostTransport
+from transports.localhost._channel import Channel
 from transports.localhost._copy import Copier
-from transports.localhost._protocol import ENVELOPE, MAX_BODY, VERSION, Hello, Msg, Problem, envelope
+from transports.localhost._protocol import (
+    ENVELOPE,
+    MAX_BODY,
+    SENDER_MESSAGES,
+    VERSION,
+    Hello,
+    Msg,
+    Problem,
+    envelope,
+)
+from transports.localhost._readers import Readers
 from transports.localhost._shm import Pool
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
@@ -132,6 +146,14 @@ def peer_send(sidecar: Sidecar, obj: Any, id: str, dst: int, chunk_id: int = 0, 
 def peer_send_random(sidecar: Sidecar, nbytes: int, seed: int, id: str, dst: int) -> None:
     """Send random bytes made here (tensors passed through the harness pipe would use /dev/shm)."""
     sidecar.send(random_bytes(nbytes, seed), id, dst).result(WAIT)
+
+
+def peer_echo(sidecar: Sidecar, count: int, dst: int) -> None:
+    """Send ``in-<dst>-i`` straight back as ``out-<dst>-i``, for i below ``count``."""
+    for i in range(count):
+        value = sidecar.recv_sync(f"in-{dst}-{i}", timeout=WAIT)
+        sidecar.mark_done_sync(f"in-{dst}-{i}")
+        sidecar.send(value, f"out-{dst}-{i}", dst).result(WAIT)
 
 
 def peer_pool_inode(sidecar: Sidecar) -> int:
@@ -702,3 +724,258 @@ def test_sigkill_leaves_nothing_behind(env: dict[str, str], socket_dir: Path) ->
         assert not (socket_dir / "rank-7.lock").exists()
     with local_sidecar(env, 7) as again:
         assert again.sidecar_rank == 7
+
+
+# -- reading on the thread that waits in recv_sync -----------------------------------------------
+
+
+class _Owner:
+    """Takes what a channel hands its owner, noting the thread each message was handled on."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[Msg, int, bytes, int]] = []
+        self.closed: list[tuple[str, int]] = []
+
+    def on_message(self, kind: Msg, arg: int, body: bytearray) -> None:
+        self.messages.append((kind, arg, bytes(body), threading.get_ident()))
+
+    def on_close(self, reason: str) -> None:
+        self.closed.append((reason, threading.get_ident()))
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[tuple[asyncio.AbstractEventLoop, threading.Thread]]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop, thread
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    loop.call_soon_threadsafe(lambda: done.set_result(fn()))
+    return done.result(5)
+
+
+@pytest.fixture
+def polled(
+    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
+) -> Iterator[tuple[Readers, Channel, _Owner, socket.socket]]:
+    """A channel over a socket pair, read through Readers on a loop thread; the other end to write to."""
+    loop, _ = loop_thread
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    owner = _Owner()
+    readers: Readers = _on_loop(loop, lambda: Readers(loop))
+    channel: Channel = _on_loop(
+        loop,
+        lambda: Channel(
+            ours,
+            loop,
+            readers,
+            allowed=SENDER_MESSAGES,
+            on_message=owner.on_message,
+            on_close=owner.on_close,
+            reply_errors=True,
+            name="test channel",
+        ),
+    )
+    channel.direct = frozenset({Msg.FRAME})
+    yield readers, channel, owner, theirs
+    _on_loop(loop, lambda: channel.close("test over"))
+    _on_loop(loop, readers.close)
+    theirs.close()
+
+
+def test_a_polling_thread_handles_direct_messages_and_leaves_the_rest_to_the_loop(
+    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
+    polled: tuple[Readers, Channel, _Owner, socket.socket],
+) -> None:
+    _, thread = loop_thread
+    readers, _, owner, theirs = polled
+    theirs.sendall(
+        envelope(Msg.FRAME, 3, 1) + b"abc" + envelope(Msg.READY, 8, 2) + bytes(8) + envelope(Msg.FRAME, 1, 3) + b"z"
+    )
+    readers.poll_here(lambda: len(owner.messages) == 3, 5.0)
+    wait_until(lambda: len(owner.messages) == 3, "the loop handled the rest")
+    handled = [(kind, arg, body) for kind, arg, body, _ in owner.messages]
+    assert handled == [(Msg.FRAME, 1, b"abc"), (Msg.READY, 2, bytes(8)), (Msg.FRAME, 3, b"z")]
+    # The first frame on this thread; from READY on (not a direct kind) the loop took over, in order.
+    assert [who for *_, who in owner.messages] == [threading.get_ident(), thread.ident, thread.ident]
+    # Given back: later input wakes the loop again.
+    theirs.sendall(envelope(Msg.FRAME, 1, 4) + b"y")
+    wait_until(lambda: len(owner.messages) == 4, "the loop read the channel again")
+    assert owner.messages[3][1:] == (4, b"y", thread.ident)
+
+
+def test_the_end_of_the_connection_seen_while_polling_closes_it_on_the_loop(
+    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
+    polled: tuple[Readers, Channel, _Owner, socket.socket],
+) -> None:
+    _, thread = loop_thread
+    readers, channel, owner, theirs = polled
+    theirs.sendall(envelope(Msg.FRAME, 2, 9) + b"ok")
+    theirs.shutdown(socket.SHUT_WR)
+    readers.poll_here(lambda: bool(owner.closed), 5.0)
+    wait_until(lambda: bool(owner.closed), "the loop closed the channel")
+    assert [(kind, arg, body) for kind, arg, body, _ in owner.messages] == [(Msg.FRAME, 9, b"ok")]
+    assert owner.closed == [("the peer closed the connection", thread.ident)]
+    assert channel.closed == "the peer closed the connection"
+
+
+def test_malformed_input_seen_while_polling_is_answered_and_closed_on_the_loop(
+    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
+    polled: tuple[Readers, Channel, _Owner, socket.socket],
+) -> None:
+    _, thread = loop_thread
+    readers, _, owner, theirs = polled
+    theirs.sendall(envelope(Msg.FRAME, 1, 5) + b"a" + b"not an envelope at all")
+    readers.poll_here(lambda: bool(owner.closed), 5.0)
+    wait_until(lambda: bool(owner.closed), "the loop closed the channel")
+    assert [(kind, arg) for kind, arg, *_ in owner.messages] == [(Msg.FRAME, 5)]
+    reason, who = owner.closed[0]
+    assert reason.startswith("malformed input: ")
+    assert who == thread.ident
+    theirs.settimeout(WAIT)
+    reply = b""
+    while chunk := theirs.recv(65536):
+        reply += chunk
+    _, kind, _, _ = ENVELOPE.unpack_from(reply)
+    assert Msg(kind) is Msg.ERROR, "the sender must be told why it was cut off"
+
+
+def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(
+    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
+    polled: tuple[Readers, Channel, _Owner, socket.socket],
+) -> None:
+    loop, thread = loop_thread
+    readers, channel, owner, theirs = polled
+    polling = threading.Thread(target=readers.poll_here, args=(lambda: False, 0.3))
+    polling.start()
+    wait_until(lambda: not channel.read_lock.acquire(blocking=False) or channel.read_lock.release(), "it polls")
+    _on_loop(loop, lambda: channel.close("closing under the poll"))
+    polling.join(5)
+    assert not polling.is_alive()
+    assert owner.closed == [("closing under the poll", thread.ident)]
+    assert channel.sock.fileno() == -1, "the socket is closed once the polling thread let it go"
+    assert theirs.recv(1) == b"", "the peer sees the connection end"
+
+
+def test_a_second_polling_thread_returns_at_once(polled: tuple[Readers, Channel, _Owner, socket.socket]) -> None:
+    readers, channel, _, _ = polled
+    first = threading.Thread(target=readers.poll_here, args=(lambda: False, 0.5))
+    first.start()
+    wait_until(lambda: not channel.read_lock.acquire(blocking=False) or channel.read_lock.release(), "it polls")
+    start = time.monotonic()
+    readers.poll_here(lambda: False, 5.0)
+    assert time.monotonic() - start < 0.2, "a second thread must not wait for the first one's budget"
+    first.join(5)
+
+
+@pytest.mark.parametrize(("poll_us", "here"), [(10_000, True), (0, False)])
+def test_replies_are_read_by_the_thread_waiting_for_them(
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch, poll_us: int, here: bool
+) -> None:
+    rank = 7 if here else 8
+    with local_sidecar({**env, "SIDECAR_LOCALHOST__RECV_POLL_US": str(poll_us)}, rank) as sidecar:
+        peer.call(peer_send, "hello", f"hello-{rank}", rank)  # both connections exist before the first wait
+        assert sidecar.recv_sync(f"hello-{rank}", timeout=WAIT) == "hello"
+        me = threading.get_ident()
+        handled_here: dict[str, bool] = {}
+        store = sidecar._store
+        deliver = store.deliver
+
+        def noting(frame: Any, release: Any = None) -> None:
+            handled_here[frame.header.id] = threading.get_ident() == me
+            deliver(frame, release)
+
+        monkeypatch.setattr(store, "deliver", noting)
+        count = 40
+        # The guide promises that callbacks run on the sidecar's thread, never inside recv_sync (one
+        # attached to a future that is already done runs at once, in the thread attaching it).
+        callbacks: list[tuple[str, bool]] = []
+        in_recv = threading.Event()
+        call = peer.submit(peer_echo, count, rank)
+        for i in range(count):
+            sent = sidecar.send({"i": i}, f"in-{rank}-{i}", 1)
+            sent.add_done_callback(lambda _: callbacks.append((threading.current_thread().name, in_recv.is_set())))
+            in_recv.set()
+            assert sidecar.recv_sync(f"out-{rank}-{i}", timeout=WAIT) == {"i": i}
+            in_recv.clear()
+            sidecar.mark_done_sync(f"out-{rank}-{i}")
+            sent.result(WAIT)
+        call.result(WAIT)
+        wait_until(lambda: len(callbacks) == count, "every callback ran")
+    inside = [name for name, during_recv in callbacks if during_recv and name == threading.current_thread().name]
+    assert not inside, f"{len(inside)} callbacks ran inside recv_sync"
+    assert any(name == f"sidecar-{rank}" for name, _ in callbacks)
+    replies_here = sum(handled_here[f"out-{rank}-{i}"] for i in range(count))
+    if here:
+        # A reply that takes longer than the 10 ms budget (a busy CI machine) goes through the loop.
+        assert replies_here >= count * 0.9, f"only {replies_here} of {count} replies were read by the waiting thread"
+    else:
+        assert replies_here == 0, "with SIDECAR_LOCALHOST__RECV_POLL_US=0 the loop reads every reply"
+
+
+def test_shared_memory_frames_and_loop_sends_are_served_while_a_thread_polls(
+    env: dict[str, str], peer: PeerProcess, peer2: PeerProcess
+) -> None:
+    with local_sidecar({**env, "SIDECAR_LOCALHOST__RECV_POLL_US": "10000"}, 9) as sidecar:
+        peer.call(peer_send, "hello", "mixed-hello", 9)
+        assert sidecar.recv_sync("mixed-hello", timeout=WAIT) == "hello"
+        # A broadcast goes through the loop's send: its acknowledgements, read by the polling
+        # thread below, must settle it on the loop.
+        broadcast = sidecar.send({"to": "both"}, "mixed-broadcast", [[1], [2]])
+        big = peer.submit(peer_send_random, 2 * MiB, 11, "mixed-big", 9)  # a shared-memory frame
+        small = peer.submit(peer_send, 5, "mixed-small", 9)
+        got = sidecar.recv_sync("mixed-big", timeout=WAIT)
+        assert _digest(got) == _digest(random_bytes(2 * MiB, 11))
+        del got
+        sidecar.mark_done_sync("mixed-big")
+        assert sidecar.recv_sync("mixed-small", timeout=WAIT) == 5
+        big.result(WAIT)
+        small.result(WAIT)
+        broadcast.result(WAIT)
+    assert peer.call(peer_recv_values, ["mixed-broadcast"]) == [{"to": "both"}]
+    assert peer2.call(peer_recv_values, ["mixed-broadcast"]) == [{"to": "both"}]
+
+
+class _HookThreads:
+    """A plugin noting the thread each observability hook ran on."""
+
+    def __init__(self) -> None:
+        self.threads: list[tuple[str, str]] = []
+
+    @hookimpl
+    def sidecar_on_send(
+        self, id: str, chunk_id: int, dst_rank: int, nbytes: int, seconds: float, transport: str
+    ) -> None:
+        self.threads.append(("send", threading.current_thread().name))
+
+    @hookimpl
+    def sidecar_on_recv(self, id: str, chunk_id: int, src_rank: int, nbytes: int, transport: str) -> None:
+        self.threads.append(("recv", threading.current_thread().name))
+
+
+def test_hooks_run_on_the_sidecars_thread_while_a_thread_polls(env: dict[str, str], peer: PeerProcess) -> None:
+    hooks = _HookThreads()
+    registry = build_registry(extra_plugins=(hooks,))
+    with environment({**env, "SIDECAR_LOCALHOST__RECV_POLL_US": "10000"}):
+        sidecar = Sidecar(SidecarConfig(sidecar_rank=10), registry=registry)
+    try:
+        peer.call(peer_send, "hello", "hooks-hello", 10)
+        assert sidecar.recv_sync("hooks-hello", timeout=WAIT) == "hello"
+        count = 20
+        call = peer.submit(peer_echo, count, 10)
+        for i in range(count):
+            sent = sidecar.send(i, f"in-10-{i}", 1)
+            assert sidecar.recv_sync(f"out-10-{i}", timeout=WAIT) == i
+            sent.result(WAIT)
+        call.result(WAIT)
+        wait_until(lambda: len(hooks.threads) >= 2 * count + 1, "every hook ran")
+    finally:
+        sidecar.shutdown_sync()
+    assert {kind for kind, _ in hooks.threads} == {"send", "recv"}
+    assert {name for _, name in hooks.threads} == {"sidecar-10"}, "hooks must run on the sidecar's thread"

@@ -32,9 +32,13 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from sidecar_core import FrameError
 from transports.localhost._protocol import ENVELOPE, Msg, ProtocolError, envelope, parse_envelope, problem_body
+
+if TYPE_CHECKING:
+    from transports.localhost._readers import Readers
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class Channel:
         self,
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
+        readers: Readers,
         *,
         allowed: frozenset[Msg],
         on_message: OnMessage,
@@ -100,7 +105,20 @@ class Channel:
         self.lock = threading.Lock()
         self.closed: str | None = None
         self._linger: asyncio.TimerHandle | None = None
-        loop.add_reader(self._fileno, self._on_readable)
+        #: Held by whichever thread reads and parses (the loop, or a polling thread: see ``._readers``).
+        self.read_lock = threading.RLock()
+        #: Message kinds a polling thread may handle; the owner widens it once the handshake is done.
+        self.direct: frozenset[Msg] = frozenset()
+        #: A polling thread stopped here and left the rest to the loop (:meth:`resume`).
+        self.needs_loop = False
+        self._left: tuple[FrameError, int] | str | None = None  # what it left: malformed input, or a break
+        self._readers = readers
+        readers.watch(self)
+
+    @property
+    def fileno(self) -> int:
+        """The socket's file descriptor."""
+        return self._fileno
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -114,8 +132,37 @@ class Channel:
             raise ProtocolError("a POOL message arrived without its file descriptor")
         return self._fds.popleft()
 
-    def _on_readable(self) -> None:
-        eof = False
+    def on_readable(self) -> None:
+        """The socket is readable (loop thread): read and handle what arrived, unless a polling thread has it."""
+        self.resume()
+
+    def _read(self) -> None:
+        try:
+            eof, broke = self._receive()
+        except FrameError as exc:
+            self._malformed(exc, 0)
+            return
+        self._parse()
+        if broke is not None:
+            self.close(broke)
+        elif eof and self.closed is None:
+            pending = self._end - self._start
+            if pending:
+                self._malformed(
+                    FrameError(f"truncated message: the connection closed {pending} bytes into a message"), 0
+                )
+            else:
+                self.close("the peer closed the connection")
+
+    def _receive(self) -> tuple[bool, str | None]:
+        """Read what the socket holds now (at most 8 reads) into the buffer, keeping passed descriptors.
+
+        Returns:
+            Whether the peer closed the connection, and why it broke (``None``: it did not).
+
+        Raises:
+            FrameError: Descriptors passed with a message were truncated.
+        """
         try:
             for _ in range(8):
                 if len(self._buf) - self._end < max(_MIN_ROOM, self._need - (self._end - self._start)):
@@ -126,29 +173,60 @@ class Channel:
                 if ancdata:
                     self._collect_fds(ancdata)
                 if flags & _MSG_CTRUNC:
-                    self._malformed(FrameError("file descriptors passed with a message were truncated"), 0)
-                    return
+                    raise FrameError("file descriptors passed with a message were truncated")
                 if nbytes == 0:
-                    eof = True
-                    break
+                    return True, None
                 self._end += nbytes
                 if nbytes < room:
                     break
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
-            self._parse()
-            self.close(f"connection broke: {exc.strerror or exc}")
-            return
-        self._parse()
-        if eof and self.closed is None:
-            pending = self._end - self._start
-            if pending:
-                self._malformed(
-                    FrameError(f"truncated message: the connection closed {pending} bytes into a message"), 0
-                )
+            return False, f"connection broke: {exc.strerror or exc}"
+        return False, None
+
+    def read_here(self) -> bool:
+        """Read and handle what arrived on the calling thread, a polling thread holding :attr:`read_lock`.
+
+        Only messages of the kinds in :attr:`direct` are handled; the first of another kind stops it.
+        Returns whether the thread may go on reading this channel: ``False`` once something is left
+        for the loop (a message of another kind, the end of the connection, a break, malformed
+        input), which the loop handles in :meth:`resume` once the thread gave the channel back.
+        """
+        if self.closed is not None or self.needs_loop:
+            return False
+        try:
+            eof, broke = self._receive()
+        except FrameError as exc:
+            self._leave((exc, 0))
+            return False
+        if not self._parse(self.direct) and not eof and broke is None:
+            return True
+        if self._left is None:
+            self._leave(broke)
+        return False
+
+    def _leave(self, left: tuple[FrameError, int] | str | None) -> None:
+        self._left = left
+        self.needs_loop = True
+
+    def resume(self) -> None:
+        """Read and handle on the loop thread, starting with what a polling thread left (see :meth:`read_here`)."""
+        if not self.read_lock.acquire(blocking=False):
+            return  # a polling thread has it; it hands it back, with needs_loop set if it left anything
+        try:
+            if self.closed is not None:
+                return
+            left, self._left, self.needs_loop = self._left, None, False
+            if isinstance(left, tuple):
+                self._malformed(*left)
+            elif left is not None:
+                self._parse()
+                self.close(left)
             else:
-                self.close("the peer closed the connection")
+                self._read()  # the rest of the buffer, what came since, and the end of the connection
+        finally:
+            self.read_lock.release()
 
     def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in ancdata:
@@ -166,13 +244,20 @@ class Channel:
         if len(self._buf) < want:
             self._buf.extend(bytes(want - len(self._buf)))
 
-    def _parse(self) -> None:
+    def _parse(self, direct: frozenset[Msg] | None = None) -> bool:
+        """Handle every complete message in the buffer, or with ``direct`` (a polling thread) only those kinds.
+
+        Returns:
+            Whether it stopped early, leaving the rest for the loop (``direct`` only).
+        """
         self._corked = True
         try:
             while self.closed is None and self._end - self._start >= ENVELOPE.size:
                 arg = 0
                 try:
                     kind, length, arg = parse_envelope(self._buf, self._start, self._allowed)
+                    if direct is not None and kind not in direct:
+                        return True
                     total = ENVELOPE.size + length
                     if self._end - self._start < total:
                         self._need = total
@@ -182,12 +267,10 @@ class Channel:
                     self._start += total
                     self._on_message(kind, arg, body)
                 except FrameError as exc:
-                    self._malformed(exc, arg)
-                    return
+                    return self._reject(exc, arg, direct)
                 except Exception as exc:  # a bug here must cost this connection only, not the loop
                     logger.exception("%s: handling a message failed", self.name)
-                    self._malformed(FrameError(f"internal error while handling the message: {exc!r}"), arg)
-                    return
+                    return self._reject(FrameError(f"internal error while handling the message: {exc!r}"), arg, direct)
             if self._start == self._end:
                 self._start = self._end = 0
         finally:
@@ -195,7 +278,19 @@ class Channel:
             # Nothing queued means nothing to flush: a write from another thread that finds the
             # queue empty sends itself.
             if self._out and (self.closed is None or self._linger is not None):
-                self._flush()
+                if direct is None:
+                    self._flush()
+                else:
+                    self._flush_here()
+        return False
+
+    def _reject(self, exc: FrameError, arg: int, direct: frozenset[Msg] | None) -> bool:
+        """Malformed input: answer and close on the loop, or leave that to the loop from a polling thread."""
+        if direct is None:
+            self._malformed(exc, arg)
+        else:
+            self._leave((exc, arg))
+        return True
 
     def _malformed(self, exc: FrameError, arg: int) -> None:
         logger.warning("%s: rejecting malformed input and closing the connection: %s", self.name, exc)
@@ -238,6 +333,11 @@ class Channel:
             self._queue(parts, ())
             if not idle:  # the loop flushes what is queued: it is corked, writing, or told to below
                 return
+        self._flush_here()
+
+    def _flush_here(self) -> None:
+        """:meth:`_flush` on a thread other than the loop's: what the socket does not take goes to the loop."""
+        with self.lock:
             broke = self._send_queued()
             if broke is None and not self._out:
                 return
@@ -324,7 +424,7 @@ class Channel:
             if self.closed is not None:
                 return
             self.closed = reason  # from now on, writes from any thread raise BrokenPipeError
-        self._loop.remove_reader(self._fileno)
+        self._readers.forget(self)
         if flush and self._out:
             self._linger = self._loop.call_later(_FLUSH_TIMEOUT, self._finish)
         else:
@@ -351,6 +451,6 @@ class Channel:
         self._stop_writing()
         while self._fds:
             os.close(self._fds.popleft())
-        with self.lock:  # no other thread is inside sendmsg on this socket
+        with self.read_lock, self.lock:  # no other thread reads this socket or is inside sendmsg on it
             self._out.clear()
             self.sock.close()

@@ -11,7 +11,9 @@ store calls it after ``mark_done``) sends ``RELEASE`` so the peer can reuse the 
 receives on a GPU (``SIDECAR_RECV_DEVICE=cuda[:N]``) instead copies each frame onto the GPU as its
 segments arrive (see :mod:`._cuda`) and releases the slot as soon as the copy is done.
 
-Concurrency: event-loop thread only. Closing: when the connection ends, the inbox is told that the
+Concurrency: event-loop thread only, except that once the handshake is done, inline ``FRAME``
+messages may be handled by a thread waiting in ``recv_sync`` (see :mod:`._readers`): that path only
+delivers to the inbox and queues the acknowledgement. Closing: when the connection ends, the inbox is told that the
 peer was lost (unless this sidecar is the one shutting down); mappings of the peer's pool are
 dropped, while views the store still holds keep their memory mapped.
 """
@@ -49,6 +51,7 @@ from transports.localhost._protocol import (
     slot_layout,
     split_frame,
 )
+from transports.localhost._readers import Readers
 from transports.localhost._shm import PeerPool
 
 if TYPE_CHECKING:
@@ -94,6 +97,7 @@ class Incoming:
         sock: socket.socket,
         inbox: Inbox,
         options: ServeOptions,
+        readers: Readers,
         on_closed: Callable[[Incoming], None],
     ) -> None:
         self._inbox = inbox
@@ -110,6 +114,7 @@ class Incoming:
         self.channel = Channel(
             sock,
             self._loop,
+            readers,
             allowed=SENDER_MESSAGES,
             on_message=self._on_message,
             on_close=self._on_close,
@@ -179,6 +184,8 @@ class Incoming:
         )
         body = welcome.model_dump_json().encode()
         self.channel.write(envelope(Msg.WELCOME, len(body)), body)
+        # From now on a thread polling in recv_sync may take inline frames (see _readers).
+        self.channel.direct = frozenset({Msg.FRAME})
 
     def _no_hello(self) -> None:
         self._hello_timer = None

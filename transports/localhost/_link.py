@@ -11,8 +11,10 @@ Shared memory: a frame sent through the pool keeps its slot leased until the pee
 the slot no more).
 
 Concurrency: event-loop thread only, except :meth:`Link.post_threadsafe` (any thread): it writes
-a frame from the caller's thread (see :meth:`Channel.write_threadsafe`), and the loop thread hands
-its acknowledgement to the caller's callback. ``_lock`` guards the sequence numbers, the table of
+a frame from the caller's thread (see :meth:`Channel.write_threadsafe`), and the acknowledgement
+goes to the caller's callback. ``ACK`` and ``NACK`` may be read by a thread waiting in ``recv_sync``
+(see :mod:`._readers`); that thread calls such a callback itself, and hands the outcome of a frame
+posted on the loop (an asyncio future) to the loop. ``_lock`` guards the sequence numbers, the table of
 frames awaiting acknowledgement and the table of what they hold, which both kinds of post share.
 Cancellation: a cancelled ``send`` only stops waiting for its acknowledgement; the frame is still
 written whole, so the link stays usable. Closing: when the
@@ -48,6 +50,7 @@ from transports.localhost._protocol import (
     parse_json,
     problem_body,
 )
+from transports.localhost._readers import Readers
 
 _RETRY_FIRST = 0.005
 _RETRY_MAX = 0.1
@@ -72,6 +75,7 @@ class Link:
         rank: int,
         path: Path,
         loop: asyncio.AbstractEventLoop,
+        readers: Readers,
         on_closed: Callable[[Link], None],
     ) -> None:
         self.rank = rank
@@ -80,8 +84,11 @@ class Link:
         self._loop = loop
         self._on_closed = on_closed
         self._lock = threading.Lock()
+        self._loop_thread = threading.get_ident()  # links are made on the loop
         self._seq = 0
-        self._pending: dict[int, tuple[Done, str]] = {}
+        #: Per unacknowledged frame: what takes its outcome, the frame in words, and whether that
+        #: may be called on any thread (else only on the loop's).
+        self._pending: dict[int, tuple[Done, str, bool]] = {}
         self._holds: dict[int, Holder] = {}
         self._welcome: asyncio.Future[Welcome] = loop.create_future()
         self.welcome: Welcome | None = None
@@ -89,12 +96,15 @@ class Link:
         self.channel = Channel(
             sock,
             loop,
+            readers,
             allowed=RECEIVER_MESSAGES,
             on_message=self._on_message,
             on_close=self._on_close,
             reply_errors=False,
             name=f"link to {self.describe}",
         )
+        # A thread polling in recv_sync may take acknowledgements; WELCOME and the rest stay on the loop.
+        self.channel.direct = frozenset({Msg.ACK, Msg.NACK})
 
     @classmethod
     async def connect(
@@ -103,6 +113,7 @@ class Link:
         path: Path,
         hello: Hello,
         timeout: float,
+        readers: Readers,
         on_closed: Callable[[Link], None],
     ) -> Link:
         """Connect to ``rank``'s socket and shake hands, retrying until ``timeout`` while nothing listens.
@@ -137,7 +148,7 @@ class Link:
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX)
-        link = cls(sock, rank, path, loop, on_closed)
+        link = cls(sock, rank, path, loop, readers, on_closed)
         try:
             body = hello.model_dump_json().encode()
             link.channel.write(envelope(Msg.HELLO, len(body)), body)
@@ -178,7 +189,7 @@ class Link:
         if self.channel.closed is not None:
             raise PeerLostError(f"the connection to {self.describe} is closed: {self.channel.closed}")
         future: asyncio.Future[None] = self._loop.create_future()
-        seq = self._register(functools.partial(settle, future), what, hold)
+        seq = self._register(functools.partial(settle, future), what, hold, anywhere=False)
         length = sum(memoryview(p).nbytes for p in parts)
         self.channel.write(envelope(kind, length, seq), *parts)
         return seq, future
@@ -188,9 +199,10 @@ class Link:
     ) -> None:
         """Write a frame message from any thread; ``done`` gets the outcome.
 
-        ``done`` is called once: with ``None`` on the loop thread once the peer acknowledged the
-        frame, or with :class:`RemoteError` if it refused it, or with :class:`PeerLostError` if the
-        connection broke first (on this thread if it is already closed).
+        ``done`` is called once: with ``None`` once the peer acknowledged the frame, or with
+        :class:`RemoteError` if it refused it (on the loop thread, or on a thread waiting in
+        ``recv_sync`` that read the answer), or with :class:`PeerLostError` if the connection broke
+        first (on the loop thread, or on this one if it is already closed).
 
         Args:
             kind: ``FRAME`` (buffers inline) or ``SHM_FRAME`` (a slot of this sidecar's pool, which
@@ -201,7 +213,7 @@ class Link:
             hold: Kept until the peer releases the frame (or the link closes), then released on
                 the loop thread.
         """
-        seq = self._register(done, what, hold)
+        seq = self._register(done, what, hold, anywhere=True)
         length = sum(memoryview(p).nbytes for p in parts)
         try:
             self.channel.write_threadsafe(envelope(kind, length, seq), *parts)
@@ -214,17 +226,29 @@ class Link:
                 with contextlib.suppress(RuntimeError):  # the loop is closed, and the pool with it
                     self._loop.call_soon_threadsafe(kept.release)
 
-    def _register(self, done: Done, what: str, hold: Holder | None = None) -> int:
+    def _register(self, done: Done, what: str, hold: Holder | None, *, anywhere: bool) -> int:
         with self._lock:
             self._seq += 1
-            self._pending[self._seq] = (done, what)
+            self._pending[self._seq] = (done, what, anywhere)
             if hold is not None:
                 self._holds[self._seq] = hold
             return self._seq
 
-    def _take(self, seq: int) -> tuple[Done, str] | None:
+    def _take(self, seq: int) -> tuple[Done, str, bool] | None:
         with self._lock:
             return self._pending.pop(seq, None)
+
+    def _report(self, seq: int, outcome: Exception | None) -> None:
+        """Hand frame ``seq``'s outcome to its taker: here, or on the loop if it may only run there."""
+        entry = self._take(seq)
+        if entry is None:
+            return
+        done, _, anywhere = entry
+        if anywhere or threading.get_ident() == self._loop_thread:
+            done(outcome)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits the future any more
+                self._loop.call_soon_threadsafe(done, outcome)
 
     def ready(self, seq: int, nbytes: int) -> None:
         """Tell the peer that the first ``nbytes`` of a staged frame's slot hold their data."""
@@ -256,9 +280,7 @@ class Link:
 
     def _on_message(self, kind: Msg, arg: int, body: bytearray) -> None:
         if kind is Msg.ACK:
-            entry = self._take(arg)
-            if entry is not None:
-                entry[0](None)
+            self._report(arg, None)
         elif kind is Msg.RELEASE:
             with self._lock:
                 hold = self._holds.pop(arg, None)
@@ -266,10 +288,11 @@ class Link:
                 hold.release()
         elif kind in (Msg.NACK, Msg.ERROR):
             problem = parse_json(Problem, body, "error report")
-            entry = self._take(arg)
+            with self._lock:
+                entry = self._pending.get(arg)
             if entry is not None:
                 verb = "rejected" if kind is Msg.NACK else "found malformed"
-                entry[0](RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}"))
+                self._report(arg, RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}"))
         elif kind is Msg.WELCOME:
             welcome = parse_json(Welcome, body, "handshake answer")
             if welcome.version != VERSION:
@@ -292,7 +315,7 @@ class Link:
         with self._lock:  # a post_threadsafe after this finds the channel closed and cleans up itself
             pending, self._pending = self._pending, {}
             holds, self._holds = self._holds, {}
-        for done, what in pending.values():
+        for done, what, _ in pending.values():
             done(PeerLostError(f"{self.describe} was lost before it acknowledged {what}: {reason}"))
         for hold in holds.values():
             hold.release()

@@ -57,6 +57,7 @@ from transports.localhost._protocol import (
     Msg,
     slot_layout,
 )
+from transports.localhost._readers import Readers
 from transports.localhost._rendezvous import RankClaim, default_socket_dir, prepare_dir, socket_path, sweep
 from transports.localhost._shm import Lease, Pool, host_bytes
 
@@ -114,6 +115,14 @@ class LocalhostSettings(BaseSettings):
         description="Send CUDA tensors to same-host peers that receive on a GPU as CUDA IPC handles (zero-copy) "
         "instead of staging them through pinned shared memory.",
     )
+    recv_poll_us: int = Field(
+        200,
+        ge=0,
+        le=10_000,
+        description="Microseconds a thread in `recv_sync` reads the sockets itself, polling without sleeping, "
+        "before it sleeps until the loop delivers (0: never). A reply that comes within it is handled on that "
+        "thread, without waking the loop; it costs that much CPU per wait.",
+    )
 
 
 @dataclass(slots=True)
@@ -164,6 +173,8 @@ class LocalhostTransport(Transport):
         self._incoming: set[Incoming] = set()
         self._shared: dict[int, _Shared] = {}
         self._claim: RankClaim | None = None
+        self._readers: Readers | None = None
+        self._poll_seconds = self.settings.recv_poll_us / 1e6
         self._acceptor: asyncio.Task[None] | None = None
         token = ctx.settings.auth_token
         self._token = token.get_secret_value() if token is not None else None
@@ -180,11 +191,12 @@ class LocalhostTransport(Transport):
         if stale:
             logger.info("removed stale sockets of ranks %s in %s", stale, self._dir)
         self._claim = RankClaim(self._dir, self.ctx.rank)
-        self._acceptor = self.ctx.loop.create_task(self._accept(self._claim))
+        self._readers = Readers(self.ctx.loop)
+        self._acceptor = self.ctx.loop.create_task(self._accept(self._claim, self._readers))
         if self.settings.pool_trim_seconds:
             self._trim_timer = self.ctx.loop.call_later(self.settings.pool_trim_seconds, self._trim, 0)
 
-    async def _accept(self, claim: RankClaim) -> None:
+    async def _accept(self, claim: RankClaim, readers: Readers) -> None:
         options = ServeOptions(
             rank=self.ctx.rank,
             token=self._token,
@@ -200,7 +212,7 @@ class LocalhostTransport(Transport):
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self._incoming.add(Incoming(sock, self.ctx.inbox, options, self._incoming.discard))
+                self._incoming.add(Incoming(sock, self.ctx.inbox, options, readers, self._incoming.discard))
             except OSError as exc:
                 logger.error("rank %d dropped a connection it could not set up: %s", self.ctx.rank, exc)
                 sock.close()
@@ -290,6 +302,15 @@ class LocalhostTransport(Transport):
         link.post_threadsafe(Msg.SHM_FRAME, parts, header.describe(), done, lease)
         return True
 
+    def poll_while_waiting(self, ready: Callable[[], bool]) -> None:
+        """Read the sockets on this thread for up to ``SIDECAR_LOCALHOST__RECV_POLL_US``, until ``ready()``.
+
+        Inline frames and the acknowledgements of frames sent from callers' threads are handled
+        right here; anything else goes to the loop (see :mod:`._readers`).
+        """
+        if self._readers is not None:
+            self._readers.poll_here(ready, self._poll_seconds)
+
     def _announce(
         self,
         link: Link,
@@ -329,8 +350,9 @@ class LocalhostTransport(Transport):
 
     async def _connect(self, dst: int) -> Link:
         hello = Hello(version=VERSION, rank=self.ctx.rank, pid=os.getpid(), token=self._token)
+        assert self._readers is not None  # started
         link = await Link.connect(
-            dst, socket_path(self._dir, dst), hello, self.ctx.settings.connect_timeout, self._link_closed
+            dst, socket_path(self._dir, dst), hello, self.ctx.settings.connect_timeout, self._readers, self._link_closed
         )
         self._links[dst] = link
         return link
@@ -488,6 +510,8 @@ class LocalhostTransport(Transport):
                 await incoming.close()
             for link in list(self._links.values()):
                 await link.close()
+            if self._readers is not None:
+                self._readers.close()
             if self._claim is not None:
                 self._claim.release()
             if self._pool.is_open:
