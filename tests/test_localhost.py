@@ -846,6 +846,13 @@ def test_malformed_input_seen_while_polling_is_answered_and_closed_on_the_loop(
     assert Msg(kind) is Msg.ERROR, "the sender must be told why it was cut off"
 
 
+def _held_by_another_thread(channel: Channel) -> bool:
+    if channel.read_lock.acquire(blocking=False):
+        channel.read_lock.release()
+        return False
+    return True
+
+
 def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(
     loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
     polled: tuple[Readers, Channel, _Owner, socket.socket],
@@ -854,7 +861,7 @@ def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(
     readers, channel, owner, theirs = polled
     polling = threading.Thread(target=readers.poll_here, args=(lambda: False, 0.3))
     polling.start()
-    wait_until(lambda: not channel.read_lock.acquire(blocking=False) or channel.read_lock.release(), "it polls")
+    wait_until(lambda: _held_by_another_thread(channel), "it polls")
     _on_loop(loop, lambda: channel.close("closing under the poll"))
     polling.join(5)
     assert not polling.is_alive()
@@ -867,7 +874,7 @@ def test_a_second_polling_thread_returns_at_once(polled: tuple[Readers, Channel,
     readers, channel, _, _ = polled
     first = threading.Thread(target=readers.poll_here, args=(lambda: False, 0.5))
     first.start()
-    wait_until(lambda: not channel.read_lock.acquire(blocking=False) or channel.read_lock.release(), "it polls")
+    wait_until(lambda: _held_by_another_thread(channel), "it polls")
     start = time.monotonic()
     readers.poll_here(lambda: False, 5.0)
     assert time.monotonic() - start < 0.2, "a second thread must not wait for the first one's budget"
