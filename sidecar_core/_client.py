@@ -611,7 +611,12 @@ class Sidecar:
             raise
 
     def recv_sync(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
-        """Blocking form of :meth:`recv` (same arguments, result and errors)."""
+        """Blocking form of :meth:`recv` (same arguments, result and errors).
+
+        While it waits, a transport that supports it (localhost) lets this thread read its sockets
+        for a short budget before it sleeps, so that a prompt reply reaches it sooner (see the
+        guide's "Performance").
+        """
         self._loop_thread.check_not_on_loop()
         timeout = self.settings.recv_timeout if timeout is None else timeout
         waiter = self._waiter(id, chunk_id)

@@ -4,9 +4,10 @@ The loop does not watch each connection's socket itself. It watches one epoll in
 them all (:class:`Readers`), so that a thread that is about to wait for a chunk can take the sockets
 out of it without a hop through the loop: :meth:`Readers.poll_here` removes them (``epoll_ctl``
 from that thread), polls them without sleeping for a short budget, handles on its own thread the
-messages that are safe there (inline frames, and the acknowledgements of frames sent from callers'
-threads) and puts the sockets back as soon as its chunk has arrived or the budget is spent. Every
-other message stops the thread at that connection and goes to the loop, which reads on from there.
+messages that are safe there (inline frames, and acknowledgements: those of frames sent on the loop
+are handed to it) and puts the sockets back as soon as its chunk has arrived or the budget is spent.
+Every other message stops the thread at that connection and goes to the loop, which reads on from
+there.
 
 Why: on a machine whose CPUs go idle between messages, a reply that wakes the loop thread, which
 then wakes the waiting thread, is handled on cold caches twice. Read and handled by the thread that
