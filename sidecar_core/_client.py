@@ -124,6 +124,8 @@ class SendFuture(concurrent.futures.Future[T]):
         self._retrieved = False
         #: Whether callbacks were attached: then the outcome is set on the sidecar's thread (see the guide).
         self.has_callbacks = False
+        #: Reads the transport on the waiting thread until the outcome is in (``None``: nothing to read).
+        self.poll: Callable[[Callable[[], bool]], None] | None = None
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         """Call ``fn(future)`` once it is done, on the sidecar's thread (at once if it is done already)."""
@@ -133,12 +135,19 @@ class SendFuture(concurrent.futures.Future[T]):
     def result(self, timeout: float | None = None) -> T:
         """Wait for completion; raise the send's error if it failed (see ``Sidecar.send``)."""
         self._retrieved = True
+        self._poll_first()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait for completion and return the send's error, or ``None``."""
         self._retrieved = True
+        self._poll_first()
         return super().exception(timeout)
+
+    def _poll_first(self) -> None:
+        """Let the transport read the acknowledgement on this thread before it sleeps (as ``recv_sync`` does)."""
+        if self.poll is not None and not self.done():
+            self.poll(self.done)
 
     def __del__(self) -> None:
         if not self._retrieved and self.done() and not self.cancelled():
@@ -420,6 +429,8 @@ class Sidecar:
         """Offer a one-frame, one-rank message to the transport's fast path, else send it on the loop."""
         if self._sends_nowait and len(ranks) == 1 and len(frames) == 1:
             future: SendFuture[None] = SendFuture(what)
+            if self._polls:
+                future.poll = self._poll_off_loop
             rank, header = ranks[0], frames[0].header
             done = self._fast_send_outcome(future, rank, header)
             # Filed first, so that an outcome reported at once (a broken link) also removes it.
@@ -459,6 +470,11 @@ class Sidecar:
                 pass
 
         return done
+
+    def _poll_off_loop(self, ready: Callable[[], bool]) -> None:
+        """:meth:`Transport.poll_while_waiting`, unless called on the loop's thread (a callback waiting there)."""
+        if not self._loop_thread.is_current():
+            self._transport.poll_while_waiting(ready)
 
     def _must_hand_to_loop(self, future: SendFuture[None]) -> bool:
         """Whether an outcome reported off the loop thread must be set on it: callbacks and hooks run there."""
@@ -621,7 +637,7 @@ class Sidecar:
         timeout = self.settings.recv_timeout if timeout is None else timeout
         waiter = self._waiter(id, chunk_id)
         if self._polls and not waiter.done():
-            self._transport.poll_while_waiting(waiter.done)
+            self._poll_off_loop(waiter.done)
         try:
             return waiter.result(timeout)
         except TimeoutError:

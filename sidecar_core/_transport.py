@@ -5,8 +5,8 @@ serializers, chunks, streams or ``mark_done``: the core does all of that.
 
 Concurrency: every method is called on the sidecar's own event-loop thread (one per ``Sidecar``),
 except the optional fast paths :meth:`Transport.send_nowait`, which is called on the thread that
-calls ``Sidecar.send``, and :meth:`Transport.poll_while_waiting`, called on a thread in
-``Sidecar.recv_sync`` (any threads but the loop's). A transport calls its :class:`Inbox` from the
+calls ``Sidecar.send``, and :meth:`Transport.poll_while_waiting`, called on a thread waiting in
+``Sidecar.recv_sync`` or on a send's result (any threads but the loop's). A transport calls its :class:`Inbox` from the
 loop thread, or from a thread inside ``poll_while_waiting``; the core runs every frame's
 ``release`` on the loop thread. ``send`` (and ``send_nowait``) may be called
 concurrently for different destinations and for different frames to the same destination; frames
@@ -163,8 +163,9 @@ class Transport(abc.ABC):
     def poll_while_waiting(self, ready: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
         """Optional: a thread is about to wait in ``recv_sync``; read on that thread for a short while.
 
-        The core calls it from the thread in ``Sidecar.recv_sync`` (any thread but the loop's) when
-        the chunk has not arrived yet, before that thread sleeps. A transport may read and handle
+        The core calls it from a thread about to sleep until something arrives (any thread but the
+        loop's): one in ``Sidecar.recv_sync`` whose chunk has not arrived, or one in ``result()`` of
+        a send that took :meth:`send_nowait` and is not acknowledged yet. A transport may read and handle
         arriving messages on this thread, delivering to the :class:`Inbox` from here, until
         ``ready()`` is true or a short budget of its own is spent: a reply that comes soon then
         reaches the store without waking the loop thread, and the waiting thread has not slept.
@@ -173,7 +174,7 @@ class Transport(abc.ABC):
         raise.
 
         Args:
-            ready: Whether the chunk the caller waits for has arrived (cheap; any thread).
+            ready: Whether what the caller waits for has arrived (cheap; any thread).
         """
 
     async def want(self, id: str, chunk_id: int) -> None:  # noqa: B027 - optional hook

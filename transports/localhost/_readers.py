@@ -1,7 +1,8 @@
-"""Who reads the transport's sockets: the event loop, or a thread waiting in ``recv_sync``.
+"""Who reads the transport's sockets: the event loop, or a thread waiting in ``recv_sync`` (or on a send).
 
 The loop does not watch each connection's socket itself. It watches one epoll instance that holds
-them all (:class:`Readers`), so that a thread that is about to wait for a chunk can take the sockets
+them all (:class:`Readers`), so that a thread that is about to wait for a chunk (or for the
+acknowledgement of its send) can take the sockets
 out of it without a hop through the loop: :meth:`Readers.poll_here` removes them (``epoll_ctl``
 from that thread), polls them without sleeping for a short budget, handles on its own thread the
 messages that are safe there (inline frames, and acknowledgements: those of frames sent on the loop

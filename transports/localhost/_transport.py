@@ -119,9 +119,10 @@ class LocalhostSettings(BaseSettings):
         200,
         ge=0,
         le=10_000,
-        description="Microseconds a thread in `recv_sync` reads the sockets itself, polling without sleeping, "
-        "before it sleeps until the loop delivers (0: never). A reply that comes within it is handled on that "
-        "thread, without waking the loop; it costs that much CPU per wait.",
+        description="Microseconds a thread waiting in `recv_sync` (or on a send's `result()`) reads the sockets "
+        "itself, polling without sleeping, before it sleeps until the loop delivers (0: never). A reply or "
+        "acknowledgement that comes within it is handled on that thread, without waking the loop; it costs that "
+        "much CPU per wait.",
     )
 
 
@@ -304,6 +305,8 @@ class LocalhostTransport(Transport):
 
     def poll_while_waiting(self, ready: Callable[[], bool]) -> None:
         """Read the sockets on this thread for up to ``SIDECAR_LOCALHOST__RECV_POLL_US``, until ``ready()``.
+
+        Called by a thread waiting in ``recv_sync`` or on a send's ``result()``.
 
         Inline frames and the acknowledgements of frames sent from callers' threads are handled
         right here; anything else goes to the loop (see :mod:`._readers`).
