@@ -20,6 +20,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -743,15 +744,16 @@ class _Owner:
         self.closed.append((reason, threading.get_ident()))
 
 
-@pytest.fixture
-def loop_thread() -> Iterator[tuple[asyncio.AbstractEventLoop, threading.Thread]]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop, thread
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+@dataclass
+class _Polled:
+    """A channel over a socket pair, read through Readers by a loop on its own thread."""
+
+    loop: asyncio.AbstractEventLoop
+    loop_thread: int | None  # the loop thread's ident
+    readers: Readers
+    channel: Channel
+    owner: _Owner
+    theirs: socket.socket  # the other end, to write to
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
@@ -761,11 +763,10 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
 
 
 @pytest.fixture
-def polled(
-    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
-) -> Iterator[tuple[Readers, Channel, _Owner, socket.socket]]:
-    """A channel over a socket pair, read through Readers on a loop thread; the other end to write to."""
-    loop, _ = loop_thread
+def polled() -> Iterator[_Polled]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     owner = _Owner()
     readers: Readers = _on_loop(loop, lambda: Readers(loop))
@@ -783,61 +784,53 @@ def polled(
         ),
     )
     channel.direct = frozenset({Msg.FRAME})
-    yield readers, channel, owner, theirs
+    yield _Polled(loop, thread.ident, readers, channel, owner, theirs)
     _on_loop(loop, lambda: channel.close("test over"))
     _on_loop(loop, readers.close)
     theirs.close()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
 
 
-def test_a_polling_thread_handles_direct_messages_and_leaves_the_rest_to_the_loop(
-    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
-    polled: tuple[Readers, Channel, _Owner, socket.socket],
-) -> None:
-    _, thread = loop_thread
-    readers, _, owner, theirs = polled
+def test_a_polling_thread_handles_direct_messages_and_leaves_the_rest_to_the_loop(polled: _Polled) -> None:
+    owner, theirs = polled.owner, polled.theirs
     theirs.sendall(
         envelope(Msg.FRAME, 3, 1) + b"abc" + envelope(Msg.READY, 8, 2) + bytes(8) + envelope(Msg.FRAME, 1, 3) + b"z"
     )
-    readers.poll_here(lambda: len(owner.messages) == 3, 5.0)
+    polled.readers.poll_here(lambda: len(owner.messages) == 3, 5.0)
     wait_until(lambda: len(owner.messages) == 3, "the loop handled the rest")
     handled = [(kind, arg, body) for kind, arg, body, _ in owner.messages]
     assert handled == [(Msg.FRAME, 1, b"abc"), (Msg.READY, 2, bytes(8)), (Msg.FRAME, 3, b"z")]
     # The first frame on this thread; from READY on (not a direct kind) the loop took over, in order.
-    assert [who for *_, who in owner.messages] == [threading.get_ident(), thread.ident, thread.ident]
+    loop = polled.loop_thread
+    assert [who for *_, who in owner.messages] == [threading.get_ident(), loop, loop]
     # Given back: later input wakes the loop again.
     theirs.sendall(envelope(Msg.FRAME, 1, 4) + b"y")
     wait_until(lambda: len(owner.messages) == 4, "the loop read the channel again")
-    assert owner.messages[3][1:] == (4, b"y", thread.ident)
+    assert owner.messages[3][1:] == (4, b"y", loop)
 
 
-def test_the_end_of_the_connection_seen_while_polling_closes_it_on_the_loop(
-    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
-    polled: tuple[Readers, Channel, _Owner, socket.socket],
-) -> None:
-    _, thread = loop_thread
-    readers, channel, owner, theirs = polled
-    theirs.sendall(envelope(Msg.FRAME, 2, 9) + b"ok")
-    theirs.shutdown(socket.SHUT_WR)
-    readers.poll_here(lambda: bool(owner.closed), 5.0)
+def test_the_end_of_the_connection_seen_while_polling_closes_it_on_the_loop(polled: _Polled) -> None:
+    owner = polled.owner
+    polled.theirs.sendall(envelope(Msg.FRAME, 2, 9) + b"ok")
+    polled.theirs.shutdown(socket.SHUT_WR)
+    polled.readers.poll_here(lambda: bool(owner.closed), 5.0)
     wait_until(lambda: bool(owner.closed), "the loop closed the channel")
     assert [(kind, arg, body) for kind, arg, body, _ in owner.messages] == [(Msg.FRAME, 9, b"ok")]
-    assert owner.closed == [("the peer closed the connection", thread.ident)]
-    assert channel.closed == "the peer closed the connection"
+    assert owner.closed == [("the peer closed the connection", polled.loop_thread)]
+    assert polled.channel.closed == "the peer closed the connection"
 
 
-def test_malformed_input_seen_while_polling_is_answered_and_closed_on_the_loop(
-    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
-    polled: tuple[Readers, Channel, _Owner, socket.socket],
-) -> None:
-    _, thread = loop_thread
-    readers, _, owner, theirs = polled
+def test_malformed_input_seen_while_polling_is_answered_and_closed_on_the_loop(polled: _Polled) -> None:
+    owner, theirs = polled.owner, polled.theirs
     theirs.sendall(envelope(Msg.FRAME, 1, 5) + b"a" + b"not an envelope at all")
-    readers.poll_here(lambda: bool(owner.closed), 5.0)
+    polled.readers.poll_here(lambda: bool(owner.closed), 5.0)
     wait_until(lambda: bool(owner.closed), "the loop closed the channel")
     assert [(kind, arg) for kind, arg, *_ in owner.messages] == [(Msg.FRAME, 5)]
     reason, who = owner.closed[0]
     assert reason.startswith("malformed input: ")
-    assert who == thread.ident
+    assert who == polled.loop_thread
     theirs.settimeout(WAIT)
     reply = b""
     while chunk := theirs.recv(65536):
@@ -853,30 +846,25 @@ def _held_by_another_thread(channel: Channel) -> bool:
     return True
 
 
-def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(
-    loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread],
-    polled: tuple[Readers, Channel, _Owner, socket.socket],
-) -> None:
-    loop, thread = loop_thread
-    readers, channel, owner, theirs = polled
-    polling = threading.Thread(target=readers.poll_here, args=(lambda: False, 0.3))
+def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(polled: _Polled) -> None:
+    channel = polled.channel
+    polling = threading.Thread(target=polled.readers.poll_here, args=(lambda: False, 0.3))
     polling.start()
     wait_until(lambda: _held_by_another_thread(channel), "it polls")
-    _on_loop(loop, lambda: channel.close("closing under the poll"))
+    _on_loop(polled.loop, lambda: channel.close("closing under the poll"))
     polling.join(5)
     assert not polling.is_alive()
-    assert owner.closed == [("closing under the poll", thread.ident)]
+    assert polled.owner.closed == [("closing under the poll", polled.loop_thread)]
     assert channel.sock.fileno() == -1, "the socket is closed once the polling thread let it go"
-    assert theirs.recv(1) == b"", "the peer sees the connection end"
+    assert polled.theirs.recv(1) == b"", "the peer sees the connection end"
 
 
-def test_a_second_polling_thread_returns_at_once(polled: tuple[Readers, Channel, _Owner, socket.socket]) -> None:
-    readers, channel, _, _ = polled
-    first = threading.Thread(target=readers.poll_here, args=(lambda: False, 0.5))
+def test_a_second_polling_thread_returns_at_once(polled: _Polled) -> None:
+    first = threading.Thread(target=polled.readers.poll_here, args=(lambda: False, 0.5))
     first.start()
-    wait_until(lambda: _held_by_another_thread(channel), "it polls")
+    wait_until(lambda: _held_by_another_thread(polled.channel), "it polls")
     start = time.monotonic()
-    readers.poll_here(lambda: False, 5.0)
+    polled.readers.poll_here(lambda: False, 5.0)
     assert time.monotonic() - start < 0.2, "a second thread must not wait for the first one's budget"
     first.join(5)
 
