@@ -637,7 +637,7 @@ class Sidecar:
         timeout = self.settings.recv_timeout if timeout is None else timeout
         waiter = self._waiter(id, chunk_id)
         if self._polls and not waiter.done():
-            self._poll_off_loop(waiter.done)
+            self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above
         try:
             return waiter.result(timeout)
         except TimeoutError:

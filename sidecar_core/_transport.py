@@ -6,9 +6,9 @@ serializers, chunks, streams or ``mark_done``: the core does all of that.
 Concurrency: every method is called on the sidecar's own event-loop thread (one per ``Sidecar``),
 except the optional fast paths :meth:`Transport.send_nowait`, which is called on the thread that
 calls ``Sidecar.send``, and :meth:`Transport.poll_while_waiting`, called on a thread waiting in
-``Sidecar.recv_sync`` or on a send's result (any threads but the loop's). A transport calls its :class:`Inbox` from the
-loop thread, or from a thread inside ``poll_while_waiting``; the core runs every frame's
-``release`` on the loop thread. ``send`` (and ``send_nowait``) may be called
+``Sidecar.recv_sync`` or on a send's result (any threads but the loop's). A transport calls its
+:class:`Inbox` from the loop thread, or from a thread inside ``poll_while_waiting``; the core runs
+every frame's ``release`` on the loop thread. ``send`` (and ``send_nowait``) may be called
 concurrently for different destinations and for different frames to the same destination; frames
 of one message to one destination are sent one after another (a message of several frames never
 takes the fast path).
@@ -161,17 +161,16 @@ class Transport(abc.ABC):
         return False
 
     def poll_while_waiting(self, ready: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
-        """Optional: a thread is about to wait in ``recv_sync``; read on that thread for a short while.
+        """Optional: a thread is about to wait for a chunk or an acknowledgement; read on that thread a while.
 
         The core calls it from a thread about to sleep until something arrives (any thread but the
-        loop's): one in ``Sidecar.recv_sync`` whose chunk has not arrived, or one in ``result()`` of
-        a send that took :meth:`send_nowait` and is not acknowledged yet. A transport may read and handle
+        loop's): one in ``Sidecar.recv_sync`` whose chunk has not arrived, or one in ``result()`` of a
+        send that took :meth:`send_nowait` and is not acknowledged yet. A transport may read and handle
         arriving messages on this thread, delivering to the :class:`Inbox` from here, until
         ``ready()`` is true or a short budget of its own is spent: a reply that comes soon then
         reaches the store without waking the loop thread, and the waiting thread has not slept.
-        Returning at once is always correct (the default does): the caller then waits for its chunk
-        as usual. Several threads may call it at once. Must not block beyond its budget, must not
-        raise.
+        Returning at once is always correct (the default does): the caller then waits as usual.
+        Several threads may call it at once. Must not block beyond its budget, must not raise.
 
         Args:
             ready: Whether what the caller waits for has arrived (cheap; any thread).

@@ -927,9 +927,9 @@ def test_acknowledgements_are_read_by_the_thread_waiting_in_result(
         read_here: list[bool] = []
         report = link._report
 
-        def noting(seq: int, outcome: Exception | None) -> None:
+        def noting(entry: Any, outcome: Exception | None) -> None:
             read_here.append(threading.get_ident() == me)
-            report(seq, outcome)
+            report(entry, outcome)
 
         monkeypatch.setattr(link, "_report", noting)
         for i in range(count):

@@ -238,11 +238,8 @@ class Link:
         with self._lock:
             return self._pending.pop(seq, None)
 
-    def _report(self, seq: int, outcome: Exception | None) -> None:
-        """Hand frame ``seq``'s outcome to its taker: here, or on the loop if it may only run there."""
-        entry = self._take(seq)
-        if entry is None:
-            return
+    def _report(self, entry: tuple[Done, str, bool], outcome: Exception | None) -> None:
+        """Hand a frame's outcome to its taker: here, or on the loop if it may only run there."""
         done, _, anywhere = entry
         if anywhere or threading.get_ident() == self._loop_thread:
             done(outcome)
@@ -280,7 +277,9 @@ class Link:
 
     def _on_message(self, kind: Msg, arg: int, body: bytearray) -> None:
         if kind is Msg.ACK:
-            self._report(arg, None)
+            entry = self._take(arg)
+            if entry is not None:
+                self._report(entry, None)
         elif kind is Msg.RELEASE:
             with self._lock:
                 hold = self._holds.pop(arg, None)
@@ -288,11 +287,11 @@ class Link:
                 hold.release()
         elif kind in (Msg.NACK, Msg.ERROR):
             problem = parse_json(Problem, body, "error report")
-            with self._lock:
-                entry = self._pending.get(arg)
+            entry = self._take(arg)
             if entry is not None:
                 verb = "rejected" if kind is Msg.NACK else "found malformed"
-                self._report(arg, RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}"))
+                error = RemoteError(f"{self.describe} {verb} {entry[1]}: {problem.error}: {problem.message}")
+                self._report(entry, error)
         elif kind is Msg.WELCOME:
             welcome = parse_json(Welcome, body, "handshake answer")
             if welcome.version != VERSION:
