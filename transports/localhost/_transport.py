@@ -116,13 +116,14 @@ class LocalhostSettings(BaseSettings):
         "instead of staging them through pinned shared memory.",
     )
     recv_poll_us: int = Field(
-        200,
+        1000,
         ge=0,
         le=10_000,
         description="Microseconds a thread waiting in `recv_sync` (or on a send's `result()`) reads the sockets "
         "itself, polling without sleeping, before it sleeps until the loop delivers (0: never). A reply or "
         "acknowledgement that comes within it is handled on that thread, without waking the loop; it costs that "
-        "much CPU per wait.",
+        "much CPU per wait. The default covers a round trip on a busy machine: with 200, round trips slower than "
+        "that fell back to the loop and the p99 of small objects was 2 to 3 times higher on 2 cores.",
     )
 
 
