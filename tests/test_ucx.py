@@ -292,6 +292,13 @@ def test_oversized_frame_is_refused_before_allocation(env: dict[str, str], sende
         sender.send(data, "fits", 5).result(WAIT)  # the refused payload was drained: the link still works
         assert transport(sender)._links[5] is link
         assert digest(small.recv_sync("fits", timeout=WAIT)) == digest(data)
+        # Several payload messages (one per tensor, none for the empty one) are each drained.
+        parts = [random_bytes(MiB, 5), random_bytes(0, 6), random_bytes(MiB, 7)]
+        with pytest.raises(RemoteError, match=r"CapacityError: id='too-big-list' chunk=0: 2097152 bytes exceed "):
+            sender.send(parts, "too-big-list", 5).result(WAIT)
+        sender.send(data, "fits-after-list", 5).result(WAIT)
+        assert transport(sender)._links[5] is link
+        assert digest(small.recv_sync("fits-after-list", timeout=WAIT)) == digest(data)
 
 
 def test_malformed_header_is_refused_and_the_listener_keeps_serving(sender: Sidecar, peer: PeerProcess) -> None:

@@ -1,9 +1,9 @@
 """One UCX endpoint: submits tagged and stream messages now, and reports once when it breaks.
 
 Concurrency: loop thread only, except :meth:`Endpoint.submit` (any thread; UCX workers made by
-ucxx serve several threads). ``send``/``recv``/``submit`` submit immediately (so messages on one tag
-go out in call order); ``submit`` puts its messages out back to back, never interleaved with
-another thread's. ``send``/``recv`` return futures; ``recv_then`` reports to a callback instead.
+ucxx serve several threads). ``send``/``recv_then``/``submit`` submit immediately (so messages on one
+tag go out in call order); ``submit`` puts its messages out back to back, never interleaved with
+another thread's. ``send`` returns a future; ``recv_then`` reports to a callback instead.
 Cancellation: cancelling a returned future does not withdraw the message; :meth:`Endpoint.close`
 does (every unfinished request then fails). Closing: ``close`` is idempotent and does not call
 ``on_broken``; a broken endpoint calls ``on_broken`` exactly once.
@@ -118,16 +118,6 @@ class Endpoint:
         with self._submitting:
             handle = self._check()
             return [(handle.tag_send(array, tag), array) for array, tag in tagged]
-
-    def recv(self, buf: BufferLike, tag: int, *, idle: bool = False) -> asyncio.Future[None]:
-        """Submit a tagged receive into ``buf``; ``idle`` for receives that may wait for the peer indefinitely.
-
-        Raises:
-            ConnectionError: The endpoint is closed.
-        """
-        array = self._array(buf)
-        request = self._check().tag_recv(array, self._api.UCXXTag(tag))
-        return self.worker.track(request, array, busy=array.cuda and not idle)
 
     def recv_then(
         self, buf: BufferLike, tag: int, on_done: Callable[[Exception | None], None], *, idle: bool = False

@@ -46,6 +46,18 @@ _ZERO = bytes(wire.HEAD.size + 8)
 _Whole = TypeVar("_Whole", memoryview, torch.Tensor)
 
 
+def _after_all(count: int, then: Callable[[list[Exception | None]], None]) -> Callable[[Exception | None], None]:
+    """A completion callback for ``count`` receives: ``then`` gets their outcomes once all completed."""
+    outcomes: list[Exception | None] = []
+
+    def completed(error: Exception | None) -> None:
+        outcomes.append(error)
+        if len(outcomes) == count:
+            then(outcomes)
+
+    return completed
+
+
 def _split(whole: _Whole, sizes: list[int]) -> list[_Whole]:
     """Consecutive slices of ``sizes`` bytes of ``whole``, without copying."""
     parts: list[_Whole] = []
@@ -255,12 +267,10 @@ class Inbound:
         views = _split(dest, header.sizes)
         release = None if block is None else functools.partial(self._options.pool.give, block)
         waiting = [view for view in views if view.numel()]
-        outcomes: list[Exception | None] = []
 
-        def arrived(error: Exception | None) -> None:
-            outcomes.append(error)
-            if len(outcomes) < len(waiting) or self.closed or any(outcomes):
-                return  # more to come, or the connection broke (on_broken reports it)
+        def arrived(outcomes: list[Exception | None]) -> None:
+            if self.closed or any(outcomes):
+                return  # the connection broke (on_broken reports it)
             try:
                 self._deliver(seq, header, views, release)
             except Exception as exc:  # never raise into the worker: close the connection, as a broken one
@@ -271,8 +281,9 @@ class Inbound:
             self._deliver(seq, header, views, release)
             return
         endpoint = self._require()
+        each = _after_all(len(waiting), arrived)
         for view in waiting:
-            endpoint.recv_then(view, self._tag_base | wire.PAYLOAD, arrived)
+            endpoint.recv_then(view, self._tag_base | wire.PAYLOAD, each)
 
     def _land_device(self, header: Header) -> torch.device:
         if header.device == "cuda" and self._options.recv_device.type == "cuda":
@@ -306,17 +317,19 @@ class Inbound:
             ConnectionError: The endpoint is closed.
         """
         endpoint = self._require()
-        drains = [endpoint.recv(self._scratch, self._tag_base | wire.PAYLOAD) for size in header.sizes if size]
-        self._spawn(self._acknowledge_drained(seq, drains, refusal))
+        messages = sum(1 for size in header.sizes if size)
 
-    async def _acknowledge_drained(self, seq: int, drains: list[asyncio.Future[None]], refusal: Exception) -> None:
-        for drain in drains:
-            try:
-                await drain
-            except Exception as exc:
-                if not self._require().truncated(exc):
-                    return  # the connection broke
-        self._ack(seq, refusal)
+        def drained(outcomes: list[Exception | None]) -> None:
+            if all(error is None or endpoint.truncated(error) for error in outcomes):
+                self._ack(seq, refusal)
+            # else the connection broke (on_broken reports it)
+
+        if not messages:
+            self._ack(seq, refusal)
+            return
+        each = _after_all(messages, drained)
+        for _ in range(messages):
+            endpoint.recv_then(self._scratch, self._tag_base | wire.PAYLOAD, each)
 
     def _ack(self, seq: int, refusal: BaseException | None, *, closing: bool = False) -> None:
         """Submit the acknowledgement of frame ``seq`` (the worker keeps it until it is sent)."""
