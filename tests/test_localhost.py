@@ -809,6 +809,11 @@ def test_a_polling_thread_handles_direct_messages_and_leaves_the_rest_to_the_loo
     theirs.sendall(envelope(Msg.FRAME, 1, 4) + b"y")
     wait_until(lambda: len(owner.messages) == 4, "the loop read the channel again")
     assert owner.messages[3][1:] == (4, b"y", loop)
+    # And the next wait takes it again (the poll object is built anew after a channel went back early).
+    theirs.sendall(envelope(Msg.FRAME, 1, 5) + b"x")
+    polled.readers.poll_here(lambda: len(owner.messages) == 5, 5.0)
+    wait_until(lambda: len(owner.messages) == 5, "the frame was handled")
+    assert owner.messages[4][1:] == (5, b"x", threading.get_ident())
 
 
 def test_the_end_of_the_connection_seen_while_polling_closes_it_on_the_loop(polled: _Polled) -> None:
@@ -844,6 +849,21 @@ def _held_by_another_thread(channel: Channel) -> bool:
         channel.read_lock.release()
         return False
     return True
+
+
+def test_a_hang_up_while_a_thread_polls_closes_the_channel_on_the_loop(polled: _Polled) -> None:
+    # A hang-up is reported even for a socket the loop is told to ignore; the polling thread sees it
+    # too and hands the channel back, and the loop closes it.
+    owner = polled.owner
+    polling = threading.Thread(target=polled.readers.poll_here, args=(lambda: bool(owner.closed), 5.0))
+    polling.start()
+    wait_until(lambda: _held_by_another_thread(polled.channel), "it polls")
+    start = time.monotonic()
+    polled.theirs.close()
+    polling.join(5)
+    assert time.monotonic() - start < 2, "the polling thread lets go at the hang-up, not at the end of its budget"
+    wait_until(lambda: bool(owner.closed), "the loop closed the channel")
+    assert owner.closed == [("the peer closed the connection", polled.loop_thread)]
 
 
 def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(polled: _Polled) -> None:
