@@ -9,7 +9,9 @@ baselines are measured in the same run::
     python benchmarks/localhost_probe.py --device cuda:0 --recv-device cuda:1 --cuda-ipc
 
 "send" is the time from ``send()`` to its future resolving, which happens once the receiver's store
-holds the decoded tensor (on the receiving GPU for a CUDA receive device).
+holds the decoded tensor (on the receiving GPU for a CUDA receive device). ``wait_setup`` is what a
+thread waiting in ``recv_sync`` spends taking the sockets from the loop and giving them back, with
+nothing to read.
 """
 
 from __future__ import annotations
@@ -170,6 +172,22 @@ def transport_rtt(sidecar: Sidecar, peer: PeerProcess, obj: object, repeats: int
     return {"p50_us": times[len(times) // 2] * 1e6}
 
 
+def wait_cost(sidecar: Sidecar, repeats: int) -> dict[str, float]:
+    """p50 of a waiting thread's set-up and hand-back of the sockets alone (nothing to read, ready at once).
+
+    What ``recv_sync`` spends on the sockets around each wait for a chunk that has not arrived yet
+    (see ``transports/localhost/_readers.py``), here over the open connections to the peer.
+    """
+    readers = sidecar._transport._readers  # type: ignore[attr-defined]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        readers.poll_here(lambda: True, 0.001)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[repeats // 10 :])
+    return {"p50_us": times[len(times) // 2] * 1e6}
+
+
 def echo_latency(sidecar: Sidecar, peer: PeerProcess, obj: object, repeats: int, tag: str) -> dict[str, float]:
     call = peer.submit(echo, tag, repeats)
     times = []
@@ -235,6 +253,7 @@ def main() -> None:
                 results["send_dict100"] = small_latency(sidecar, peer, {"k": "v" * 90}, args.small_repeats, "d")
                 results["transport_rtt_int"] = transport_rtt(sidecar, peer, 7, args.small_repeats, "r")
                 results["echo_int"] = echo_latency(sidecar, peer, 7, args.small_repeats // 2, "e")
+                results["wait_setup"] = wait_cost(sidecar, args.small_repeats * 5)
     finally:
         peer.close()
     text = json.dumps(results, indent=2)

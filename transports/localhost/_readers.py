@@ -12,8 +12,8 @@ stops the thread at that connection and goes to the loop, which reads on from th
 A socket with no events still reports a hang-up. Then the loop wakes, finds the channel's lock
 taken and leaves it, until the polling thread, which sees the same hang-up, hands the channel back;
 the loop closes it. Modifying the events costs half of removing and adding the socket, and the
-thread keeps its poll object from one wait to the next: a wait's set-up and hand-back took 5 µs
-instead of 10 on 2 cores.
+thread keeps its poll object from one wait to the next: a wait's set-up and hand-back took 5.0 µs
+instead of 7.3 on 2 cores (``wait_setup`` in ``benchmarks/localhost_probe.py``).
 
 Why: on a machine whose CPUs go idle between messages, a reply that wakes the loop thread, which
 then wakes the waiting thread, is handled on cold caches twice. Read and handled by the thread that
