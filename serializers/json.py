@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -49,25 +49,30 @@ def accepts(obj: object) -> bool:
     """Whether ``obj`` is a dict or list that JSON represents exactly (see the module docstring)."""
     if type(obj) is not dict and type(obj) is not list:
         return False
-    stack: list[tuple[object, int]] = [(obj, 1)]
+    # Containers wait on a stack; scalars are checked where they are met (a send of a small dict
+    # runs this twice, through the codec and through encode, so it is kept lean).
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(obj, 1)]
     while stack:
-        value, depth = stack.pop()
-        if type(value) is dict:
-            if depth > MAX_DEPTH or not all(type(key) is str for key in value):
-                return False
-            stack.extend((item, depth + 1) for item in value.values())
-        elif type(value) is list:
-            if depth > MAX_DEPTH:
-                return False
-            stack.extend((item, depth + 1) for item in value)
-        elif type(value) is float:
-            if not math.isfinite(value):
-                return False
-        elif type(value) is int:
-            if value.bit_length() > MAX_INT_BITS:
-                return False
-        elif type(value) not in _SCALARS:
+        container, depth = stack.pop()
+        if depth > MAX_DEPTH:
             return False
+        if type(container) is dict:
+            if not all(type(key) is str for key in container):
+                return False
+            values: Iterable[object] = container.values()
+        else:
+            values = container
+        for value in values:
+            if type(value) is dict or type(value) is list:
+                stack.append((value, depth + 1))
+            elif type(value) is int:
+                if value.bit_length() > MAX_INT_BITS:
+                    return False
+            elif type(value) is float:
+                if not math.isfinite(value):
+                    return False
+            elif type(value) not in _SCALARS:
+                return False
     return True
 
 
