@@ -879,6 +879,42 @@ def test_a_channel_closed_while_a_thread_polls_it_waits_for_the_thread(polled: _
     assert polled.theirs.recv(1) == b"", "the peer sees the connection end"
 
 
+def test_a_closed_channels_number_reused_by_a_new_connection_is_not_silenced(polled: _Polled) -> None:
+    # A polling thread works from a snapshot of the channels: it may try to take one the loop has
+    # closed meanwhile, whose descriptor number a new connection already has.
+    old = polled.channel
+    number = old.fileno
+    _on_loop(polled.loop, lambda: old.close("closed before the poll reached it"))
+    reused, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if reused.fileno() != number:  # the kernel hands out the lowest free number; make sure of it
+        os.dup2(reused.fileno(), number)
+        reused.close()
+        reused = socket.socket(fileno=number)
+    owner = _Owner()
+    new: Channel = _on_loop(
+        polled.loop,
+        lambda: Channel(
+            reused,
+            polled.loop,
+            polled.readers,
+            allowed=SENDER_MESSAGES,
+            on_message=owner.on_message,
+            on_close=owner.on_close,
+            reply_errors=True,
+            name="new channel",
+        ),
+    )
+    try:
+        assert new.fileno == number
+        assert not polled.readers._take(old), "a closed channel is never taken"
+        theirs.sendall(envelope(Msg.FRAME, 2, 1) + b"hi")
+        wait_until(lambda: len(owner.messages) == 1, "the loop still reads the new connection")
+        assert owner.messages[0][:3] == (Msg.FRAME, 1, b"hi")
+    finally:
+        _on_loop(polled.loop, lambda: new.close("test over"))
+        theirs.close()
+
+
 def test_a_second_polling_thread_returns_at_once(polled: _Polled) -> None:
     first = threading.Thread(target=polled.readers.poll_here, args=(lambda: False, 0.5))
     first.start()

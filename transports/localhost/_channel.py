@@ -5,8 +5,11 @@ lost) and writes with ``sendmsg`` (scatter/gather: an envelope, a header and pay
 one system call, without joining them first).
 
 Concurrency: every method runs on the event-loop thread, except :meth:`Channel.write_threadsafe`
-(any thread). Reading and writing are callbacks of the loop's selector (no task per connection, no
-task per message). While a read callback dispatches messages, writes are batched ("corked") and
+(any thread) and :meth:`Channel.read_here`, which a thread polling in ``recv_sync`` calls while it
+holds :attr:`Channel.read_lock` (see :mod:`._readers`); the messages it handles may call
+:meth:`Channel.write`, which only queues there, since the read holds writes back until it returns.
+Reading and writing are callbacks of the loop's selector (no task per connection, no task per
+message). While a read callback dispatches messages, writes are batched ("corked") and
 flushed together when it returns, so a burst of frames is acknowledged with one system call.
 ``write_threadsafe`` lets a caller's thread put a small message on the socket itself, without a hop
 through the loop: :attr:`Channel.lock` serialises it with the loop's writes (a message is queued and
@@ -449,8 +452,8 @@ class Channel:
             self._linger.cancel()
             self._linger = None
         self._stop_writing()
-        while self._fds:
-            os.close(self._fds.popleft())
         with self.read_lock, self.lock:  # no other thread reads this socket or is inside sendmsg on it
             self._out.clear()
             self.sock.close()
+            while self._fds:  # under the read lock: a polling thread's read may have just added some
+                os.close(self._fds.popleft())

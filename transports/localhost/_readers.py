@@ -23,8 +23,9 @@ waits for it, still running, a small-object round trip took about half as long o
 Concurrency: :meth:`Readers.watch`, :meth:`Readers.forget`, :meth:`Readers.close` and the dispatch
 run on the loop thread; :meth:`Readers.poll_here` on any other thread, one thread at a time (a
 second one returns at once and waits for its future as usual). A channel is read by one thread at
-a time: whoever reads it holds its ``read_lock``, and the loop only tries that lock, since a socket
-with no events stops waking it.
+a time: whoever reads it holds its ``read_lock``. Reading, the loop only tries that lock, since a
+socket with no events stops waking it; a polling thread taking a channel waits for a read of the
+loop's that is under way, and so does closing a channel.
 """
 
 from __future__ import annotations
@@ -131,16 +132,22 @@ class Readers:
         return self._poller
 
     def _take(self, channel: Channel) -> bool:
-        """Take ``channel`` from the loop; ``False`` if it is closing or holds messages for the loop."""
-        try:
-            self._epoll.modify(channel.fileno, 0)
-        except (OSError, ValueError):  # the channel or this object closed: the loop is done with it
-            return False
-        channel.read_lock.acquire()  # waits for a read of the loop's that is under way
-        if channel.closed is not None or channel.needs_loop:
-            self._give_back(channel)
-            return False
-        return True
+        """Take ``channel`` from the loop; ``False`` if it is closing or holds messages for the loop.
+
+        The lock comes first (it waits for a read of the loop's that is under way): a channel cannot
+        close while it is held, so the descriptor whose events are set to none is still this
+        channel's. A closed channel's number may already belong to a new connection, which must not
+        be silenced.
+        """
+        channel.read_lock.acquire()
+        if channel.closed is None and not channel.needs_loop:
+            try:
+                self._epoll.modify(channel.fileno, 0)
+                return True
+            except (OSError, ValueError):  # ValueError: this object closed, and with it the transport
+                pass
+        channel.read_lock.release()  # a channel left with needs_loop was already handed to the loop
+        return False
 
     def _give_back(self, channel: Channel) -> None:
         """Let the loop read ``channel`` again, and hand it what this thread left for it.
