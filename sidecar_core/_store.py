@@ -351,25 +351,28 @@ class ReceiveStore:
             self._loop.call_soon_threadsafe(_call, held.release)
 
     def close(self) -> None:
-        """Release everything and fail all waiting receives with :class:`SidecarClosedError`."""
-        with self._lock:
-            self._close()
+        """Release everything and fail all waiting receives with :class:`SidecarClosedError`.
 
-    def _close(self) -> None:
-        for held in self._held.values():
-            _call(held.release)
-        self._held.clear()
-        self._assembling.clear()
-        for (id, chunk_id), waiters in self._waiters.items():
-            for waiter in waiters:
-                _settle(
-                    waiter,
-                    error=SidecarClosedError(
-                        f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down"
-                    ),
-                )
-        self._waiters.clear()
-        self.buffered_bytes = 0
+        The releases run after the store's lock is let go, as in :meth:`mark_done`: a release may
+        wait for a transport's own lock, which a thread delivering a frame holds while it waits for
+        the store's.
+        """
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+            self._assembling.clear()
+            for (id, chunk_id), waiters in self._waiters.items():
+                for waiter in waiters:
+                    _settle(
+                        waiter,
+                        error=SidecarClosedError(
+                            f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down"
+                        ),
+                    )
+            self._waiters.clear()
+            self.buffered_bytes = 0
+        for entry in held:
+            _call(entry.release)
 
 
 def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:

@@ -134,6 +134,28 @@ def test_recv_before_deliver_waits() -> None:
     run(main())
 
 
+def test_close_releases_after_letting_go_of_the_store() -> None:
+    # A release may wait for a transport's lock that a thread delivering a frame holds while it waits
+    # for the store: run under the store's lock, that would deadlock shutdown.
+    store = make_store()
+    free: list[bool] = []
+
+    def release() -> None:
+        def try_store() -> None:
+            acquired = store._lock.acquire(timeout=1)
+            if acquired:
+                store._lock.release()
+            free.append(acquired)
+
+        other = threading.Thread(target=try_store)
+        other.start()
+        other.join()
+
+    store.deliver(frames(b"abc", id="held")[0], release)
+    store.close()
+    assert free == [True], "another thread could take the store while the closing store released"
+
+
 def test_mark_done_releases_and_later_recv_raises() -> None:
     async def main() -> None:
         releases = Releases()
