@@ -224,6 +224,27 @@ def random_bytes(nbytes: int, seed: int) -> torch.Tensor:
 # -- files, settings, ranks ----------------------------------------------------------------------
 
 
+def test_shutting_down_while_a_connection_is_being_made_closes_it(env: dict[str, str], socket_dir: Path) -> None:
+    # A listener that accepts but never answers the handshake keeps the connection attempt waiting.
+    with local_sidecar({**env, "SIDECAR_CONNECT_TIMEOUT": "30"}, 40) as sidecar:
+        path = socket_dir / "rank-41.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(os.fspath(path))
+        listener.listen()
+        listener.settimeout(WAIT)
+        future = sidecar.send("x", "never-answered", [[41]])
+        attempt, _ = listener.accept()
+    try:
+        attempt.settimeout(WAIT)
+        while attempt.recv(65536):  # the HELLO, then the end of the connection
+            pass
+        assert future.cancelled(), "a send still connecting when its sidecar shuts down is cancelled"
+    finally:
+        attempt.close()
+        listener.close()
+        path.unlink()
+
+
 def test_socket_dir_and_files_are_private(sender: Sidecar, peer: PeerProcess, socket_dir: Path) -> None:
     sender.send(random_bytes(MiB, 1), "modes", 1).result(WAIT)
     assert peer.call(peer_recv_digest, "modes")["in_pool"]

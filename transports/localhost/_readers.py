@@ -75,7 +75,8 @@ class Readers:
         with self._lock:
             if self._channels.get(channel.fileno) is channel:
                 del self._channels[channel.fileno]
-        with contextlib.suppress(OSError):  # not registered any more, or its socket already closed
+        # OSError: not registered any more, or its socket already closed; ValueError: this object closed.
+        with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(channel.fileno)
 
     def _dispatch(self) -> None:

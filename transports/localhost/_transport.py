@@ -508,8 +508,11 @@ class LocalhostTransport(Transport):
                 self._acceptor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._acceptor
-            for task in list(self._connecting.values()):
+            connecting = list(self._connecting.values())
+            for task in connecting:
                 task.cancel()
+            # Their connections close as they unwind, which needs the readers still open.
+            await asyncio.gather(*connecting, return_exceptions=True)
             for incoming in list(self._incoming):
                 await incoming.close()
             for link in list(self._links.values()):
