@@ -8,6 +8,7 @@ its socket directory and files, auth handshake, malformed control-socket input, 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
 import contextlib
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -870,6 +872,23 @@ def _held_by_another_thread(channel: Channel) -> bool:
         channel.read_lock.release()
         return False
     return True
+
+
+def test_descriptors_beyond_the_one_pool_close_the_connection_and_are_not_kept(polled: _Polled) -> None:
+    # Only POOL carries a descriptor, once; a peer passing more could fill this process's table.
+    owner, theirs = polled.owner, polled.theirs
+    with tempfile.TemporaryFile() as passed:
+        before = set(os.listdir("/proc/self/fd"))
+        fds = array.array("i", [passed.fileno()] * 3)
+        theirs.sendmsg([envelope(Msg.FRAME, 3, 1) + b"abc"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        wait_until(lambda: bool(owner.closed), "the loop closed the channel")
+    reason, _ = owner.closed[0]
+    assert reason == (
+        "malformed input: the peer passed 3 file descriptor(s); this connection takes 1 more (only POOL carries one, "
+        "once)"
+    )
+    assert owner.messages == [], "the message that came with them is not handled"
+    wait_until(lambda: not set(os.listdir("/proc/self/fd")) - before, "every descriptor that arrived is closed")
 
 
 def test_a_hang_up_while_a_thread_polls_closes_the_channel_on_the_loop(polled: _Polled) -> None:

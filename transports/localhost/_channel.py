@@ -100,6 +100,9 @@ class Channel:
         self._end = 0
         self._need = 0
         self._fds: collections.deque[int] = collections.deque()
+        # Descriptors come only with POOL, once per connection; a peer that passes more is malformed
+        # (they would otherwise pile up here until the connection closes).
+        self._fds_left = 1 if Msg.POOL in allowed else 0
         self._out: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
         self._writing = False
         self._corked = False
@@ -232,11 +235,24 @@ class Channel:
             self.read_lock.release()
 
     def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        """Keep the descriptors passed with a message.
+
+        Raises:
+            FrameError: More descriptors arrived than this connection takes (they are closed).
+        """
+        arrived = array.array("i")
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                self._fds.extend(fds)
+                arrived.frombytes(data[: len(data) - len(data) % arrived.itemsize])
+        if len(arrived) > self._fds_left:
+            for fd in arrived:
+                os.close(fd)
+            raise FrameError(
+                f"the peer passed {len(arrived)} file descriptor(s); this connection takes "
+                f"{self._fds_left} more (only POOL carries one, once)"
+            )
+        self._fds_left -= len(arrived)
+        self._fds.extend(arrived)
 
     def _make_room(self) -> None:
         pending = self._end - self._start
