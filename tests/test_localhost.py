@@ -12,6 +12,7 @@ import array
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import gc
 import hashlib
 import os
@@ -59,7 +60,7 @@ from transports.localhost._protocol import (
     envelope,
 )
 from transports.localhost._readers import Readers
-from transports.localhost._shm import Pool
+from transports.localhost._shm import PeerPool, Pool
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
 
@@ -245,6 +246,27 @@ def test_shutting_down_while_a_connection_is_being_made_closes_it(env: dict[str,
         attempt.close()
         listener.close()
         path.unlink()
+
+
+def test_a_peers_pool_is_read_in_only_where_its_slots_are() -> None:
+    # Reading in a hole of a sparse memfd allocates it: a peer announcing a huge pool and using a
+    # slot near its end must not make this process read in the whole pool.
+    size, span = 64 * MiB, 2 * MiB
+    fd = os.memfd_create("sparse-pool", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    watch = os.dup(fd)
+    try:
+        peer_pool = PeerPool(fd, size)
+        view = peer_pool.slot(size - span, span)
+        assert len(view) == span
+        assert (view[0], view[-1]) == (0, 0)
+        allocated = os.fstat(watch).st_blocks * 512
+        assert allocated <= 2 * span, f"{allocated} bytes of the pool were allocated for a {span}-byte slot"
+        view.release()
+        peer_pool.close()
+    finally:
+        os.close(watch)
 
 
 def test_socket_dir_and_files_are_private(sender: Sidecar, peer: PeerProcess, socket_dir: Path) -> None:

@@ -283,6 +283,9 @@ class Pool:
 class PeerPool:
     """A peer's pool, mapped into this process to give the store zero-copy views of its slots.
 
+    The 2 MiB steps a slot covers are read in (``MADV_POPULATE_READ``) the first time a slot needs
+    them, and only those: the peer's region may be sparse, and reading in a hole allocates it.
+
     Args:
         fd: The pool's descriptor as received; it is closed here (the mapping keeps the memory).
         size: The size the peer announced.
@@ -308,7 +311,9 @@ class PeerPool:
             self._region.madvise(mmap.MADV_HUGEPAGE)
         self.size = size
         self.view = memoryview(self._region)
-        self._populated = 0
+        # Which populate steps of the region were read in. Only slots' own steps are: a peer's pool
+        # may be sparse, and reading in a hole allocates it here.
+        self._populated = bytearray(-(-size // _POPULATE_STEP))
 
     @property
     def region(self) -> mmap.mmap:
@@ -323,10 +328,10 @@ class PeerPool:
         """
         if offset % PAGE or offset + span > self.size:
             raise ProtocolError(f"slot [{offset}, {offset + span}) is outside the peer's {self.size}-byte pool")
-        if offset + span > self._populated:
-            end = min(self.size, _round_up(offset + span, _POPULATE_STEP))
-            _populate(self._region, MADV_POPULATE_READ, self._populated, end)
-            self._populated = end
+        first, last = offset // _POPULATE_STEP, -(-(offset + span) // _POPULATE_STEP)
+        if not all(self._populated[first:last]):
+            _populate(self._region, MADV_POPULATE_READ, first * _POPULATE_STEP, min(self.size, last * _POPULATE_STEP))
+            self._populated[first:last] = b"\x01" * (last - first)
         return self.view[offset : offset + span]
 
     def close(self) -> None:
