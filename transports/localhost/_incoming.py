@@ -321,7 +321,13 @@ class Incoming:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        self._staged.clear()
+        staged, self._staged = list(self._staged.values()), {}
+        for frame in staged:  # no copy onto a GPU may still read the pool once it is unmapped
+            if frame.landing is not None:
+                try:
+                    frame.landing.finish()
+                except Exception:  # the connection is closing anyway; the pages must stay until here
+                    logger.exception("%s: finishing a copy onto the GPU failed", self.channel.name)
         if self._pool is not None:
             if self._pinned:
                 from transports.localhost import _cuda
