@@ -26,6 +26,7 @@ import msgspec
 import pytest
 import torch
 
+import transports.ucx._transport as ucx_transport_module
 from sidecar_core import (
     AuthenticationError,
     Frame,
@@ -41,7 +42,10 @@ from sidecar_core import (
 )
 from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.ucx import UcxTransport
+from transports.ucx import _wire as wire
 from transports.ucx._addressing import TEST_PORTS, Address, Addressing, free_base_port, ports_free
+from transports.ucx._inbound import Inbound
+from transports.ucx._link import Link
 
 pytest.importorskip("ucxx", reason="ucxx is not installed: pip install 'sidecar[ucx]'")
 
@@ -271,6 +275,47 @@ def test_a_send_onto_an_endpoint_closed_underneath_fails_and_the_next_connects_a
     sender.send(2, "underneath-2", 1).result(WAIT)
     assert transport(sender)._links[1] is not link
     assert peer.call(peer_recv_values, ["underneath-warm", "underneath-2"]) == [0, 2]
+
+
+def test_a_malformed_acknowledgement_fails_its_send_at_once(
+    env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with local_sidecar(env, 6):
+        sender.send(0, "before-bad-ack", 6).result(WAIT)
+
+        def unknown_status(inbound: Inbound, seq: int, refusal: BaseException | None, *, closing: bool = False) -> None:
+            inbound._require().send(wire.ACK.pack(seq, 9, 0), inbound._ack_tag)
+
+        monkeypatch.setattr(Inbound, "_ack", unknown_status)
+        start = time.monotonic()
+        with pytest.raises(PeerLostError, match=r"malformed acknowledgement \(status 9"):
+            sender.send(1, "badly-acknowledged", 6).result(WAIT)
+        assert time.monotonic() - start < 5, "failed when the acknowledgement came, not by the send timeout"
+        monkeypatch.undo()
+        sender.send(2, "after-bad-ack", 6).result(WAIT)  # over a new connection
+
+
+def test_a_connection_that_breaks_right_after_the_handshake_is_not_kept(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_connect = ucx_transport_module.connect
+    attempts: list[Link] = []
+
+    async def breaking_once(*args: Any, **kwargs: Any) -> Link:
+        link = await real_connect(*args, **kwargs)
+        if not attempts:  # as if the peer closed between its handshake reply and the link's first receive
+            link.close("the peer closed right after the handshake")
+        attempts.append(link)
+        return link
+
+    monkeypatch.setattr(ucx_transport_module, "connect", breaking_once)
+    with local_sidecar(env, 9) as receiver, local_sidecar(env, 10) as sending:
+        with pytest.raises(PeerLostError, match="the peer closed right after the handshake"):
+            sending.send(1, "on-the-broken-link", 9).result(WAIT)
+        sending.send(2, "on-a-new-link", 9).result(WAIT)
+        assert len(attempts) == 2
+        assert transport(sending)._links[9] is attempts[1]
+        assert receiver.recv_sync("on-a-new-link", timeout=WAIT) == 2
 
 
 def test_inbox_refusal_comes_back_and_the_connection_stays(sender: Sidecar, peer: PeerProcess) -> None:

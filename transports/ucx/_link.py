@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -110,6 +111,9 @@ class Link:
         #: Per unacknowledged frame: what takes its outcome (``None``: accepted; a
         #: :class:`~transports.ucx._wire.Problem`: refused; :data:`_CLOSED`: the link closed first).
         self._acks: dict[int, Callable[[wire.Problem | object | None], None]] = {}
+        #: Held while a caller's thread files a waiter and while closing takes them all, so that no
+        #: waiter is filed in a table that closing has already emptied.
+        self._filing = threading.Lock()
         self._reason = ""
         self.closed = False
         self._ack_buf = bytearray(wire.ACK_MESSAGE_BYTES)
@@ -132,11 +136,10 @@ class Link:
             return
         view = memoryview(self._ack_buf)
         try:
-            seq = wire.message_seq(view)
+            seq, problem, closing = wire.parse_ack(view)  # before the waiter is taken: closing fails it
             waiter = self._acks.pop(seq, None)
             if waiter is None:
                 raise wire.ProtocolError(f"acknowledgement for unknown frame {seq}")
-            _, problem, closing = wire.parse_ack(view)
         except wire.ProtocolError as exc:
             self.close(f"it sent a malformed acknowledgement ({exc})")
             return
@@ -228,7 +231,10 @@ class Link:
             except RuntimeError:  # the loop is closed
                 return False
             return True
-        self._acks[seq] = lambda outcome: done(self._error(frame, outcome))
+        with self._filing:
+            if self.closed:
+                return False
+            self._acks[seq] = lambda outcome: done(self._error(frame, outcome))
         try:
             sent = self._endpoint.submit(self._tagged(messages))
         except Exception as exc:  # closed meanwhile, or broken
@@ -288,12 +294,13 @@ class Link:
 
     def close(self, reason: str) -> None:
         """Close the connection; unacknowledged sends raise :class:`PeerLostError`. Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        self._reason = reason
+        with self._filing:
+            if self.closed:
+                return
+            self.closed = True
+            self._reason = reason
+            waiters, self._acks = list(self._acks.values()), {}
         self._endpoint.close()
-        waiters, self._acks = list(self._acks.values()), {}
         for waiter in waiters:
             waiter(_CLOSED)
         self._on_closed(self)
@@ -360,6 +367,10 @@ async def connect(
             # A broken endpoint fails the handshake's requests, so a refused attempt ends early.
             reply = await asyncio.wait_for(_handshake(endpoint, own_rank, token, ack_tag), deadline - loop.time())
             break
+        except asyncio.CancelledError:  # this sidecar is shutting down
+            if endpoint is not None:
+                endpoint.close()
+            raise
         except TimeoutError:
             failure = unreachable(f"no answer within SIDECAR_CONNECT_TIMEOUT={timeout:g}s")
         except wire.ProtocolError as exc:

@@ -184,7 +184,7 @@ class UcxTransport(Transport):
             AuthenticationError: ``dst`` refused this sidecar's auth token.
         """
         link = self._links.get(dst)
-        if link is None:
+        if link is None or link.closed:
             link = await self._link(dst)
         await link.send(frame)
 
@@ -227,7 +227,7 @@ class UcxTransport(Transport):
         )
         if self._closed:
             link.close("this sidecar is shutting down")
-        else:
+        elif not link.closed:  # a connection that broke right after the handshake is not kept
             self._links[dst] = link
         return link
 
