@@ -295,6 +295,29 @@ def test_a_malformed_acknowledgement_fails_its_send_at_once(
         sender.send(2, "after-bad-ack", 6).result(WAIT)  # over a new connection
 
 
+def test_a_payload_longer_than_its_header_says_closes_the_connection(
+    env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_messages = Link._messages
+
+    def doubled(seq: int, frame: Frame, buffers: list[Any]) -> list[Any]:
+        header, *payloads = real_messages(seq, frame, buffers)
+        return [header, *(bytes(payload) * 2 for payload in payloads)]
+
+    with local_sidecar(env, 11) as receiver:
+        sender.send(0, "before-long-payload", 11).result(WAIT)
+        monkeypatch.setattr(Link, "_messages", staticmethod(doubled))
+        start = time.monotonic()
+        longer = r"FrameError: id='long-payload' chunk=0: a payload message is longer than the header says"
+        with pytest.raises(RemoteError, match=longer):
+            sender.send(random_bytes(MiB, 8), "long-payload", 11).result(WAIT)
+        assert time.monotonic() - start < 5, "refused when the payload came, not by the send timeout"
+        monkeypatch.undo()
+        data = random_bytes(MiB, 9)
+        sender.send(data, "after-long-payload", 11).result(WAIT)  # over a new connection
+        assert digest(receiver.recv_sync("after-long-payload", timeout=WAIT)) == digest(data)
+
+
 def test_a_connection_that_breaks_right_after_the_handshake_is_not_kept(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -269,8 +269,12 @@ class Inbound:
         waiting = [view for view in views if view.numel()]
 
         def arrived(outcomes: list[Exception | None]) -> None:
-            if self.closed or any(outcomes):
-                return  # the connection broke (on_broken reports it)
+            if self.closed:
+                return
+            error = next((outcome for outcome in outcomes if outcome is not None), None)
+            if error is not None:
+                self._payload_failed(seq, header, error)
+                return
             try:
                 self._deliver(seq, header, views, release)
             except Exception as exc:  # never raise into the worker: close the connection, as a broken one
@@ -284,6 +288,21 @@ class Inbound:
         each = _after_all(len(waiting), arrived)
         for view in waiting:
             endpoint.recv_then(view, self._tag_base | wire.PAYLOAD, each)
+
+    def _payload_failed(self, seq: int, header: Header, error: Exception) -> None:
+        """A payload receive failed: the sender sent more than its header said, or the connection broke.
+
+        Either way the frame is lost and this connection is given up: a sender whose payloads
+        disagree with its headers is refused (it raises ``RemoteError`` and reconnects), as for a
+        malformed header.
+        """
+        if self._require().truncated(error):
+            problem = FrameError(f"{header.describe()}: a payload message is longer than the header says")
+            logger.warning("ucx: closing the connection from %s: %s", self._who(), problem)
+            self._ack(seq, problem, closing=True)
+            self._spawn(self._close_after_linger(str(problem)))
+        else:
+            self._close(f"receiving the payload of {header.describe()} failed: {describe_error(error)}", lost=True)
 
     def _land_device(self, header: Header) -> torch.device:
         if header.device == "cuda" and self._options.recv_device.type == "cuda":
@@ -322,7 +341,9 @@ class Inbound:
         def drained(outcomes: list[Exception | None]) -> None:
             if all(error is None or endpoint.truncated(error) for error in outcomes):
                 self._ack(seq, refusal)
-            # else the connection broke (on_broken reports it)
+                return
+            error = next(error for error in outcomes if error is not None and not endpoint.truncated(error))
+            self._close(f"draining the payload of {header.describe()} failed: {describe_error(error)}", lost=True)
 
         if not messages:
             self._ack(seq, refusal)
