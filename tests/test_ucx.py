@@ -539,6 +539,19 @@ def test_explicit_peer_map(env: dict[str, str], base_port: int) -> None:
         assert b.recv_sync("mapped", timeout=WAIT) == [1, 2, 3]
 
 
+def test_connection_tags_are_random(sender: Sidecar, peer: PeerProcess) -> None:
+    # UCX matches tags across all of a worker's connections, those not yet authenticated included:
+    # tags that count up from 4 could be aimed at by a connection that never presented the token.
+    bases = [UcxTransport._tag_base() for _ in range(1000)]
+    assert len(set(bases)) == len(bases)
+    assert all(base % wire.TAG_KINDS == 0 and 0 <= base < 2**64 for base in bases)
+    assert sum(base >= 2**40 for base in bases) > 990, "spread over the whole range"
+    sender.send(0, "tagged", 1).result(WAIT)
+    link = transport(sender)._links[1]
+    assert link._header_tag >= 2**20, "a live connection's tags are drawn the same way"
+    assert peer.call(peer_recv_values, ["tagged"]) == [0]
+
+
 def test_host_pool_reuses_released_blocks_up_to_its_limit() -> None:
     from transports.ucx._pool import HostPool, size_class
 

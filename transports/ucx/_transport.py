@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,6 @@ class UcxTransport(Transport):
         self._links: dict[int, Link] = {}
         self._connecting: dict[int, asyncio.Task[Link]] = {}
         self._inbound: set[Inbound] = set()
-        self._tags = itertools.count(1)
         self._pool = HostPool(self.options.host_pool_bytes)
         self._closed = False
 
@@ -151,8 +150,17 @@ class UcxTransport(Transport):
             ) from None
         logger.info("ucx: rank %d listening on port %d (progress mode %s)", rank, port, self.options.progress_mode)
 
-    def _tag_base(self) -> int:
-        return next(self._tags) * wire.TAG_KINDS
+    @staticmethod
+    def _tag_base() -> int:
+        """A fresh, random tag base for one connection (its low bits are the message kinds).
+
+        UCX matches a tagged receive against messages from every connection of the worker, the
+        ones that have not shaken hands yet included. Tags are therefore random and only told to
+        a peer that passed the auth token: a connection that did not cannot aim messages at
+        another's frames or acknowledgements. (Two connections drawing the same base out of 2**62
+        is as unlikely as guessing one.)
+        """
+        return secrets.randbits(62) * wire.TAG_KINDS
 
     # -- accepting ----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """What the ucx transport puts on the wire besides payload bytes, and the checks on what it reads.
 
 Connection set-up uses UCX's stream API (ordered bytes on one endpoint); everything after it uses
-tagged messages, whose tags the two sides agree on in the handshake:
+tagged messages, whose tags the two sides agree on in the handshake (random, and told only to a
+peer that presented the auth token):
 
 1. The connecting sidecar sends ``HELLO`` (:class:`Hello`: its rank, auth token and the tag it
    wants acknowledgements on); the listening sidecar answers with :class:`Reply`: accepted, with the
