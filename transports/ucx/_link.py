@@ -17,7 +17,8 @@ a message that leaves at once. In the thread progress modes the loop submits the
 callback.
 
 Concurrency: loop thread only, except :meth:`Link.send_nowait` (any thread). Acknowledgement
-waiters are filed from any thread but only ever called on the loop thread. Cancellation: a
+waiters are filed from any thread but only ever called on the loop thread (or, once the loop has
+stopped, on the thread whose submission failed). Cancellation: a
 cancelled ``send`` closes the link (its messages may be half sent), so the next send connects
 again. Closing: :meth:`Link.close` fails every unacknowledged send with :class:`PeerLostError`; a
 broken connection does the same.
@@ -218,7 +219,7 @@ class Link:
         the error :meth:`send` would raise. In the thread modes the loop submits the messages, in
         one callback. Declines (returns ``False``, having changed nothing) for a CUDA frame whose
         device still has work queued on its default stream (:meth:`send` waits for it off the
-        loop), and once the link or the loop is closed.
+        loop), and once the link is closed (the transport closes its links before its loop stops).
         """
         buffers = [buf for buf in frame.buffers if buffer_nbytes(buf)]
         if self.closed or not all(torch.cuda.default_stream(device).query() for device in cuda_devices(buffers)):
