@@ -163,3 +163,4 @@ class Endpoint:
             handle.close_blocking(period=_CLOSE_PERIOD_NS, max_attempts=1)
         except Exception:
             logger.debug("closing a UCX endpoint failed", exc_info=True)
+        self.worker.reap_soon()  # the requests closing cancelled

@@ -229,6 +229,15 @@ class UcxWorker:
             self._busy += 1
         self._kick()
 
+    def reap_soon(self) -> None:
+        """Report requests that finished without a wake-up event (loop thread; blocking modes).
+
+        Closing an endpoint cancels its requests inside UCX's own progress, which raises no event:
+        without this, their waiters would only hear of it at the worker's next event.
+        """
+        if not self.threaded:
+            self._kick()
+
     def _kick(self) -> None:
         if not self._scheduled and not self._closed:
             self._scheduled = True
