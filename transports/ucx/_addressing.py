@@ -22,7 +22,10 @@ from sidecar_core import PeerUnreachableError, SettingsError, SidecarSettings
 LOOPBACK = "127.0.0.1"
 #: How many consecutive ports a test deployment reserves (ranks 0 to 31).
 TEST_PORTS = 32
+#: Where test deployments pick their ports when the kernel's range of ephemeral ports is unknown.
 _TEST_PORT_RANGE = (20000, 60000)
+#: The kernel's range of ports for outgoing connections (and ``bind`` to port 0).
+_EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +137,26 @@ def free_base_port(count: int = TEST_PORTS, attempts: int = 200) -> int:
     Raises:
         RuntimeError: No free range was found.
     """
-    low, high = _TEST_PORT_RANGE
+    low, high = _test_port_range(count)
     rng = random.SystemRandom()
     for _ in range(attempts):
         base = rng.randrange(low, high - count)
         if ports_free(base, count):
             return base
     raise RuntimeError(f"found no {count} consecutive free TCP ports in {low}..{high} after {attempts} tries")
+
+
+def _test_port_range(count: int) -> tuple[int, int]:
+    """Ports below the kernel's ephemeral range where it leaves room, else :data:`_TEST_PORT_RANGE`.
+
+    A port free when a test picks it can be taken, before a rank listens on it, by any outgoing
+    connection the kernel gives an ephemeral port (UCX makes several per connection).
+    """
+    try:
+        with open(_EPHEMERAL_PORTS) as ports:
+            first = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _TEST_PORT_RANGE
+    if first - 10000 >= 50 * count:
+        return 10000, first
+    return _TEST_PORT_RANGE
