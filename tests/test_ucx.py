@@ -323,6 +323,7 @@ def test_a_payload_longer_than_its_header_says_closes_the_connection(
         with pytest.raises(RemoteError, match=longer):
             sender.send(random_bytes(MiB, 8), "long-payload", 11).result(WAIT)
         assert time.monotonic() - start < 5, "refused when the payload came, not by the send timeout"
+        assert transport(receiver)._pool.idle_bytes >= MiB, "the frame's host block went back to the pool"
         monkeypatch.undo()
         data = random_bytes(MiB, 9)
         sender.send(data, "after-long-payload", 11).result(WAIT)  # over a new connection

@@ -273,6 +273,8 @@ class Inbound:
                 return
             error = next((outcome for outcome in outcomes if outcome is not None), None)
             if error is not None:
+                if release is not None:  # every receive has ended: UCX no longer writes the block
+                    release()
                 self._payload_failed(seq, header, error)
                 return
             try:
