@@ -263,6 +263,18 @@ class _SendDeadlines:
             self._arm()
 
 
+def _call_hook(hook: Any, **kwargs: Any) -> None:
+    """Call an observability hook; a plugin that raises is logged, and the send or receive goes on.
+
+    Hooks run inside the data path (a frame is being stored, a send is being settled): an error
+    there must not fail, hang or repeat the transfer it reports on.
+    """
+    try:
+        hook(**kwargs)
+    except Exception:
+        logger.exception("a %s hook raised; the sidecar goes on without it", hook.name)
+
+
 class Sidecar:
     """Sends and receives ``(id, chunk_id)``-addressed data to and from other sidecar ranks.
 
@@ -519,9 +531,10 @@ class Sidecar:
         """Tell the observability hooks how a send to ``rank`` ended (``error`` is ``None`` on success)."""
         # A hook call costs microseconds even when no plugin implements it; most deployments have none.
         if error is not None:
-            self._hooks.sidecar_on_error(operation="send", error=error, transport=self.transport_name)
+            _call_hook(self._hooks.sidecar_on_error, operation="send", error=error, transport=self.transport_name)
         elif header.kind == "data" and self._hooks.sidecar_on_send.get_hookimpls():
-            self._hooks.sidecar_on_send(
+            _call_hook(
+                self._hooks.sidecar_on_send,
                 id=header.id,
                 chunk_id=header.chunk_id,
                 dst_rank=rank,
@@ -537,7 +550,8 @@ class Sidecar:
             with contextlib.suppress(SidecarClosedError):
                 self._loop_thread.call_soon(self._report_recv, header, nbytes)
             return
-        self._hooks.sidecar_on_recv(
+        _call_hook(
+            self._hooks.sidecar_on_recv,
             id=header.id,
             chunk_id=header.chunk_id,
             src_rank=header.src,

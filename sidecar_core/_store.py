@@ -218,7 +218,10 @@ class ReceiveStore:
         for waiter in self._waiters.pop(key, []):
             _settle(waiter, value)
         if self._on_recv is not None:
-            self._on_recv(h, nbytes)
+            try:
+                self._on_recv(h, nbytes)
+            except Exception:  # the chunk is stored: the caller must not release or refuse it now
+                logger.exception("the on_recv callback failed for %s", h.describe())
 
     def _set_end(self, id: str, num_chunks: int) -> None:
         # The smallest end wins: a pull-based transport may learn the end one missing chunk at a time.

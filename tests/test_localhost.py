@@ -1103,6 +1103,43 @@ class _HookThreads:
         self.threads.append(("recv", threading.current_thread().name))
 
 
+class _FailingHooks:
+    """A plugin whose observability hooks raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def sidecar_on_send(
+        self, id: str, chunk_id: int, dst_rank: int, nbytes: int, seconds: float, transport: str
+    ) -> None:
+        self.calls.append(f"send {id}")
+        raise RuntimeError("a broken send hook")
+
+    @hookimpl
+    def sidecar_on_recv(self, id: str, chunk_id: int, src_rank: int, nbytes: int, transport: str) -> None:
+        self.calls.append(f"recv {id}")
+        raise RuntimeError("a broken recv hook")
+
+
+def test_hooks_that_raise_neither_fail_nor_hang_a_transfer(env: dict[str, str], peer: PeerProcess) -> None:
+    hooks = _FailingHooks()
+    with environment(env):
+        sidecar = Sidecar(SidecarConfig(sidecar_rank=12), registry=build_registry(extra_plugins=(hooks,)))
+    try:
+        sidecar.send(1, "failing-hook-out", 1).result(WAIT)  # the caller's thread, then the acknowledgement
+        data = random_bytes(64 * 1024, 11)  # through the shared-memory pool
+        peer.call(peer_send, data, "failing-hook-in", 12)
+        got = sidecar.recv_sync("failing-hook-in", timeout=WAIT)
+        assert torch.equal(got, data)
+        sidecar.mark_done_sync("failing-hook-in")
+        assert peer.call(peer_recv_values, ["failing-hook-out"]) == [1]
+        assert "send failing-hook-out" in hooks.calls
+        wait_until(lambda: "recv failing-hook-in" in hooks.calls, "the receive hook ran")
+    finally:
+        sidecar.shutdown_sync()
+
+
 def test_hooks_run_on_the_sidecars_thread_while_a_thread_polls(env: dict[str, str], peer: PeerProcess) -> None:
     hooks = _HookThreads()
     registry = build_registry(extra_plugins=(hooks,))

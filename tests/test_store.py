@@ -156,6 +156,22 @@ def test_close_releases_after_letting_go_of_the_store() -> None:
     assert free == [True], "another thread could take the store while the closing store released"
 
 
+def test_an_on_recv_callback_that_raises_leaves_the_chunk_stored_and_released_once() -> None:
+    def broken(header: Header, nbytes: int) -> None:
+        raise RuntimeError("a broken callback")
+
+    async def main() -> None:
+        releases = Releases()
+        store = make_store(on_recv=broken)
+        store.deliver(frames(b"abc", id="kept")[0], releases("kept"))  # does not raise
+        assert releases.calls == {}
+        assert await store.get("kept", 0, 1.0) == b"abc"
+        store.mark_done("kept", 0)
+        assert releases.calls == {"kept": 1}
+
+    asyncio.run(main())
+
+
 def test_mark_done_releases_and_later_recv_raises() -> None:
     async def main() -> None:
         releases = Releases()
