@@ -30,7 +30,7 @@ from sidecar_core._errors import SendTimeoutError, SidecarClosedError, SidecarEr
 from sidecar_core._frame import MAX_ID_CHARS, Frame, Header
 from sidecar_core._plugins import Registry, get_registry
 from sidecar_core._settings import SidecarSettings, load_settings
-from sidecar_core._store import ReceiveStore, Waiter
+from sidecar_core._store import ReceiveStore, Waiter, settle_waiter
 from sidecar_core._transport import Transport, TransportContext
 
 logger = logging.getLogger("sidecar")
@@ -309,6 +309,7 @@ class Sidecar:
         self.codec = Codec(self._registry.load_serializers())
         self._hooks = self._registry.manager.hook
         self._closed = False
+        self._shutting_down = threading.Lock()  # one shutdown at a time; the others wait for it
         self._loop_thread = _LoopThread(f"sidecar-{self.sidecar_rank}")
         self._store = ReceiveStore(
             self.codec,
@@ -605,9 +606,10 @@ class Sidecar:
         try:
             await self._transport.want(id, chunk_id)
         except Exception as error:
-            waiter.set_exception(error)
+            settle_waiter(waiter, error=error)
             return
-        self._store.add_waiter(id, chunk_id, waiter)
+        if not waiter.done():  # else the receive gave up meanwhile: nobody would drop this waiter
+            self._store.add_waiter(id, chunk_id, waiter)
 
     def _give_up(self, id: str, chunk_id: int, waiter: Waiter) -> None:
         self._store.drop_waiter(id, chunk_id, waiter)
@@ -712,13 +714,22 @@ class Sidecar:
             await self._transport.close()
 
     def shutdown_sync(self) -> None:
-        """Stop the transport, release received memory and stop the loop thread. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            self._loop_thread.call(self._close())
-        self._loop_thread.stop()
+        """Stop the transport, release received memory and stop the loop thread. Idempotent.
+
+        Several threads may call it at once: one shuts down, the others return once it is done.
+
+        Raises:
+            RuntimeError: Called on the sidecar's own thread (in a send future's callback, say),
+                which cannot wait for itself to stop; use ``await shutdown()`` elsewhere.
+        """
+        self._loop_thread.check_not_on_loop()
+        with self._shutting_down:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._loop_thread.call(self._close())
+            self._loop_thread.stop()
 
     async def shutdown(self) -> None:
         """Async form of :meth:`shutdown_sync`."""

@@ -63,7 +63,7 @@ class _Assembly:
     parts: set[int] = field(default_factory=set)
 
 
-def _settle(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
+def settle_waiter(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
     """Resolve a waiter unless its receiver already gave up (timed out or cancelled)."""
     try:
         if error is not None:
@@ -125,6 +125,7 @@ class ReceiveStore:
         self._loop = loop
         self._lock = threading.RLock()
         self.buffered_bytes = 0
+        self._closed = False
 
     # -- the transport side -------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class ReceiveStore:
         if h.num_chunks is not None:
             self._set_end(h.id, h.num_chunks)
         for waiter in self._waiters.pop(key, []):
-            _settle(waiter, value)
+            settle_waiter(waiter, value)
         if self._on_recv is not None:
             try:
                 self._on_recv(h, nbytes)
@@ -229,7 +230,7 @@ class ReceiveStore:
         _remember(self._ends, id, end)
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
             for waiter in self._waiters.pop(key):
-                _settle(waiter, None)
+                settle_waiter(waiter, None)
 
     def peer_lost(self, rank: int, reason: str) -> None:
         """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
@@ -245,7 +246,7 @@ class ReceiveStore:
         for key in [k for k in self._waiters if k[0] in ids]:
             error = self._lost_error(key)
             for waiter in self._waiters.pop(key):
-                _settle(waiter, error=error)
+                settle_waiter(waiter, error=error)
 
     def _lost_error(self, key: Key) -> PeerLostError:
         return PeerLostError(
@@ -274,22 +275,25 @@ class ReceiveStore:
             self._add_waiter(id, chunk_id, waiter)
 
     def _add_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        if self._closed:  # a receive that started while the sidecar shut down
+            settle_waiter(waiter, error=self._closed_error(id, chunk_id))
+            return
         key = (id, chunk_id)
         held = self._held.get(key)
         end = self._ends.get(id)
         if held is not None:
-            _settle(waiter, held.value)
+            settle_waiter(waiter, held.value)
         elif key in self._done:
-            _settle(
+            settle_waiter(
                 waiter,
                 error=AlreadyDoneError(
                     f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
                 ),
             )
         elif end is not None and chunk_id >= end:
-            _settle(waiter, None)
+            settle_waiter(waiter, None)
         elif id in self._lost:
-            _settle(waiter, error=self._lost_error(key))
+            settle_waiter(waiter, error=self._lost_error(key))
         else:
             self._waiters[key].append(waiter)
 
@@ -361,21 +365,20 @@ class ReceiveStore:
         the store's.
         """
         with self._lock:
+            self._closed = True
             held = list(self._held.values())
             self._held.clear()
             self._assembling.clear()
             for (id, chunk_id), waiters in self._waiters.items():
                 for waiter in waiters:
-                    _settle(
-                        waiter,
-                        error=SidecarClosedError(
-                            f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down"
-                        ),
-                    )
+                    settle_waiter(waiter, error=self._closed_error(id, chunk_id))
             self._waiters.clear()
             self.buffered_bytes = 0
         for entry in held:
             _call(entry.release)
+
+    def _closed_error(self, id: str, chunk_id: int) -> SidecarClosedError:
+        return SidecarClosedError(f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down")
 
 
 def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:

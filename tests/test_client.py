@@ -404,3 +404,27 @@ def test_shutdown_ends_a_waiting_recv(registry: Registry) -> None:
         sidecar.shutdown_sync()
         with pytest.raises(SidecarClosedError, match="recv id='never' chunk=0: sidecar rank 0 was shut down"):
             waiting.result(WAIT)
+
+
+def test_shutdown_on_the_sidecars_own_thread_is_refused_and_a_later_one_completes(registry: Registry) -> None:
+    a, b = make(registry, 0), make(registry, 1)
+    refused: list[BaseException] = []
+
+    def shut_down_here(_: object) -> None:  # a send future's callback runs on the sidecar's thread
+        try:
+            a.shutdown_sync()
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    sent = a.send(1, "x", 1)
+    sent.add_done_callback(shut_down_here)
+    sent.result(5)
+    deadline = time.monotonic() + 5
+    while not refused and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "sidecar's own thread" in str(refused[0])
+    assert b.recv_sync("x", timeout=5) == 1
+    a.shutdown_sync()
+    b.shutdown_sync()
+    with make(registry, 0) as again:  # the rank's transport was closed: it can serve again
+        assert again.sidecar_rank == 0

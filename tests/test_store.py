@@ -172,6 +172,15 @@ def test_an_on_recv_callback_that_raises_leaves_the_chunk_stored_and_released_on
     asyncio.run(main())
 
 
+def test_a_receive_that_starts_after_close_fails_at_once() -> None:
+    store = make_store()
+    store.close()
+    waiter: concurrent.futures.Future[object] = concurrent.futures.Future()
+    store.add_waiter("late", 0, waiter)
+    with pytest.raises(SidecarClosedError, match="recv id='late' chunk=0: sidecar rank 5 was shut down"):
+        waiter.result(0)
+
+
 def test_mark_done_releases_and_later_recv_raises() -> None:
     async def main() -> None:
         releases = Releases()
