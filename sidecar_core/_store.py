@@ -11,6 +11,7 @@ parts, copies a part), so a receiver's call may wait that long. Waiters are sett
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import logging
@@ -61,6 +62,9 @@ class _Assembly:
     first: Header
     dest: torch.Tensor
     parts: set[int] = field(default_factory=set)
+    #: The byte ranges ``(start, end)`` the parts so far filled, sorted; they never overlap.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    covered: int = 0
 
 
 def settle_waiter(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
@@ -174,22 +178,39 @@ class ReceiveStore:
             assembly = self._assembling[key] = _Assembly(h, dest)
             self.buffered_bytes += h.total_bytes
         first = assembly.first
-        if (h.num_parts, h.layout, h.serializer, h.meta) != (
+        if (h.num_parts, h.layout, h.serializer, h.meta, h.src) != (
             first.num_parts,
             first.layout,
             first.serializer,
             first.meta,
+            first.src,
         ):
-            raise FrameError(f"{h.describe()}: part {h.part} disagrees with part {first.part} on layout or metadata")
+            raise FrameError(
+                f"{h.describe()}: part {h.part} from rank {h.src} disagrees with part {first.part} from rank "
+                f"{first.src} on layout, metadata or sender"
+            )
         if h.part in assembly.parts:
             raise FrameError(f"{h.describe()}: part {h.part} arrived twice")
+        start, end = h.offset, h.offset + h.frame_bytes
+        spans = assembly.spans
+        at = bisect.bisect_left(spans, (start, end))
+        if start < end and ((at > 0 and spans[at - 1][1] > start) or (at < len(spans) and spans[at][0] < end)):
+            raise FrameError(f"{h.describe()}: part {h.part} (bytes {start} to {end}) overlaps another part")
         pos = h.offset
         for buf, size in zip(frame.buffers, h.sizes, strict=True):
             assembly.dest[pos : pos + size].copy_(buffer_tensor(buf), non_blocking=False)
             pos += size
         assembly.parts.add(h.part)
+        spans.insert(at, (start, end))
+        assembly.covered += end - start
         if len(assembly.parts) < first.num_parts:
             return
+        if assembly.covered != first.total_bytes:
+            del self._assembling[key]
+            self.buffered_bytes -= first.total_bytes
+            raise FrameError(
+                f"{h.describe()}: its {first.num_parts} parts hold {assembly.covered} of {first.total_bytes} bytes"
+            )
         del self._assembling[key]
         self.buffered_bytes -= h.total_bytes
         views: list[Buffer] = []
@@ -342,8 +363,9 @@ class ReceiveStore:
         key = (id, chunk_id)
         with self._lock:
             assembly = self._assembling.pop(key, None)
-            if assembly is not None:
+            if assembly is not None:  # given up before every part came: later parts are refused
                 self.buffered_bytes -= assembly.first.total_bytes
+                _remember(self._done, key, None)
             held = self._held.pop(key, None)
             if held is None:
                 return

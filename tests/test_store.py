@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 
@@ -358,6 +359,34 @@ def test_part_errors() -> None:
     other = frames(b"abcdefghijkl", part=4)[1]  # a part of another layout under the same key
     with pytest.raises(FrameError, match="disagrees with part 0"):
         store.deliver(other)
+
+
+def test_parts_must_come_from_one_sender_and_fill_the_message_without_overlap() -> None:
+    store = make_store()
+    mine = frames(b"0123456789", id="joined", src=1, part=4)
+    theirs = frames(b"abcdefghij", id="joined", src=2, part=4)
+    store.deliver(mine[0])
+    with pytest.raises(FrameError, match="part 1 from rank 2 disagrees with part 0 from rank 1"):
+        store.deliver(theirs[1])
+    # A part claiming the bytes of another would leave some of the message unwritten.
+    forged = Frame(msgspec.structs.replace(mine[1].header, offset=0), mine[1].buffers)
+    with pytest.raises(FrameError, match=r"part 1 \(bytes 0 to 4\) overlaps another part"):
+        store.deliver(forged)
+    store.deliver(mine[1])
+    store.deliver(mine[2])
+    assert bytes(run(store.get("joined", 0, 1.0))) == b"0123456789"
+
+
+def test_mark_done_of_a_message_still_in_parts_frees_it_and_refuses_the_rest() -> None:
+    store = make_store()
+    pieces = frames(b"0123456789", id="abandoned", part=4)
+    store.deliver(pieces[0])
+    assert store.buffered_bytes == 10
+    store.mark_done("abandoned", 0)
+    assert store.buffered_bytes == 0
+    with pytest.raises(DuplicateChunkError, match="id='abandoned' chunk=0 was already marked done"):
+        store.deliver(pieces[1])
+    assert store.buffered_bytes == 0
 
 
 def test_bad_frames_are_rejected_and_the_store_goes_on() -> None:
