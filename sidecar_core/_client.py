@@ -631,7 +631,7 @@ class Sidecar:
             PeerLostError: The peer sending this id disconnected before sending the chunk.
             SidecarClosedError: The sidecar was shut down.
         """
-        timeout = self.settings.recv_timeout if timeout is None else timeout
+        timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
         waiter = self._waiter(id, chunk_id)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
@@ -650,7 +650,7 @@ class Sidecar:
         guide's "Performance").
         """
         self._loop_thread.check_not_on_loop()
-        timeout = self.settings.recv_timeout if timeout is None else timeout
+        timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
         waiter = self._waiter(id, chunk_id)
         if self._polls and not waiter.done():
             self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above

@@ -168,3 +168,5 @@ def decode_header(body: bytes | bytearray) -> Header:
         return _DECODER.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise FrameError(f"malformed frame header: {exc}") from None
+    except RecursionError:  # metadata nested thousands deep
+        raise FrameError("malformed frame header: it nests too deeply") from None

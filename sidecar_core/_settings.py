@@ -11,6 +11,7 @@ import difflib
 import json
 import logging
 import os
+import threading
 from typing import Annotated, Any, TypeVar
 
 import pydantic
@@ -21,6 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sidecar_core._errors import SettingsError
 
 _GiB = 1 << 30
+#: Longest timeout a thread can wait for (``threading.TIMEOUT_MAX``, about 49 days on Linux).
+_MAX_WAIT = threading.TIMEOUT_MAX
 logger = logging.getLogger("sidecar")
 
 Rank = Annotated[int, Field(ge=0)]
@@ -46,9 +49,15 @@ class SidecarSettings(BaseSettings):
     peers: dict[Rank, str] | None = Field(
         None, description='Explicit JSON map of rank to `host:port`, e.g. `{"0": "10.0.0.5:19000"}`.'
     )
-    recv_timeout: float = Field(60.0, gt=0, description="Seconds `recv` waits for a chunk.")
-    send_timeout: float = Field(60.0, gt=0, description="Seconds `send` waits for every destination.")
-    connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait when connecting to a peer.")
+    recv_timeout: float = Field(
+        60.0, gt=0, le=_MAX_WAIT, allow_inf_nan=False, description="Seconds `recv` waits for a chunk."
+    )
+    send_timeout: float = Field(
+        60.0, gt=0, le=_MAX_WAIT, allow_inf_nan=False, description="Seconds `send` waits for every destination."
+    )
+    connect_timeout: float = Field(
+        10.0, gt=0, le=_MAX_WAIT, allow_inf_nan=False, description="Seconds to wait when connecting to a peer."
+    )
     max_buffered_bytes: int = Field(8 * _GiB, gt=0, description="Bound on received bytes held until `mark_done`.")
     chunk_size: int | None = Field(
         None, gt=0, description="Split messages above this many bytes into parts (unset: transport's choice)."
@@ -66,8 +75,8 @@ class SidecarSettings(BaseSettings):
     @field_validator("recv_device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        kind, _, index = value.partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        kind, colon, index = value.partition(":")
+        if kind not in ("cpu", "cuda") or (colon and not index.isdigit()) or (kind == "cpu" and colon):
             raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
         return value
 

@@ -124,7 +124,7 @@ class ReceiveStore:
         # Per-id facts, forgotten oldest first beyond DONE_MEMORY ids.
         self._ends: OrderedDict[str, int] = OrderedDict()
         self._sources: OrderedDict[str, int] = OrderedDict()
-        self._lost: dict[str, str] = {}
+        self._lost: OrderedDict[str, str] = OrderedDict()
         self._waiters: defaultdict[Key, list[Waiter]] = defaultdict(list)
         self._loop = loop
         self._lock = threading.RLock()
@@ -263,7 +263,7 @@ class ReceiveStore:
             self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
         ids = {id for id, src in self._sources.items() if src == rank}
         for id in ids:
-            self._lost[id] = f"rank {rank} was lost: {reason}"
+            _remember(self._lost, id, f"rank {rank} was lost: {reason}")
         for key in [k for k in self._waiters if k[0] in ids]:
             error = self._lost_error(key)
             for waiter in self._waiters.pop(key):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import re
 import threading
 import time
@@ -428,3 +429,13 @@ def test_shutdown_on_the_sidecars_own_thread_is_refused_and_a_later_one_complete
     b.shutdown_sync()
     with make(registry, 0) as again:  # the rank's transport was closed: it can serve again
         assert again.sidecar_rank == 0
+
+
+def test_recv_sync_takes_an_infinite_timeout(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    later = threading.Timer(0.2, lambda: a.send("late", "forever", 1))
+    later.start()
+    try:
+        assert b.recv_sync("forever", timeout=math.inf) == "late"
+    finally:
+        later.join()

@@ -27,6 +27,7 @@ from sidecar_core import (
     RecvTimeoutError,
     SidecarClosedError,
 )
+from sidecar_core._frame import decode_header
 from sidecar_core._store import ReceiveStore
 
 
@@ -387,6 +388,13 @@ def test_mark_done_of_a_message_still_in_parts_frees_it_and_refuses_the_rest() -
     with pytest.raises(DuplicateChunkError, match="id='abandoned' chunk=0 was already marked done"):
         store.deliver(pieces[1])
     assert store.buffered_bytes == 0
+
+
+def test_a_header_nested_thousands_deep_is_a_frame_error() -> None:
+    header = frames(b"x")[0].header
+    text = msgspec.json.encode(header).replace(b'"meta":{', b'"meta":{"deep":' + b"[" * 5000 + b"]" * 5000 + b",", 1)
+    with pytest.raises(FrameError, match="malformed frame header: it nests too deeply"):
+        decode_header(text)
 
 
 def test_bad_frames_are_rejected_and_the_store_goes_on() -> None:
