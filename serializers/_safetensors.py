@@ -78,8 +78,9 @@ def safetensors_bytes(meta: Mapping[str, Any]) -> bytes:
 def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buffer, Device]:
     """Describe ``tensor`` as a safetensors entry starting at byte ``begin`` and give its bytes.
 
-    A non-contiguous tensor is made contiguous (one copy); otherwise the buffer is a view of the
-    tensor: a ``memoryview`` for CPU tensors, a flat ``torch.uint8`` CUDA tensor for CUDA tensors.
+    A non-contiguous tensor is made contiguous (one copy), and a bool tensor is copied as the 0 and 1
+    bytes torch reads its elements as; otherwise the buffer is a view of the tensor: a
+    ``memoryview`` for CPU tensors, a flat ``torch.uint8`` CUDA tensor for CUDA tensors.
 
     Raises:
         SerializationError: The tensor's dtype has no safetensors code, or its layout or device is not
@@ -97,6 +98,10 @@ def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buf
     if tensor.device.type not in ("cpu", "cuda"):
         raise SerializationError(f"tensor on device {tensor.device} is not supported; move it to the CPU or CUDA")
     data = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if data.dtype == torch.bool:
+        # A bool view of other bytes (uint8 2 viewed as bool) is true to torch but not a safetensors
+        # BOOL, which the receiver refuses: send each element as the 0 or 1 torch reads it as.
+        data = data.view(torch.uint8).ne(0)
     if data.numel() <= 1:
         # Tensors of 0 or 1 elements count as contiguous whatever their stride, which view() refuses.
         data = data.as_strided((data.numel(),), (1,))

@@ -215,6 +215,15 @@ def test_every_dtype_writes_a_file_load_file_reads(tmp_path: Path, code: str) ->
     assert_same(safetensors.torch.load_file(path)[tensor.KEY], t)
 
 
+def test_a_bool_view_of_other_bytes_arrives_as_torch_reads_it() -> None:
+    # Masks made by viewing uint8 as bool hold bytes other than 0 and 1; torch reads them as True.
+    mask = torch.tensor([0, 2, 1, 255], dtype=torch.uint8).view(torch.bool)
+    for got in round_trips(mask):
+        assert got.dtype == torch.bool
+        assert got.tolist() == [False, True, True, True]
+        assert set(got.view(torch.uint8).tolist()) <= {0, 1}
+
+
 def test_chunked_file_records_the_container(tmp_path: Path) -> None:
     path = tmp_path / "frame.safetensors"
     path.write_bytes(safetensors_file(chunked_tensor.encode((torch.ones(2), torch.arange(3)))))
