@@ -83,6 +83,40 @@ def test_strict_switch(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatc
         assert "FAILED test_strict.py::test_param[example-tcp]" not in out  # third-party transports may skip
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_strict_switch_fails_a_module_skipped_whole_but_not_a_host_capability(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, strict: bool
+) -> None:
+    monkeypatch.setenv("SIDECAR_TEST_STRICT", "1" if strict else "0")
+    pytester.makepyfile(
+        test_library="""
+        import pytest
+        pytest.importorskip("no_such_transport_library", reason="the library is not installed")
+        pytestmark = pytest.mark.transport("ucx")
+
+        def test_hidden():
+            pass
+        """,
+        test_host="""
+        import pytest
+
+        @pytest.mark.host_capability
+        @pytest.mark.transport("ucx")
+        def test_needs_root():
+            pytest.skip("making network namespaces needs root")
+        """,
+    )
+    result = pytester.runpytest("-p", "sidecar_core.testing", "-rfEs", "--continue-on-collection-errors")
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_host.py:*: making network namespaces needs root"])
+    if strict:
+        result.assert_outcomes(skipped=1, errors=1)
+        assert "SIDECAR_TEST_STRICT=1: the module test_library.py was skipped whole (" in out
+        assert "the library is not installed" in out
+    else:
+        result.assert_outcomes(skipped=2)
+
+
 def test_conformance_class_without_the_plugin_says_how_to_enable_it(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_suite="""

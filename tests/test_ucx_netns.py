@@ -108,6 +108,7 @@ def in_netns(host: Host, *args: str) -> list[str]:
     return ["ip", "netns", "exec", host.netns, sys.executable, str(PEER), *args]
 
 
+@pytest.mark.host_capability
 def test_two_hosts_over_a_veth_pair(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     peers = {0: f"{a.address}:19100", 1: f"{b.address}:19101"}

@@ -13,7 +13,8 @@ in a top-level ``conftest.py``.
   the tests of one module.
 * Tests marked ``gpu`` are skipped with the reason "no CUDA device" where CUDA is absent.
 * ``SIDECAR_TEST_STRICT=1`` turns the skip of a test that exercises a built-in transport into a
-  failure (``gpu`` tests skipped for lack of a CUDA device excepted).
+  failure (``gpu`` tests skipped for lack of a CUDA device, and ``host_capability`` tests skipped
+  for want of root or network namespaces, excepted), and so does a test module skipped whole.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{NEEDS_PEER}: needs a live peer; not generated for peerless transports")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with the reason where none is present)")
     config.addinivalue_line("markers", "transport(name): exercises this transport (strict mode fails its skips)")
+    config.addinivalue_line(
+        "markers",
+        "host_capability: needs something of the host no package provides, such as root or network namespaces "
+        "(its skip stands in strict mode, with the reason)",
+    )
 
 
 def _split(value: str) -> list[str]:
@@ -164,7 +170,7 @@ def _builtin_transport_of(item: pytest.Item) -> str | None:
     return next((name for name in names if name in BUILTIN_TRANSPORTS), None)
 
 
-def _skip_reason(report: pytest.TestReport) -> str:
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         return str(longrepr[2])
@@ -183,12 +189,33 @@ def pytest_runtest_makereport(
     reason = _skip_reason(report)
     if transport is None or (item.get_closest_marker("gpu") is not None and NO_CUDA in reason):
         return report
+    if item.get_closest_marker("host_capability") is not None:
+        return report
     report.outcome = "failed"
     report.longrepr = (
         f"{STRICT_ENV}=1: this test of the built-in transport {transport!r} was skipped ({reason}). "
         "Built-in transports must run in strict mode: install what the reason names, or unset "
         f"{STRICT_ENV} for a local run."
     )
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Under ``SIDECAR_TEST_STRICT=1``, fail a test module skipped whole while it was collected.
+
+    A module-level skip (``pytest.importorskip`` of a transport's library, say) hides every test
+    in it before any could be seen as a test of a built-in transport.
+    """
+    report: pytest.CollectReport = yield
+    if report.skipped and isinstance(collector, pytest.Module) and strict(collector.config):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{STRICT_ENV}=1: the module {collector.nodeid} was skipped whole ({_skip_reason(report)}). "
+            f"Install what the reason names, or unset {STRICT_ENV} for a local run."
+        )
     return report
 
 
