@@ -128,7 +128,7 @@ class SendFuture(concurrent.futures.Future[T]):
         self.poll: Callable[[Callable[[], bool]], None] | None = None
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
-        """Call ``fn(future)`` once it is done, on the sidecar's thread (at once if it is done already)."""
+        """Call ``fn(future)`` once it is done, on the sidecar's thread (at once, here, if it is done already)."""
         self.has_callbacks = True
         super().add_done_callback(fn)
 
@@ -516,8 +516,8 @@ class Sidecar:
         start = time.perf_counter()
         timeout = self.settings.send_timeout
         try:
-            for frame in frames:
-                async with asyncio.timeout(timeout):  # unlike wait_for, runs send in this task
+            async with asyncio.timeout(timeout):  # one limit for every part; unlike wait_for, sends in this task
+                for frame in frames:
                     await self._transport.send(rank, frame)
         except TimeoutError:
             error = self._send_timeout_error(frames[0].header, rank)
