@@ -585,10 +585,11 @@ class Sidecar:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def _waiter(self, id: str, chunk_id: int) -> Waiter:
+    def _waiter(self, id: str, chunk_id: int, timeout: float) -> Waiter:
         """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
 
-        Only a pull-based transport that does not hold the chunk yet is asked for it on the loop.
+        Only a pull-based transport that does not hold the chunk yet is asked for it on the loop,
+        to look for it for up to ``timeout`` seconds.
         """
         self._check_open()
         waiter: Waiter = concurrent.futures.Future()
@@ -597,14 +598,14 @@ class Sidecar:
             if found:
                 waiter.set_result(value)
             else:
-                self._loop_thread.submit(self._pull(id, chunk_id, waiter))
+                self._loop_thread.submit(self._pull(id, chunk_id, waiter, timeout))
         else:
             self._store.add_waiter(id, chunk_id, waiter)
         return waiter
 
-    async def _pull(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+    async def _pull(self, id: str, chunk_id: int, waiter: Waiter, timeout: float) -> None:
         try:
-            await self._transport.want(id, chunk_id)
+            await self._transport.want(id, chunk_id, timeout)
         except Exception as error:
             settle_waiter(waiter, error=error)
             return
@@ -632,7 +633,7 @@ class Sidecar:
             SidecarClosedError: The sidecar was shut down.
         """
         timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
-        waiter = self._waiter(id, chunk_id)
+        waiter = self._waiter(id, chunk_id, timeout)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
         except TimeoutError:
@@ -651,7 +652,7 @@ class Sidecar:
         """
         self._loop_thread.check_not_on_loop()
         timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
-        waiter = self._waiter(id, chunk_id)
+        waiter = self._waiter(id, chunk_id, timeout)
         if self._polls and not waiter.done():
             self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above
         try:

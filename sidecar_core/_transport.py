@@ -176,13 +176,16 @@ class Transport(abc.ABC):
             ready: Whether what the caller waits for has arrived (cheap; any thread).
         """
 
-    async def want(self, id: str, chunk_id: int) -> None:  # noqa: B027 - optional hook
-        """A ``recv`` is waiting for ``(id, chunk_id)``; pull-based transports fetch it here.
+    async def want(self, id: str, chunk_id: int, timeout: float) -> None:  # noqa: B027 - optional hook
+        """A ``recv`` waits up to ``timeout`` seconds for ``(id, chunk_id)``; pull-based transports fetch it here.
 
+        A pull-based transport delivers the chunk to its :class:`Inbox` and returns, or looks for it
+        for up to ``timeout`` seconds and then returns without it; what it raises fails the receive.
         Push-based transports (the default) ignore this.
 
         Raises:
             LookupError: The transport can never provide this key (the message says why).
+            FrameError: What it found cannot be delivered.
         """
 
     @abc.abstractmethod

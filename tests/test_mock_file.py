@@ -443,7 +443,33 @@ def test_directory_recv_times_out_and_stops_looking(env: Env, tmp_path: Path) ->
         time.sleep(0.3)
         transport = sidecar._transport
         assert isinstance(transport, MockFileTransport)
-        assert transport._pollers == {}
+        assert transport._looking == set()
+
+
+def test_directory_recv_waits_its_own_timeout_not_the_settings(env: Env, tmp_path: Path) -> None:
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar(recv_timeout=0.3) as sidecar:
+        writer = threading.Timer(0.8, lambda: (tmp_path / "late-0.json").write_text('{"on": "time"}'))
+        writer.start()
+        try:
+            assert sidecar.recv_sync("late", timeout=WAIT) == {"on": "time"}
+        finally:
+            writer.join()
+
+
+def test_a_file_that_cannot_be_read_fails_the_recv_waiting_for_it(env: Env, tmp_path: Path) -> None:
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar() as sidecar:
+        bad = tmp_path / "bad-0.pt"
+        writer = threading.Timer(0.3, lambda: bad.write_bytes(b"not a torch file"))
+        writer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(FrameError, match=r"bad-0"):
+                sidecar.recv_sync("bad", timeout=WAIT)
+        finally:
+            writer.join()
+        assert time.monotonic() - start < WAIT / 2, "failed when the file was read, not by the timeout"
 
 
 def test_mapping_mode_close_stream_writes_nothing(env: Env, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ Where a key's file is:
   str, finite floats), ``<key>.bin`` for bytes and ``<key>.pt`` otherwise (tensors, lists and
   tuples of tensors, nan and ±inf); ``<key>`` is the key percent-encoded to a file name (shortened
   with a hash when long). Receiving behaves like a real transport: ``recv`` waits for the file to
-  appear (looking every few milliseconds, for up to ``SIDECAR_RECV_TIMEOUT`` after the latest
-  ``recv`` of that key); ``close_stream``, and any send that knows ``num_chunks``, writes
+  appear (looking every few milliseconds, for as long as that ``recv`` waits; a file that
+  cannot be read fails it); ``close_stream``, and any send that knows ``num_chunks``, writes
   ``<id>.end.json`` so that ``recv`` past the end returns ``None``.
 - A key in neither raises :class:`~sidecar_core.UnknownKeyError`.
 
@@ -137,9 +137,8 @@ class MockFileTransport(Transport):
         self._assembling: dict[Key, _Assembly] = {}
         self._delivered: OrderedDict[Key, None] = OrderedDict()
         self._loading: dict[Key, asyncio.Task[bool]] = {}
-        self._pollers: dict[Key, asyncio.Task[None]] = {}
-        self._deadlines: dict[Key, float] = {}
-        self._failures: dict[Key, Exception] = {}
+        #: The tasks looking for a file in ``want`` right now (closing cancels them).
+        self._looking: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Create the directory of directory mode.
@@ -227,8 +226,10 @@ class MockFileTransport(Transport):
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def want(self, id: str, chunk_id: int) -> None:
-        """Read ``(id, chunk_id)``'s file, if there is one, and deliver it to this rank's store.
+    async def want(self, id: str, chunk_id: int, timeout: float) -> None:
+        """Deliver ``(id, chunk_id)``'s file to this rank's store (see :meth:`Transport.want`).
+
+        In directory mode, a file that is not there yet is looked for for up to ``timeout`` seconds.
 
         Raises:
             UnknownKeyError: The key is neither mapped nor covered by a directory.
@@ -246,12 +247,27 @@ class MockFileTransport(Transport):
             return
         if self.settings.dir is None:
             raise self._unknown(name)
-        failure = self._failures.pop(key, None)
-        if failure is not None:
-            raise failure
-        self._deadlines[key] = asyncio.get_running_loop().time() + self.ctx.settings.recv_timeout
-        if key not in self._pollers and not await self._once(key, lambda: self._fetch_from_dir(key)):
-            self._pollers[key] = asyncio.create_task(self._poll(key))
+        task = asyncio.current_task()
+        assert task is not None  # called in the sidecar's task
+        self._looking.add(task)
+        try:
+            await self._look(key, asyncio.get_running_loop().time() + timeout)
+        finally:
+            self._looking.discard(task)
+
+    async def _look(self, key: Key, deadline: float) -> None:
+        """Look for a key's file until it is delivered or ``deadline`` (the loop's clock) passes.
+
+        Raises:
+            FrameError: The file cannot be read, or holds something no serializer can deliver.
+        """
+        loop = asyncio.get_running_loop()
+        delay = 0.001
+        while not await self._once(key, lambda: self._fetch_from_dir(key)):
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, self.settings.poll_interval)
 
     async def _once(self, key: Key, fetch: Callable[[], Coroutine[Any, Any, bool]]) -> bool:
         """Run one fetch of ``key`` at a time; concurrent callers share its outcome."""
@@ -289,23 +305,6 @@ class MockFileTransport(Transport):
             return True
         return False
 
-    async def _poll(self, key: Key) -> None:
-        """Look for a key's file until it appears or the latest ``recv`` of it gave up waiting."""
-        loop = asyncio.get_running_loop()
-        delay = 0.001
-        try:
-            while loop.time() < self._deadlines.get(key, 0.0):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.poll_interval)
-                if await self._once(key, lambda: self._fetch_from_dir(key)):
-                    return
-        except Exception as exc:
-            logger.error("mock-file: reading %r failed: %s", _name(*key), exc)
-            self._failures[key] = exc
-        finally:
-            self._pollers.pop(key, None)
-            self._deadlines.pop(key, None)
-
     def _deliver(self, key: Key, obj: object, path: Path) -> None:
         id, chunk_id = key
         try:
@@ -334,7 +333,7 @@ class MockFileTransport(Transport):
 
     async def close(self) -> None:
         """Stop looking for files and drop parts of unfinished messages."""
-        tasks = [*self._pollers.values(), *self._loading.values()]
+        tasks = [*self._looking, *self._loading.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
