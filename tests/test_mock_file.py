@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -433,6 +434,25 @@ def test_directory_recv_waits_for_data_and_stream_end(env: Env, tmp_path: Path) 
         assert receiver.recv_sync("stream", 1) == "last"
         assert receiver.recv_sync("stream", 5) is None
     assert json.loads((tmp_path / "stream.end.json").read_text()) == {"num_chunks": 2}
+
+
+def test_an_int_a_pt_file_cannot_give_back_is_refused_when_sent(env: Env, tmp_path: Path) -> None:
+    env(**mapping_env({"big-0": tmp_path / "big.pt", "fits-0": tmp_path / "fits.pt"}))
+    with mock_sidecar() as sidecar:
+        with pytest.raises(SerializationError, match=r"an int of 2041 bits cannot be read back from a \.pt file"):
+            sidecar.send(2**2040, "big", [[]]).result(WAIT)
+        sidecar.send(2**2038, "fits", [[]]).result(WAIT)
+        assert sidecar.recv_sync("fits", timeout=WAIT) == 2**2038
+
+
+def test_files_are_written_with_the_umasks_permissions(env: Env, tmp_path: Path) -> None:
+    # Readers of another user (containers sharing a volume) must be able to read what was sent.
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar() as sidecar:
+        sidecar.send({"shared": True}, "perm", [[]]).result(WAIT)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "perm-0.json").stat().st_mode) == 0o666 & ~mask
 
 
 def test_directory_recv_times_out_and_stops_looking(env: Env, tmp_path: Path) -> None:

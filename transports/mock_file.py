@@ -399,6 +399,11 @@ def _write(name: str, path: Path, obj: object) -> None:
         if type(obj) is bytes:
             # torch.load(weights_only=True) cannot read b"" back; bytes have their own format.
             raise _cannot_hold(name, path, obj, "tensors and JSON values", ".bin")
+        if type(obj) is int and obj.bit_length() >= _PT_INT_BITS:
+            raise SerializationError(
+                f"mock-file: cannot write {name!r} to {path}: an int of {obj.bit_length()} bits cannot be read "
+                f"back from a {suffix} file (torch.load reads ints of under {_PT_INT_BITS} bits); send it as a str"
+            )
 
         def write(f: IO[bytes]) -> None:
             torch.save(obj, f)
@@ -433,6 +438,10 @@ def _write(name: str, path: Path, obj: object) -> None:
     _atomic_write(path, write)
 
 
+#: Ints of this many bits or more are pickled with an opcode ``torch.load(weights_only=True)`` refuses.
+_PT_INT_BITS = 2040
+
+
 def _cannot_hold(name: str, path: Path, obj: object, holds: str, instead: str = ".pt") -> SerializationError:
     return SerializationError(
         f"mock-file: cannot write {name!r} to {path}: a {path.suffix} file holds {holds}, not a "
@@ -445,6 +454,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it: mkstemp's 0600 keeps other readers out
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -452,6 +462,18 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _remove(path: Path) -> None:
