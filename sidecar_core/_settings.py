@@ -106,6 +106,11 @@ def env_name(settings_cls: type[BaseSettings], field: str) -> str:
     return f"{prefix}{field}".upper()
 
 
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _warn_unknown(settings_cls: type[BaseSettings]) -> None:
     """Log environment variables with the class's prefix that name no field (usually typos)."""
     prefix = str(settings_cls.model_config.get("env_prefix", "")).upper()
@@ -138,6 +143,11 @@ def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
             that was given and what is expected.
     """
     given = {key: value for key, value in overrides.items() if value is not None}
+    unknown = sorted(set(given) - set(settings_cls.model_fields))
+    if unknown:
+        known = list(settings_cls.model_fields)
+        hints = [f"{key!r}{_did_you_mean(key, known)}" for key in unknown]
+        raise SettingsError(f"unknown sidecar setting(s) {', '.join(hints)}; the settings are {', '.join(known)}")
     _warn_unknown(settings_cls)
     try:
         return settings_cls(**given)

@@ -22,6 +22,7 @@ from sidecar_core import (
     Registry,
     RemoteError,
     SerializationError,
+    SettingsError,
     Sidecar,
     SidecarClosedError,
     SidecarConfig,
@@ -439,3 +440,10 @@ def test_recv_sync_takes_an_infinite_timeout(pair: tuple[Sidecar, Sidecar]) -> N
         assert b.recv_sync("forever", timeout=math.inf) == "late"
     finally:
         later.join()
+
+
+def test_a_misspelt_setting_in_the_config_is_refused_with_a_suggestion(registry: Registry) -> None:
+    with pytest.raises(
+        SettingsError, match=r"unknown sidecar setting\(s\) 'recv_timout' \(did you mean 'recv_timeout'\?\)"
+    ):
+        make(registry, 0, recv_timout=5)
