@@ -392,8 +392,9 @@ def test_mark_done_of_a_message_still_in_parts_frees_it_and_refuses_the_rest() -
 
 def test_a_header_nested_thousands_deep_is_a_frame_error() -> None:
     header = frames(b"x")[0].header
-    text = msgspec.json.encode(header).replace(b'"meta":{', b'"meta":{"deep":' + b"[" * 5000 + b"]" * 5000 + b",", 1)
-    with pytest.raises(FrameError, match="malformed frame header: it nests too deeply"):
+    deep = b"[" * 100_000 + b"]" * 100_000  # past any interpreter's recursion limit
+    text = msgspec.json.encode(header).replace(b'"meta":{', b'"meta":{"deep":' + deep + b",", 1)
+    with pytest.raises(FrameError, match="malformed frame header"):  # RecursionError or DecodeError inside
         decode_header(text)
 
 
