@@ -54,6 +54,11 @@ def settle(future: asyncio.Future[None], error: Exception | None) -> None:
 class Inbox(Protocol):
     """Where a transport hands what arrives: implemented by the core's receive store."""
 
+    #: Bytes of the chunks held until ``mark_done`` (read it on the loop thread). A transport that
+    #: allocates a frame's memory before delivering it can count both against
+    #: ``SIDECAR_MAX_BUFFERED_BYTES``, as the store counts what it holds.
+    buffered_bytes: int
+
     def deliver(self, frame: Frame, release: Callable[[], None] | None = None) -> None:
         """Store an arrived frame.
 

@@ -328,6 +328,7 @@ def test_a_payload_longer_than_its_header_says_closes_the_connection(
         data = random_bytes(MiB, 9)
         sender.send(data, "after-long-payload", 11).result(WAIT)  # over a new connection
         assert digest(receiver.recv_sync("after-long-payload", timeout=WAIT)) == digest(data)
+        assert transport(receiver)._serve.arriving.bytes == 0, "nothing counts as still arriving"
 
 
 def test_a_connection_that_breaks_right_after_the_handshake_is_not_kept(
@@ -379,6 +380,42 @@ def test_oversized_frame_is_refused_before_allocation(env: dict[str, str], sende
         sender.send(data, "fits-after-list", 5).result(WAIT)
         assert transport(sender)._links[5] is link
         assert digest(small.recv_sync("fits-after-list", timeout=WAIT)) == digest(data)
+
+
+def test_frames_still_arriving_count_against_the_memory_bound(
+    env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stalled: list[str] = []
+    real_receive = Inbound._receive
+
+    def stall_the_first(inbound: Inbound, seq: int, header: Header, dest: torch.Tensor, block: Any) -> None:
+        if not stalled:  # its memory is allocated, its payload not yet received: as if still on its way
+            stalled.append(header.id)
+            return
+        real_receive(inbound, seq, header, dest, block)
+
+    with local_sidecar(env, 13, max_buffered_bytes=3 * MiB):
+        sender.send(0, "before-arriving", 13).result(WAIT)  # held: 1 byte
+        monkeypatch.setattr(Inbound, "_receive", stall_the_first)
+        sender.send(random_bytes(2 * MiB, 10), "arriving-1", 13)  # never acknowledged: its payload is stalled
+        deadline = time.monotonic() + WAIT
+        while not stalled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stalled == ["arriving-1"]
+        bound = r"CapacityError: id='arriving-2' chunk=0: 2097152 more bytes would exceed .* \(2097153 held or arr"
+        with pytest.raises(RemoteError, match=bound):
+            sender.send(random_bytes(2 * MiB, 11), "arriving-2", 13).result(WAIT)
+
+
+def test_a_message_in_parts_that_fits_the_bound_is_taken(env: dict[str, str]) -> None:
+    # The store sets aside the whole message at its first part; its parts must not count twice.
+    data = random_bytes(5 * MiB // 2, 12)
+    with (
+        local_sidecar(env, 14, max_buffered_bytes=3 * MiB) as receiver,
+        local_sidecar(env, 15, chunk_size=MiB) as parts,
+    ):
+        parts.send(data, "in-parts", 14).result(WAIT)
+        assert digest(receiver.recv_sync("in-parts", timeout=WAIT)) == digest(data)
 
 
 def test_malformed_header_is_refused_and_the_listener_keeps_serving(sender: Sidecar, peer: PeerProcess) -> None:

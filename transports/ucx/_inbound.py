@@ -68,6 +68,13 @@ def _split(whole: _Whole, sizes: list[int]) -> list[_Whole]:
     return parts
 
 
+@dataclass(slots=True)
+class Arriving:
+    """Bytes allocated for frames whose payloads are still arriving, over all of a transport's connections."""
+
+    bytes: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     """What every inbound connection of one transport needs."""
@@ -79,6 +86,7 @@ class ServeOptions:
     recv_device: torch.device
     handshake_timeout: float
     pool: HostPool
+    arriving: Arriving
 
 
 class Inbound:
@@ -94,6 +102,7 @@ class Inbound:
         self._header = bytearray(wire.HEADER_MESSAGE_BYTES)
         self.rank: int | None = None
         self._ack_tag = 0
+        self._arriving = 0  # this connection's share of options.arriving
         self.closed = False
 
     def attach(self, endpoint: Endpoint) -> None:
@@ -240,22 +249,41 @@ class Inbound:
             CapacityError: The frame is over ``SIDECAR_MAX_BUFFERED_BYTES``, or its memory cannot be
                 allocated.
         """
-        if header.total_bytes > self._options.max_bytes:
+        options = self._options
+        if header.total_bytes > options.max_bytes:
             raise CapacityError(
                 f"{header.describe()}: {header.total_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
-                f"{self._options.max_bytes} on rank {self._options.rank}; raise the bound or send smaller chunks"
+                f"{options.max_bytes} on rank {options.rank}; raise the bound or send smaller chunks"
+            )
+        # A part of a larger message is left to the store, which sets aside the whole message's
+        # bytes when its first part arrives: counting the part again would refuse messages that fit.
+        whole = header.num_parts == 1
+        held = options.inbox.buffered_bytes + options.arriving.bytes
+        if whole and held + header.frame_bytes > options.max_bytes:
+            raise CapacityError(
+                f"{header.describe()}: {header.frame_bytes} more bytes would exceed SIDECAR_MAX_BUFFERED_BYTES="
+                f"{options.max_bytes} on rank {options.rank} ({held} held or arriving); the receiver must "
+                "mark_done chunks it has consumed, or raise the bound"
             )
         device = self._land_device(header)
         try:
             if device.type == "cpu":
-                dest, block = self._options.pool.take(header.frame_bytes)
-                return dest, block
-            return torch.empty(header.frame_bytes, dtype=torch.uint8, device=device), None
+                dest, block = options.pool.take(header.frame_bytes)
+            else:
+                dest, block = torch.empty(header.frame_bytes, dtype=torch.uint8, device=device), None
         except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
             raise CapacityError(
-                f"{header.describe()}: rank {self._options.rank} cannot allocate {header.frame_bytes} bytes "
+                f"{header.describe()}: rank {options.rank} cannot allocate {header.frame_bytes} bytes "
                 f"on {device}: {exc}"
             ) from exc
+        if whole:
+            self._count_arriving(header.frame_bytes)
+        return dest, block
+
+    def _count_arriving(self, nbytes: int) -> None:
+        """Count ``nbytes`` more (or, negative, fewer) as arriving on this connection."""
+        self._arriving += nbytes
+        self._options.arriving.bytes += nbytes
 
     def _receive(self, seq: int, header: Header, dest: torch.Tensor, block: torch.Tensor | None) -> None:
         """Post the payload receives of one frame into ``dest``, in order; the last to arrive delivers it.
@@ -270,7 +298,9 @@ class Inbound:
 
         def arrived(outcomes: list[Exception | None]) -> None:
             if self.closed:
-                return
+                return  # closing took this connection's bytes off the count
+            if header.num_parts == 1:
+                self._count_arriving(-header.frame_bytes)
             error = next((outcome for outcome in outcomes if outcome is not None), None)
             if error is not None:
                 if release is not None:  # every receive has ended: UCX no longer writes the block
@@ -284,6 +314,8 @@ class Inbound:
                 self._close(describe_error(exc), lost=True)
 
         if not waiting:  # empty buffers only: nothing to wait for
+            if header.num_parts == 1:
+                self._count_arriving(-header.frame_bytes)
             self._deliver(seq, header, views, release)
             return
         endpoint = self._require()
@@ -371,6 +403,7 @@ class Inbound:
         if self.closed:
             return
         self.closed = True
+        self._count_arriving(-self._arriving)  # frames that will not arrive any more
         if self._endpoint is not None:
             self._endpoint.close()
         current = asyncio.current_task()

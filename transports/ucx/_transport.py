@@ -35,7 +35,7 @@ from sidecar_core import Frame, PeerUnreachableError, SettingsError, Transport, 
 from transports.ucx import _wire as wire
 from transports.ucx._addressing import Addressing, free_base_port
 from transports.ucx._endpoint import Endpoint, describe_error
-from transports.ucx._inbound import Inbound, ServeOptions
+from transports.ucx._inbound import Arriving, Inbound, ServeOptions
 from transports.ucx._link import Link, connect
 from transports.ucx._pool import HostPool
 from transports.ucx._worker import ProgressMode, UcxWorker
@@ -137,6 +137,7 @@ class UcxTransport(Transport):
             recv_device=recv_device,
             handshake_timeout=self.ctx.settings.connect_timeout,
             pool=self._pool,
+            arriving=Arriving(),
         )
         try:
             self._listener = worker.api.UCXListener.create(
