@@ -103,8 +103,8 @@ class Registry:
             close = difflib.get_close_matches(name, known, n=1)
             guess = f" Did you mean {close[0]!r}?" if close else ""
             raise TransportNotFoundError(
-                f"unknown transport {name!r} (from SIDECAR_TRANSPORT).{guess} "
-                f"Installed transports: {', '.join(known) or 'none'}."
+                f"unknown transport {name!r}.{guess} Installed transports: {', '.join(known) or 'none'} "
+                "(chosen with SIDECAR_TRANSPORT, SidecarConfig(transport=...) or a command's --transport)."
             ) from None
 
     def load_transport(self, name: str) -> type[Transport]:

@@ -247,7 +247,7 @@ def test_doctor_unknown_transport_fails_with_a_suggestion(
     monkeypatch.setenv("SIDECAR_TRANSPORT", "localhots")
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
-    assert "unknown transport 'localhots' (from SIDECAR_TRANSPORT). Did you mean 'localhost'?" in out
+    assert "unknown transport 'localhots'. Did you mean 'localhost'?" in out
     assert "some required checks FAILED" in out
 
 

@@ -166,10 +166,11 @@ def test_unknown_transport_lists_installed_and_suggests() -> None:
     with pytest.raises(TransportNotFoundError) as info:
         Sidecar(SidecarConfig(sidecar_rank=0, transport="localhots"))
     message = str(info.value)
-    assert "unknown transport 'localhots' (from SIDECAR_TRANSPORT)" in message
-    assert "Did you mean 'localhost'?" in message
+    assert "unknown transport 'localhots'. Did you mean 'localhost'?" in message
+    installed = message.split("Installed transports:")[1]
     for name in get_registry().transports:
-        assert name in message.split("Installed transports:")[1]
+        assert name in installed
+    assert "SidecarConfig(transport=...)" in installed, "the message names every way a transport is chosen"
     assert isinstance(info.value, LookupError)
 
 
