@@ -18,7 +18,9 @@ Where a key's file is:
   with a hash when long). Receiving behaves like a real transport: ``recv`` waits for the file to
   appear (looking every few milliseconds, for as long as that ``recv`` waits; a file that
   cannot be read fails it); ``close_stream``, and any send that knows ``num_chunks``, writes
-  ``<id>.end.json`` so that ``recv`` past the end returns ``None``.
+  ``<id>.end.json`` so that ``recv`` past the end returns ``None``. Files outlive the run: a
+  directory used again still holds the last run's data files and end markers, which a ``recv`` of
+  the same key reads, so give each run a directory of its own (or empty it first).
 - A key in neither raises :class:`~sidecar_core.UnknownKeyError`.
 
 File formats, chosen by the suffix of the path: ``.pt``/``.pth`` through ``torch.save`` and
