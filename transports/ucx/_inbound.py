@@ -68,6 +68,15 @@ def _split(whole: _Whole, sizes: list[int]) -> list[_Whole]:
     return parts
 
 
+def _arriving_bytes(header: Header) -> int:
+    """What a frame's payload counts as arriving against the memory bound until it is delivered.
+
+    A part of a larger message counts nothing: the store sets aside the whole message's bytes when
+    its first part arrives, and counting the part again would refuse messages that fit.
+    """
+    return header.frame_bytes if header.num_parts == 1 else 0
+
+
 @dataclass(slots=True)
 class Arriving:
     """Bytes allocated for frames whose payloads are still arriving, over all of a transport's connections."""
@@ -255,11 +264,9 @@ class Inbound:
                 f"{header.describe()}: {header.total_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
                 f"{options.max_bytes} on rank {options.rank}; raise the bound or send smaller chunks"
             )
-        # A part of a larger message is left to the store, which sets aside the whole message's
-        # bytes when its first part arrives: counting the part again would refuse messages that fit.
-        whole = header.num_parts == 1
+        arriving = _arriving_bytes(header)
         held = options.inbox.buffered_bytes + options.arriving.bytes
-        if whole and held + header.frame_bytes > options.max_bytes:
+        if arriving and held + arriving > options.max_bytes:
             raise CapacityError(
                 f"{header.describe()}: {header.frame_bytes} more bytes would exceed SIDECAR_MAX_BUFFERED_BYTES="
                 f"{options.max_bytes} on rank {options.rank} ({held} held or arriving); the receiver must "
@@ -276,8 +283,7 @@ class Inbound:
                 f"{header.describe()}: rank {options.rank} cannot allocate {header.frame_bytes} bytes "
                 f"on {device}: {exc}"
             ) from exc
-        if whole:
-            self._count_arriving(header.frame_bytes)
+        self._count_arriving(arriving)
         return dest, block
 
     def _count_arriving(self, nbytes: int) -> None:
@@ -299,8 +305,7 @@ class Inbound:
         def arrived(outcomes: list[Exception | None]) -> None:
             if self.closed:
                 return  # closing took this connection's bytes off the count
-            if header.num_parts == 1:
-                self._count_arriving(-header.frame_bytes)
+            self._count_arriving(-_arriving_bytes(header))
             error = next((outcome for outcome in outcomes if outcome is not None), None)
             if error is not None:
                 if release is not None:  # every receive has ended: UCX no longer writes the block
@@ -314,8 +319,7 @@ class Inbound:
                 self._close(describe_error(exc), lost=True)
 
         if not waiting:  # empty buffers only: nothing to wait for
-            if header.num_parts == 1:
-                self._count_arriving(-header.frame_bytes)
+            self._count_arriving(-_arriving_bytes(header))
             self._deliver(seq, header, views, release)
             return
         endpoint = self._require()
