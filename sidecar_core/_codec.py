@@ -25,13 +25,20 @@ class Codec:
     def encode(self, obj: object, serializer: str | None = None) -> tuple[str, Encoded]:
         """Encode ``obj`` with ``serializer`` or the first one that accepts it.
 
+        ``encode`` is called only with an object its serializer's ``accepts`` took.
+
         Raises:
-            SerializationError: No serializer accepts ``obj`` (or the named one is unknown).
+            SerializationError: No serializer accepts ``obj`` (or the named one is unknown or refuses it).
         """
         if serializer is not None:
             chosen = self._by_name.get(serializer)
             if chosen is None:
                 raise SerializationError(f"unknown serializer {serializer!r}; installed: {', '.join(self.names)}")
+            if not chosen.accepts(obj):
+                raise SerializationError(
+                    f"serializer {serializer!r} does not take {type(obj).__module__}.{type(obj).__qualname__}; "
+                    "leave serializer unset to pick one by type"
+                )
             return chosen.NAME, chosen.encode(obj)
         for candidate in self._ordered:
             if candidate.accepts(obj):

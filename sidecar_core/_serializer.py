@@ -10,6 +10,7 @@ A serializer is a module that exposes the same few names, so serializers swap cl
     Whether ``encode`` can take ``obj``; cheap and side-effect free.
 ``encode(obj) -> Encoded``
     JSON-compatible metadata plus payload buffers; buffers should be views of ``obj``, not copies.
+    The core calls it only with an object ``accepts`` took, so it need not check that again.
 ``decode(meta, buffers, device) -> object``
     The inverse. It runs on untrusted input: validate ``meta`` against the buffer sizes before
     allocating or viewing anything, raise :class:`~sidecar_core.FrameError` naming what is wrong, and

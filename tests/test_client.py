@@ -269,6 +269,11 @@ def test_forced_serializer(pair: tuple[Sidecar, Sidecar]) -> None:
     a, b = pair
     a.send([1, 2], "forced", 1, serializer="json").result(WAIT)
     assert b.recv_sync("forced") == [1, 2]
+    # A forced serializer still refuses what it cannot carry exactly: a tuple would arrive as a list.
+    with pytest.raises(SerializationError, match=r"serializer 'json' does not take builtins\.tuple"):
+        a.send((1, 2), "tuple", 1, serializer="json")
+    with pytest.raises(SerializationError, match=r"serializer 'json' does not take builtins\.dict"):
+        a.send({"nan": float("nan")}, "nan", 1, serializer="json")
 
 
 def test_send_errors_come_through_the_future(pair: tuple[Sidecar, Sidecar], recorder: Recorder) -> None:
