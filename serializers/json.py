@@ -98,7 +98,8 @@ def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> d
     """Parse the JSON text (``device`` does not apply).
 
     Raises:
-        FrameError: The metadata is not ``{}``, or the buffer is not UTF-8 JSON text of a dict or list.
+        FrameError: The metadata is not ``{}``, the buffer is not UTF-8 JSON text of a dict or list, or
+            the value is one :func:`encode` would not send (too deep, an int too long).
     """
     expect_keys("meta", meta, set())
     expect_buffers(buffers, 1, NAME)
@@ -111,6 +112,13 @@ def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> d
         raise _explain(data, exc) from None
     if type(value) is not dict and type(value) is not list:
         raise FrameError(f"json buffer holds a {type(value).__name__}; expected an object or an array")
+    # What encode refuses is refused here too, so that whatever arrives can be sent on. Text of at
+    # most MAX_DEPTH bytes can neither nest deeper nor hold an int of MAX_INT_BITS bits.
+    if len(data) > MAX_DEPTH and not accepts(value):
+        raise FrameError(
+            f"json buffer nests deeper than {MAX_DEPTH} or holds an int of more than {MAX_INT_BITS} bits, "
+            "which this serializer does not send"
+        )
     return value
 
 

@@ -523,6 +523,9 @@ def test_primitives_validation(meta: dict[str, Any], buffers: list[Buffer], need
         ({}, b"3", r"json buffer holds a int; expected an object or an array"),
         ({}, b"[" + b"1" * 5000 + b"]", r"json buffer is not valid JSON"),
         ({}, b"[" * 100_000 + b"]" * 100_000, r"json buffer nests too deeply"),
+        # What encode refuses (see test_self_containing_and_too_deep_containers_are_refused) is refused here too.
+        ({}, b"[" * 257 + b"]" * 257, r"json buffer nests deeper than 256"),
+        ({}, b"[" + b"9" * 4250 + b"]", r"or holds an int of more than 14000 bits"),
         ({}, b'{"x": 1e400}', r"json buffer is not valid JSON: Number out of range"),  # not inf
         ({}, b'["\\ud800"]', r"json buffer is not valid JSON"),  # a lone surrogate, which no str encodes
     ],
