@@ -229,6 +229,19 @@ def test_doctor_cornserve_mock_switch_selects_mock_file(
     assert "peer 1" not in checks_by_name(report)  # mock-file has no peers
 
 
+def test_doctor_fails_a_mock_mapping_to_an_unknown_format(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SIDECAR_TRANSPORT", "mock-file")
+    monkeypatch.setenv("SIDECAR_MOCK_FILE__MAPPING", json.dumps({"a-0": str(tmp_path / "a.txt")}))
+    code, report = run_json(capsys, "doctor", "--json")
+    assert code == 1
+    check = checks_by_name(report)["mock-file settings"]
+    assert check["status"] == "fail"
+    assert "SIDECAR_MOCK_FILE__MAPPING" in check["detail"]
+    assert "'.txt'" in check["detail"]
+
+
 def test_doctor_bad_value_fails_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,7 +29,7 @@ from sidecar_core import (
     UnknownKeyError,
 )
 from sidecar_core.testing import PeerProcess
-from transports.mock_file import MockFileTransport
+from transports.mock_file import MAPPING_VAR, MockFileTransport
 
 VARS = (
     "SIDECAR_TRANSPORT",
@@ -215,16 +215,15 @@ def test_bad_mapping_names_the_variable(env: Env, name: str, value: str, needle:
     assert name in str(error.value)
 
 
-def test_unsupported_suffix_names_key_path_and_fix(env: Env, tmp_path: Path) -> None:
+def test_unsupported_suffix_is_refused_at_start_naming_key_path_and_fix(env: Env, tmp_path: Path) -> None:
+    # Refused when the settings load, so that `sidecar doctor` reports it too, not when the key is used.
     path = tmp_path / "data.npy"
-    env(**mapping_env({"b-0": path}))
-    with mock_sidecar() as sidecar:
-        for attempt in (lambda: sidecar.send(torch.ones(1), "b", 1).result(WAIT), lambda: sidecar.recv_sync("b")):
-            with pytest.raises(SettingsError) as error:
-                attempt()
-            message = str(error.value)
-            for part in ("'b-0'", str(path), "'.npy'", ".pt"):
-                assert part in message
+    env(**mapping_env({"a-0": tmp_path / "fine.pt", "b-0": path}))
+    with pytest.raises(SettingsError) as error, mock_sidecar():
+        pass
+    message = str(error.value)
+    for part in (MAPPING_VAR, "'b-0'", str(path), "'.npy'", ".pt"):
+        assert part in message
 
 
 @pytest.mark.parametrize(

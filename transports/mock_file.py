@@ -53,7 +53,7 @@ from urllib.parse import quote
 
 import safetensors.torch
 import torch
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import serializers.json as json_serializer
@@ -102,6 +102,18 @@ class MockFileSettings(BaseSettings):
         0.05, gt=0, description="Longest pause, in seconds, between looks for a file in the directory."
     )
 
+    @field_validator("mapping")
+    @classmethod
+    def _known_suffixes(cls, mapping: dict[str, Path]) -> dict[str, Path]:
+        """Refuse a path whose suffix names no format, when the settings load rather than when its key is used."""
+        for name, path in mapping.items():
+            if path.suffix.lower() not in SUFFIXES:
+                raise ValueError(
+                    f"it maps {name!r} to {str(path)!r}, whose suffix {path.suffix!r} is not one of "
+                    f"{', '.join(SUFFIXES)}; rename the file (.pt holds everything but bytes, .bin holds bytes)"
+                )
+        return mapping
+
 
 @dataclass(slots=True)
 class _Assembly:
@@ -132,7 +144,8 @@ class MockFileTransport(Transport):
 
         Raises:
             SettingsError: ``SIDECAR_MOCK_FILE__MAPPING`` (or ``CORNSERVE_MOCK_SIDECAR_MAPPING``) is not
-                a JSON object of paths, or another ``SIDECAR_MOCK_FILE__`` setting is invalid.
+                a JSON object of paths with known suffixes, or another ``SIDECAR_MOCK_FILE__`` setting is
+                invalid.
         """
         super().__init__(ctx)
         self.settings = load_settings(MockFileSettings)
@@ -162,7 +175,6 @@ class MockFileTransport(Transport):
 
         Raises:
             UnknownKeyError: The key is neither mapped nor covered by a directory.
-            SettingsError: The mapped path has a suffix this transport cannot write.
             SerializationError: The file format cannot hold the object.
             OSError: The file cannot be written.
         """
@@ -182,7 +194,7 @@ class MockFileTransport(Transport):
         name = _name(header.id, header.chunk_id)
         path = self.settings.mapping.get(name)
         if path is not None:
-            await asyncio.to_thread(_write, name, _check_suffix(name, path), obj)
+            await asyncio.to_thread(_write, name, path, obj)
             return
         if self.settings.dir is None:
             raise self._unknown(name)
@@ -235,7 +247,6 @@ class MockFileTransport(Transport):
 
         Raises:
             UnknownKeyError: The key is neither mapped nor covered by a directory.
-            SettingsError: The mapped path has a suffix this transport cannot read.
             FrameError: The file cannot be read, or holds something no serializer can deliver.
         """
         key = (id, chunk_id)
@@ -244,7 +255,6 @@ class MockFileTransport(Transport):
         name = _name(id, chunk_id)
         path = self.settings.mapping.get(name)
         if path is not None:
-            _check_suffix(name, path)
             await self._once(key, lambda: self._fetch_mapped(key, path))
             return
         if self.settings.dir is None:
@@ -368,15 +378,6 @@ def _stem(id: str) -> str:
         digest = hashlib.sha256(id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
         stem = f"{stem[:100]}~{digest}"
     return stem
-
-
-def _check_suffix(name: str, path: Path) -> Path:
-    if path.suffix.lower() not in SUFFIXES:
-        raise SettingsError(
-            f"mock-file: {MAPPING_VAR} maps {name!r} to {str(path)!r}, whose suffix {path.suffix!r} is not "
-            f"one of {', '.join(SUFFIXES)}; rename the file (.pt holds everything but bytes, .bin holds bytes)"
-        )
-    return path
 
 
 def _json_exact(obj: object) -> bool:
