@@ -58,7 +58,8 @@ class SidecarConfig:
         settings: Overrides for any :class:`SidecarSettings` field (e.g. ``{"recv_timeout": 5}``).
 
     Raises:
-        ValueError: ``sidecar_rank`` is negative or not in ``group``.
+        ValueError: ``sidecar_rank`` is negative or not in ``group``, or ``settings`` gives another rank
+            or transport than ``sidecar_rank`` and ``transport`` do.
     """
 
     sidecar_rank: int
@@ -78,6 +79,13 @@ class SidecarConfig:
         self.group = sorted(self.group) if self.group is not None else [self.sidecar_rank]
         if self.sidecar_rank not in self.group:
             raise ValueError(f"sidecar_rank {self.sidecar_rank} is not in its group {self.group}")
+        for key, value in (("rank", self.sidecar_rank), ("transport", self.transport)):
+            given = self.settings.get(key)
+            if value is not None and given is not None and given != value:
+                raise ValueError(
+                    f"settings[{key!r}]={given!r} contradicts {'sidecar_rank' if key == 'rank' else key}={value!r}; "
+                    "give it once"
+                )
 
 
 def flatten_ranks(dst: Ranks) -> list[int]:
@@ -296,7 +304,8 @@ class Sidecar:
         overrides = dict(config.settings) if config is not None else {}
         if config is not None:
             overrides["rank"] = config.sidecar_rank
-            overrides["transport"] = config.transport
+            if config.transport is not None:
+                overrides["transport"] = config.transport
         self.settings = load_settings(SidecarSettings, **overrides)
         if self.settings.rank is None:
             raise SidecarError("no sidecar rank: pass SidecarConfig(sidecar_rank=N) or set SIDECAR_RANK")
@@ -613,6 +622,7 @@ class Sidecar:
             self._store.add_waiter(id, chunk_id, waiter)
 
     def _give_up(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        waiter.cancel()  # done, so that a pull-based transport answering late does not file it again
         self._store.drop_waiter(id, chunk_id, waiter)
 
     async def recv(self, id: str, chunk_id: int = 0, timeout: float | None = None) -> Any:
@@ -634,6 +644,8 @@ class Sidecar:
         """
         timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
         waiter = self._waiter(id, chunk_id, timeout)
+        if waiter.done():  # held already: no wait (wrap_future would report it only a loop turn later)
+            return waiter.result()
         try:
             return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
         except TimeoutError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,8 +83,9 @@ class Codec:
         if max_part_bytes is None or total <= max_part_bytes:
             return [Frame(Header(**base, sizes=layout), list(enc.buffers))]
         pieces = list(_split(enc.buffers, layout, max_part_bytes))
+        message = random.getrandbits(63)  # tells this send's parts from another send's of the same chunk
         return [
-            Frame(Header(**base, part=i, num_parts=len(pieces), offset=offset, sizes=sizes), bufs)
+            Frame(Header(**base, part=i, num_parts=len(pieces), offset=offset, sizes=sizes, message=message), bufs)
             for i, (offset, sizes, bufs) in enumerate(pieces)
         ]
 

@@ -61,6 +61,9 @@ class Header(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     src: NonNegative
     part: NonNegative = 0
     num_parts: Annotated[int, msgspec.Meta(ge=1)] = 1
+    #: Shared by the parts of one send of a message in parts, and different for another send of the
+    #: same id and chunk (a resend after a send that timed out or was cancelled); 0 for one frame.
+    message: NonNegative = 0
     serializer: str = ""
     meta: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Sizes of the message's buffers once all parts are joined.

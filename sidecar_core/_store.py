@@ -146,10 +146,9 @@ class ReceiveStore:
         h = frame.header
         if len(frame.buffers) != len(h.sizes):
             raise FrameError(f"{h.describe()}: header lists {len(h.sizes)} buffers, {len(frame.buffers)} arrived")
-        _remember(self._sources, h.id, h.src)
-        self._lost.pop(h.id, None)
         if h.kind == "close":
             assert h.num_chunks is not None  # enforced by Header validation
+            self._note_sender(h)
             self._set_end(h.id, h.num_chunks)
             _call(release)
             return
@@ -159,17 +158,41 @@ class ReceiveStore:
             raise DuplicateChunkError(
                 f"{h.describe()} {state} on rank {self._rank}; use a fresh id or mark_done it before resending"
             )
+        end = self._ends.get(h.id)
+        if end is not None and h.chunk_id >= end:
+            raise FrameError(
+                f"{h.describe()} is past the end of id {h.id!r}, which has {end} chunks on rank {self._rank} "
+                "(from close_stream or num_chunks); send chunks below the end, or close the stream later"
+            )
         if h.num_parts == 1:
             self._check_room(h, h.total_bytes)
             value = self._codec.decode(h, frame.buffers, self._device)
+            self._note_sender(h)
             self._hold(key, h, value, h.total_bytes, release)
             return
         self._add_part(key, frame)
+        self._note_sender(h)
         _call(release)  # the part was copied into the assembly
+
+    def _note_sender(self, h: Header) -> None:
+        """Remember who sends ``h.id`` (for a lost peer's receives); only for frames the store took."""
+        _remember(self._sources, h.id, h.src)
+        self._lost.pop(h.id, None)
 
     def _add_part(self, key: Key, frame: Frame) -> None:
         h = frame.header
         assembly = self._assembling.get(key)
+        if assembly is not None and h.message != assembly.first.message and h.src == assembly.first.src:
+            if h.part != 0:
+                raise FrameError(
+                    f"{h.describe()}: part {h.part} from rank {h.src} belongs to another send of this id and chunk "
+                    "than the parts before it; send each id and chunk once at a time"
+                )
+            # The sender gave up on the earlier send (timed out or cancelled) and sends again.
+            logger.info("%s: rank %d sends it again; the parts of its earlier send are dropped", h.describe(), h.src)
+            del self._assembling[key]
+            self.buffered_bytes -= assembly.first.total_bytes
+            assembly = None
         if assembly is None:
             self._check_room(h, h.total_bytes)
             import torch  # imported when first needed: importing sidecar_core stays light
@@ -178,12 +201,13 @@ class ReceiveStore:
             assembly = self._assembling[key] = _Assembly(h, dest)
             self.buffered_bytes += h.total_bytes
         first = assembly.first
-        if (h.num_parts, h.layout, h.serializer, h.meta, h.src) != (
+        if (h.num_parts, h.layout, h.serializer, h.meta, h.src, h.message) != (
             first.num_parts,
             first.layout,
             first.serializer,
             first.meta,
             first.src,
+            first.message,
         ):
             raise FrameError(
                 f"{h.describe()}: part {h.part} from rank {h.src} disagrees with part {first.part} from rank "
@@ -201,8 +225,9 @@ class ReceiveStore:
             assembly.dest[pos : pos + size].copy_(buffer_tensor(buf), non_blocking=False)
             pos += size
         assembly.parts.add(h.part)
-        spans.insert(at, (start, end))
-        assembly.covered += end - start
+        if start < end:  # an empty part covers nothing, and as a span it would hide its neighbours
+            spans.insert(at, (start, end))
+            assembly.covered += end - start
         if len(assembly.parts) < first.num_parts:
             return
         if assembly.covered != first.total_bytes:
@@ -252,6 +277,14 @@ class ReceiveStore:
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
             for waiter in self._waiters.pop(key):
                 settle_waiter(waiter, None)
+        # Chunks that arrived before the end was known and lie past it can never be received.
+        for key in [k for k in self._held if k[0] == id and k[1] >= end]:
+            logger.warning("dropped id=%r chunk=%d on rank %d: past the id's end (%d chunks)", *key, self._rank, end)
+            held = self._held.pop(key)
+            self.buffered_bytes -= held.nbytes
+            self._release_on_loop(held.release)
+        for key in [k for k in self._assembling if k[0] == id and k[1] >= end]:
+            self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
 
     def peer_lost(self, rank: int, reason: str) -> None:
         """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
@@ -296,6 +329,8 @@ class ReceiveStore:
             self._add_waiter(id, chunk_id, waiter)
 
     def _add_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
+        if waiter.done():  # its receive gave up already (a pull-based transport answers late)
+            return
         if self._closed:  # a receive that started while the sidecar shut down
             settle_waiter(waiter, error=self._closed_error(id, chunk_id))
             return
@@ -371,13 +406,17 @@ class ReceiveStore:
                 return
             self.buffered_bytes -= held.nbytes
             _remember(self._done, key, None)
-        if held.release is None:
+        self._release_on_loop(held.release)
+
+    def _release_on_loop(self, release: Release | None) -> None:
+        """Run a frame's release on the loop thread (at once where the store has no loop)."""
+        if release is None:
             return
         if self._loop is None:
-            _call(held.release)
+            _call(release)
             return
         with contextlib.suppress(RuntimeError):  # a closed loop: the transport and the memory it lent are gone
-            self._loop.call_soon_threadsafe(_call, held.release)
+            self._loop.call_soon_threadsafe(_call, release)
 
     def close(self) -> None:
         """Release everything and fail all waiting receives with :class:`SidecarClosedError`.

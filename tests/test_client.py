@@ -19,6 +19,7 @@ from sidecar_core import (
     AlreadyDoneError,
     DuplicateChunkError,
     PeerUnreachableError,
+    RecvTimeoutError,
     Registry,
     RemoteError,
     SerializationError,
@@ -135,7 +136,15 @@ def test_sidecar_config_accepts_cornserve_fields() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"sidecar_rank": -1}, "sidecar_rank must be >= 0"), ({"sidecar_rank": 1, "group": [0, 2]}, "not in its group")],
+    [
+        ({"sidecar_rank": -1}, "sidecar_rank must be >= 0"),
+        ({"sidecar_rank": 1, "group": [0, 2]}, "not in its group"),
+        ({"sidecar_rank": 1, "settings": {"rank": 3}}, r"settings\['rank'\]=3 contradicts sidecar_rank=1"),
+        (
+            {"sidecar_rank": 1, "transport": "localhost", "settings": {"transport": "ucx"}},
+            r"settings\['transport'\]='ucx' contradicts transport='localhost'",
+        ),
+    ],
 )
 def test_sidecar_config_rejects(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -160,9 +169,22 @@ def test_config_settings_override_the_environment(registry: Registry, monkeypatc
         assert sidecar.settings.recv_timeout == 0.05
         with pytest.raises(TimeoutError, match=r"timed out after 0\.05s"):
             sidecar.recv_sync("nothing")
+    # The transport too, when the config's own transport field is left unset.
+    monkeypatch.setenv("SIDECAR_TRANSPORT", "localhost")
+    with Sidecar(SidecarConfig(sidecar_rank=0, settings={"transport": "memory"}), registry=registry) as sidecar:
+        assert sidecar.transport_name == "memory"
 
 
 # -- sending and receiving ----------------------------------------------------------------------
+
+
+def test_async_recv_with_no_time_to_wait_returns_a_held_chunk(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    a.send({"x": 1}, "held", 1).result(WAIT)
+    assert b.recv_sync("held") == {"x": 1}
+    assert asyncio.run(b.recv("held", timeout=0)) == {"x": 1}
+    with pytest.raises(RecvTimeoutError):
+        asyncio.run(b.recv("not-sent", timeout=0))
 
 
 def test_send_and_receive(pair: tuple[Sidecar, Sidecar]) -> None:

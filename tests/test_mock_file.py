@@ -21,6 +21,7 @@ import torch
 
 from sidecar_core import (
     FrameError,
+    RecvTimeoutError,
     SerializationError,
     SettingsError,
     Sidecar,
@@ -474,6 +475,18 @@ def test_directory_recv_waits_its_own_timeout_not_the_settings(env: Env, tmp_pat
             assert sidecar.recv_sync("late", timeout=WAIT) == {"on": "time"}
         finally:
             writer.join()
+
+
+def test_receives_that_timed_out_leave_nothing_behind(env: Env, tmp_path: Path) -> None:
+    # The transport looks for the file as long as the recv waits and answers just after it gave
+    # up; the recv's waiter must not be filed then (the store would keep one per timed-out recv).
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar() as sidecar:
+        for _ in range(5):
+            with pytest.raises(RecvTimeoutError):
+                sidecar.recv_sync("missing", timeout=0.05)
+        time.sleep(0.3)  # the transport's last looks end
+        assert sidecar._store._waiters == {}
 
 
 def test_a_file_that_cannot_be_read_fails_the_recv_waiting_for_it(env: Env, tmp_path: Path) -> None:

@@ -243,6 +243,46 @@ def test_end_from_num_chunks() -> None:
     run(main())
 
 
+def test_chunks_past_a_known_end_are_refused_or_dropped() -> None:
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        store.deliver(close_frame("s", 2))
+        with pytest.raises(FrameError, match="chunk=3 is past the end of id 's', which has 2 chunks"):
+            store.deliver(frames(b"late", id="s", chunk_id=3, num_chunks=None)[0], releases("late"))
+        assert (store.buffered_bytes, releases.calls) == (0, {"late": 1})
+        assert await store.get("s", 3, 1.0) is None
+        # A chunk that came before a smaller end was known can never be received: it is let go.
+        store.deliver(frames(b"early", id="t", chunk_id=4, num_chunks=None)[0], releases("early"))
+        store.deliver(frames(b"part", id="t", chunk_id=5, num_chunks=None, part=2)[0])
+        assert store.buffered_bytes == 9
+        store.deliver(close_frame("t", 2))
+        await settle()
+        assert (store.buffered_bytes, releases.calls["early"]) == (0, 1)
+        assert await store.get("t", 4, 1.0) is None
+
+    run(main())
+
+
+def test_a_refused_frame_does_not_make_its_sender_the_ids_sender() -> None:
+    # Else a stray frame from rank 2 would tie the id's receives to rank 2's connection.
+    async def main() -> None:
+        store = make_store()
+        store.deliver(frames(b"zero", id="x", num_chunks=None, src=1)[0])
+        with pytest.raises(DuplicateChunkError):
+            store.deliver(frames(b"stray", id="x", num_chunks=None, src=2)[0])
+        waiting = asyncio.create_task(store.get("x", 1, 5.0))
+        await settle()
+        store.peer_lost(2, "it exited")
+        await settle()
+        assert not waiting.done()
+        store.peer_lost(1, "its connection broke")
+        with pytest.raises(PeerLostError, match="rank 1 was lost"):
+            await waiting
+
+    run(main())
+
+
 def test_timeout_message_names_id_chunk_transport_and_rank() -> None:
     async def main() -> None:
         store = make_store()
@@ -357,9 +397,30 @@ def test_part_errors() -> None:
     store.deliver(pieces[0])
     with pytest.raises(FrameError, match="part 0 arrived twice"):
         store.deliver(pieces[0])
-    other = frames(b"abcdefghijkl", part=4)[1]  # a part of another layout under the same key
-    with pytest.raises(FrameError, match="disagrees with part 0"):
+    other = frames(b"abcdefghijkl", part=4)[1]  # a part of another send under the same key
+    with pytest.raises(FrameError, match="part 1 from rank 1 belongs to another send of this id and chunk"):
         store.deliver(other)
+    same_send = msgspec.structs.replace(pieces[1].header, layout=[12], sizes=[4])
+    with pytest.raises(FrameError, match="disagrees with part 0"):
+        store.deliver(Frame(same_send, pieces[1].buffers))
+
+
+def test_a_send_again_replaces_the_parts_of_one_given_up() -> None:
+    # A sender whose send of a message in parts timed out or was cancelled may send it again; the
+    # first send's parts are dropped (their bytes too), and a late part of it is refused.
+    store = make_store()
+    first, second = frames(b"0123456789", part=4), frames(b"abcdefghij", part=4)
+    store.deliver(first[0])
+    store.deliver(first[1])
+    assert store.buffered_bytes == 10
+    store.deliver(second[0])
+    assert store.buffered_bytes == 10
+    with pytest.raises(FrameError, match="part 2 from rank 1 belongs to another send"):
+        store.deliver(first[2])
+    for piece in second[1:]:
+        store.deliver(piece)
+    assert store.peek("m", 0) == (True, b"abcdefghij")
+    assert store.buffered_bytes == 10
 
 
 def test_parts_must_come_from_one_sender_and_fill_the_message_without_overlap() -> None:
@@ -376,6 +437,21 @@ def test_parts_must_come_from_one_sender_and_fill_the_message_without_overlap() 
     store.deliver(mine[1])
     store.deliver(mine[2])
     assert bytes(run(store.get("joined", 0, 1.0))) == b"0123456789"
+
+
+def test_an_empty_part_does_not_hide_an_overlap() -> None:
+    # Parts (0 to 5), (5 to 5) and (3 to 8) of a 10-byte message: the last overlaps the first.
+    store = make_store()
+    header = frames(b"0123456789", id="gap", part=5)[0].header
+
+    def part(index: int, offset: int, data: bytes) -> Frame:
+        forged = msgspec.structs.replace(header, part=index, num_parts=3, offset=offset, sizes=[len(data)])
+        return Frame(forged, [memoryview(data)])
+
+    store.deliver(part(0, 0, b"AAAAA"))
+    store.deliver(part(1, 5, b""))
+    with pytest.raises(FrameError, match=r"part 2 \(bytes 3 to 8\) overlaps another part"):
+        store.deliver(part(2, 3, b"BBBBB"))
 
 
 def test_mark_done_of_a_message_still_in_parts_frees_it_and_refuses_the_rest() -> None:
