@@ -286,6 +286,11 @@ class ReceiveStore:
         for key in [k for k in self._assembling if k[0] == id and k[1] >= end]:
             self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
 
+    def assembling(self, id: str, chunk_id: int) -> bool:
+        """Whether parts of ``(id, chunk_id)`` are being joined (see :meth:`sidecar_core.Inbox.assembling`)."""
+        with self._lock:
+            return (id, chunk_id) in self._assembling
+
     def peer_lost(self, rank: int, reason: str) -> None:
         """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
         with self._lock:

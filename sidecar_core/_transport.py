@@ -73,6 +73,13 @@ class Inbox(Protocol):
             CapacityError: Storing it would exceed ``SIDECAR_MAX_BUFFERED_BYTES``.
         """
 
+    def assembling(self, id: str, chunk_id: int) -> bool:
+        """Whether a message in parts is being joined under this key (its bytes are counted already).
+
+        Any thread. A transport that allocates a part's memory before delivering it counts that
+        memory against the bound only while this is ``False``: afterwards the whole message is.
+        """
+
     def peer_lost(self, rank: int, reason: str) -> None:
         """Tell the core that the connection from ``rank`` broke; waiting receives fail fast."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -306,6 +307,26 @@ def test_a_malformed_acknowledgement_fails_its_send_at_once(
         sender.send(2, "after-bad-ack", 6).result(WAIT)  # over a new connection
 
 
+def test_a_header_message_shorter_than_its_prefix_says_never_reads_an_earlier_one(
+    env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receive buffer is reused: the bytes the message did not send must not be the last message's.
+    real_messages = Link._messages
+
+    def prefixes_only(seq: int, frame: Frame, buffers: list[Any]) -> list[Any]:
+        header, *payloads = real_messages(seq, frame, buffers)
+        return [bytes(header)[: wire.HEADER_PREFIXES], *payloads]
+
+    with local_sidecar(env, 12) as receiver:
+        sender.send(1, "same-length-1", 12).result(WAIT)
+        monkeypatch.setattr(Link, "_messages", staticmethod(prefixes_only))
+        with pytest.raises(RemoteError, match="FrameError: malformed frame header"):
+            sender.send(1, "same-length-2", 12).result(WAIT)  # read as the first one's header, it was a duplicate
+        monkeypatch.undo()
+        sender.send(2, "same-length-3", 12).result(WAIT)  # over a new connection
+        assert receiver.recv_sync("same-length-3", timeout=WAIT) == 2
+
+
 def test_a_payload_longer_than_its_header_says_closes_the_connection(
     env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -388,11 +409,11 @@ def test_frames_still_arriving_count_against_the_memory_bound(
     stalled: list[str] = []
     real_receive = Inbound._receive
 
-    def stall_the_first(inbound: Inbound, seq: int, header: Header, dest: torch.Tensor, block: Any) -> None:
+    def stall_the_first(inbound: Inbound, seq: int, header: Header, landing: Any) -> None:
         if not stalled:  # its memory is allocated, its payload not yet received: as if still on its way
             stalled.append(header.id)
             return
-        real_receive(inbound, seq, header, dest, block)
+        real_receive(inbound, seq, header, landing)
 
     with local_sidecar(env, 13, max_buffered_bytes=3 * MiB):
         sender.send(0, "before-arriving", 13).result(WAIT)  # held: 1 byte
@@ -405,6 +426,47 @@ def test_frames_still_arriving_count_against_the_memory_bound(
         bound = r"CapacityError: id='arriving-2' chunk=0: 2097152 more bytes would exceed .* \(2097153 held or arr"
         with pytest.raises(RemoteError, match=bound):
             sender.send(random_bytes(2 * MiB, 11), "arriving-2", 13).result(WAIT)
+
+
+def test_parts_still_arriving_count_against_the_memory_bound(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until the store joins a message's parts (and counts the whole message), each part's memory
+    # counts as arriving; else first parts of many messages at once could take any amount.
+    stalled: list[tuple[str, int]] = []
+    refused: list[str] = []
+    real_drain = Inbound._drain
+
+    def stall(inbound: Inbound, seq: int, header: Header, landing: Any) -> None:
+        stalled.append((header.id, header.part))  # allocated, never received: as if still on its way
+
+    def drain(inbound: Inbound, seq: int, header: Header, refusal: Exception) -> None:
+        refused.append(str(refusal))
+        real_drain(inbound, seq, header, refusal)
+
+    with (
+        local_sidecar(env, 16, max_buffered_bytes=3 * MiB),
+        local_sidecar(env, 17, chunk_size=MiB) as parts,
+    ):
+        parts.send(0, "before-parts", 16).result(WAIT)  # held: 1 byte
+        monkeypatch.setattr(Inbound, "_receive", stall)
+        monkeypatch.setattr(Inbound, "_drain", drain)
+        # A message's parts go one after another, so each of these has one part on its way. (The
+        # sender waits for their payloads to leave, which never happens here: only the receiver's
+        # side is checked.)
+        for i in (1, 2, 3):
+            parts.send(random_bytes(2 * MiB, 12 + i), f"parts-{i}", 16)
+        deadline = time.monotonic() + WAIT
+        while len(stalled) + len(refused) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(stalled) == 2
+        assert all(part == 0 for _, part in stalled)
+        assert len(refused) == 1
+        assert re.fullmatch(
+            r"id='parts-\d' chunk=0: 1048576 more bytes would exceed SIDECAR_MAX_BUFFERED_BYTES=3145728 on rank 16 "
+            r"\(2097153 held or arriving\).*",
+            refused[0],
+        )
 
 
 def test_a_message_in_parts_that_fits_the_bound_is_taken(env: dict[str, str]) -> None:
@@ -624,3 +686,17 @@ def test_host_pool_reuses_released_blocks_up_to_its_limit() -> None:
     pool.give(other)
     pool.give(extra)  # over the 100 MiB limit: freed, not kept
     assert pool.idle_bytes == 64 * MiB
+
+
+@pytest.mark.parametrize("text", ["é" * wire.MAX_PROBLEM, "\x01" * wire.MAX_PROBLEM, "plain"])
+def test_a_refusal_always_fits_the_senders_ack_buffer(text: str) -> None:
+    # The text is cut by characters, but escapes and multi-byte characters make its JSON longer: a
+    # refusal quoting a peer's long non-ASCII string came truncated and broke the link.
+    problem = wire.problem_of(ValueError(text))
+    message = wire.ack_message(7, problem)
+    assert len(message) <= wire.ACK_MESSAGE_BYTES
+    seq, parsed, closing = wire.parse_ack(memoryview(message))
+    assert (seq, closing) == (7, False)
+    assert parsed is not None
+    assert parsed.error == "ValueError"
+    assert text.startswith(parsed.message)

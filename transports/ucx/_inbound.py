@@ -40,8 +40,6 @@ from transports.ucx._pool import HostPool
 
 logger = logging.getLogger(__name__)
 
-_ZERO = bytes(wire.HEAD.size + 8)
-
 
 _Whole = TypeVar("_Whole", memoryview, torch.Tensor)
 
@@ -68,13 +66,13 @@ def _split(whole: _Whole, sizes: list[int]) -> list[_Whole]:
     return parts
 
 
-def _arriving_bytes(header: Header) -> int:
-    """What a frame's payload counts as arriving against the memory bound until it is delivered.
+@dataclass(frozen=True, slots=True)
+class _Landing:
+    """Where a frame's payload lands: the memory, its host pool block (or ``None``), and what it counts as arriving."""
 
-    A part of a larger message counts nothing: the store sets aside the whole message's bytes when
-    its first part arrives, and counting the part again would refuse messages that fit.
-    """
-    return header.frame_bytes if header.num_parts == 1 else 0
+    dest: torch.Tensor
+    block: torch.Tensor | None
+    arriving: int
 
 
 @dataclass(slots=True)
@@ -108,7 +106,10 @@ class Inbound:
         self._endpoint: Endpoint | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = bytearray(1)
-        self._header = bytearray(wire.HEADER_MESSAGE_BYTES)
+        # Made once the peer presented the token: it is large, and a connection that never shakes
+        # hands must not cost it.
+        self._header = bytearray()
+        self._used = 0  # bytes the last header message used, zeroed before the next receive
         self.rank: int | None = None
         self._ack_tag = 0
         self._arriving = 0  # this connection's share of options.arriving
@@ -127,6 +128,7 @@ class Inbound:
         try:
             accepted = await asyncio.wait_for(self._handshake(), self._options.handshake_timeout)
             if accepted:
+                self._header = bytearray(wire.HEADER_MESSAGE_BYTES)
                 self._read_header()
         except asyncio.CancelledError:
             pass
@@ -188,7 +190,8 @@ class Inbound:
         """Post the receive of the next header message; :meth:`_on_header` takes it."""
         if self.closed:
             return
-        self._header[: len(_ZERO)] = _ZERO
+        used = max(wire.HEADER_PREFIXES, self._used)
+        self._header[:used] = bytes(used)
         try:
             self._require().recv_then(self._header, self._tag_base | wire.HEADER, self._on_header, idle=True)
         except Exception as exc:  # the endpoint is closed or broken
@@ -211,6 +214,7 @@ class Inbound:
         """Validate the header message in the buffer, then deliver its frame or start receiving its payload."""
         view = memoryview(self._header)
         seq = wire.message_seq(view)
+        self._used = wire.claimed_length(view)
         try:
             header, inline = wire.parse_header_message(view)
         except FrameError as exc:
@@ -224,24 +228,22 @@ class Inbound:
             self._read_header()
             return
         try:
-            dest, block = self._allocate(header)
+            landing = self._allocate(header)
         except CapacityError as refusal:
             self._drain(seq, header, refusal)
             self._read_header()
             return
-        if dest.is_cuda and not torch.cuda.default_stream(dest.device).query():
-            self._spawn(self._receive_when_idle(seq, header, dest, block))
+        if landing.dest.is_cuda and not torch.cuda.default_stream(landing.dest.device).query():
+            self._spawn(self._receive_when_idle(seq, header, landing))
         else:
-            self._receive(seq, header, dest, block)
+            self._receive(seq, header, landing)
             self._read_header()
 
-    async def _receive_when_idle(
-        self, seq: int, header: Header, dest: torch.Tensor, block: torch.Tensor | None
-    ) -> None:
+    async def _receive_when_idle(self, seq: int, header: Header, landing: _Landing) -> None:
         """Receive into CUDA memory whose device still has work queued, once that work is done."""
         try:
-            await wait_cuda_idle([dest])
-            self._receive(seq, header, dest, block)
+            await wait_cuda_idle([landing.dest])
+            self._receive(seq, header, landing)
         except Exception as exc:  # a UCX error: the connection broke
             self._close(describe_error(exc), lost=True)
             return
@@ -251,8 +253,11 @@ class Inbound:
         await self._linger()
         self._close(reason, lost=True)
 
-    def _allocate(self, header: Header) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The memory a frame's payload lands in, and the host pool block that is (or ``None``).
+    def _allocate(self, header: Header) -> _Landing:
+        """The memory a frame's payload lands in, counted as arriving against the memory bound.
+
+        A part of a message counts only until the store joins its message: from then on the store
+        counts the whole message, and counting its parts again would refuse messages that fit.
 
         Raises:
             CapacityError: The frame is over ``SIDECAR_MAX_BUFFERED_BYTES``, or its memory cannot be
@@ -264,7 +269,8 @@ class Inbound:
                 f"{header.describe()}: {header.total_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
                 f"{options.max_bytes} on rank {options.rank}; raise the bound or send smaller chunks"
             )
-        arriving = _arriving_bytes(header)
+        joined = header.num_parts > 1 and options.inbox.assembling(header.id, header.chunk_id)
+        arriving = 0 if joined else header.frame_bytes
         held = options.inbox.buffered_bytes + options.arriving.bytes
         if arriving and held + arriving > options.max_bytes:
             raise CapacityError(
@@ -284,28 +290,29 @@ class Inbound:
                 f"on {device}: {exc}"
             ) from exc
         self._count_arriving(arriving)
-        return dest, block
+        return _Landing(dest, block, arriving)
 
     def _count_arriving(self, nbytes: int) -> None:
         """Count ``nbytes`` more (or, negative, fewer) as arriving on this connection."""
         self._arriving += nbytes
         self._options.arriving.bytes += nbytes
 
-    def _receive(self, seq: int, header: Header, dest: torch.Tensor, block: torch.Tensor | None) -> None:
-        """Post the payload receives of one frame into ``dest``, in order; the last to arrive delivers it.
+    def _receive(self, seq: int, header: Header, landing: _Landing) -> None:
+        """Post the payload receives of one frame into its memory, in order; the last to arrive delivers it.
 
         Raises:
             ConnectionError: The endpoint is closed.
             Exception: UCX refused a receive (the connection is broken).
         """
-        views = _split(dest, header.sizes)
+        views = _split(landing.dest, header.sizes)
+        block = landing.block
         release = None if block is None else functools.partial(self._options.pool.give, block)
         waiting = [view for view in views if view.numel()]
 
         def arrived(outcomes: list[Exception | None]) -> None:
             if self.closed:
                 return  # closing took this connection's bytes off the count
-            self._count_arriving(-_arriving_bytes(header))
+            self._count_arriving(-landing.arriving)
             error = next((outcome for outcome in outcomes if outcome is not None), None)
             if error is not None:
                 if release is not None:  # every receive has ended: UCX no longer writes the block
@@ -319,7 +326,7 @@ class Inbound:
                 self._close(describe_error(exc), lost=True)
 
         if not waiting:  # empty buffers only: nothing to wait for
-            self._count_arriving(-_arriving_bytes(header))
+            self._count_arriving(-landing.arriving)
             self._deliver(seq, header, views, release)
             return
         endpoint = self._require()

@@ -49,8 +49,10 @@ INLINE_MAX = 8 << 10
 MAX_STREAM_BODY = 64 << 10
 #: Largest problem text carried by an ack.
 MAX_PROBLEM = 16 << 10
+#: Bytes before a header message's JSON: sequence number and inline size, then the frame prefix.
+HEADER_PREFIXES = HEAD.size + PREFIX.size
 #: Size of the buffer a header message is received into.
-HEADER_MESSAGE_BYTES = HEAD.size + PREFIX.size + MAX_HEADER_BYTES + INLINE_MAX
+HEADER_MESSAGE_BYTES = HEADER_PREFIXES + MAX_HEADER_BYTES + INLINE_MAX
 #: Size of the buffer an ack message is received into.
 ACK_MESSAGE_BYTES = ACK.size + MAX_PROBLEM + 1024
 
@@ -156,13 +158,21 @@ def message_seq(buf: memoryview) -> int:
     return int(SEQ.unpack_from(buf)[0])
 
 
+def claimed_length(buf: memoryview) -> int:
+    """How many bytes of ``buf`` a received header message's prefix says it used (at most ``len(buf)``)."""
+    inline = HEAD.unpack_from(buf)[1]
+    length = PREFIX.unpack_from(buf, HEAD.size)[1]
+    return int(min(len(buf), HEADER_PREFIXES + length + inline))
+
+
 def parse_header_message(buf: memoryview) -> tuple[Header, memoryview | None]:
     """Validate the header carried by a received header message; return it and its inline payload.
 
     Args:
         buf: The receive buffer (:data:`HEADER_MESSAGE_BYTES` long; the message's own prefix says
-            how much of it is used). Its first bytes are zeroed before each receive, so a message
-            too short to hold a prefix fails the magic check.
+            how much of it is used). What the last message used is zeroed before each receive, so
+            a message shorter than its prefix says reads zeros, never an earlier message's bytes:
+            too short to hold a prefix, it fails the magic check.
 
     Returns:
         The header, and a view of the inline payload in ``buf`` (``None`` if the payload follows
@@ -172,7 +182,7 @@ def parse_header_message(buf: memoryview) -> tuple[Header, memoryview | None]:
         FrameError: The prefix, the JSON header or the inline payload size is malformed.
     """
     inline = HEAD.unpack_from(buf)[1]
-    start = HEAD.size + PREFIX.size
+    start = HEADER_PREFIXES
     length = header_length(bytes(buf[HEAD.size : start]))
     header = decode_header(bytes(buf[start : start + length]))
     if not inline:
@@ -187,6 +197,9 @@ def ack_message(seq: int, problem: Problem | None = None, *, closing: bool = Fal
     if problem is None:
         return ACK.pack(seq, ACCEPTED, 0)
     body = problem.model_dump_json().encode()
+    while len(body) > ACK_MESSAGE_BYTES - ACK.size:  # escapes and multi-byte characters outgrew the receive buffer
+        problem = problem.model_copy(update={"message": problem.message[: len(problem.message) // 2]})
+        body = problem.model_dump_json().encode()
     return ACK.pack(seq, REFUSED_CLOSING if closing else REFUSED, len(body)) + body
 
 
