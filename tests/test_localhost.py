@@ -16,9 +16,12 @@ import fcntl
 import gc
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -296,6 +299,71 @@ def test_open_socket_dir_is_refused(env: dict[str, str], tmp_path: Path) -> None
         pass
 
 
+OTHER_UID = 65534  # nobody
+
+
+def _as_another_user() -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root, to act as another user (uid 65534)")
+
+
+@pytest.mark.host_capability
+def test_another_users_symlink_as_socket_dir_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    # Its owner could point it at their own directory between two connects.
+    _as_another_user()
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    planted = tmp_path / "planted"
+    planted.symlink_to(mine)
+    os.lchown(planted, OTHER_UID, OTHER_UID)
+    refused = pytest.raises(SettingsError, match=rf"is a symbolic link of uid {OTHER_UID}, not of this user")
+    with refused, local_sidecar({**env, "SIDECAR_LOCALHOST__SOCKET_DIR": str(planted)}, 32):
+        pass
+    own = tmp_path / "own-link"
+    own.symlink_to(mine)
+    with local_sidecar({**env, "SIDECAR_LOCALHOST__SOCKET_DIR": str(own)}, 32) as sidecar:
+        assert sidecar.transport_name == "localhost"
+
+
+@pytest.mark.host_capability
+def test_a_socket_served_by_another_user_is_told_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    # A socket that another user's process serves (moved into a private directory here) gets no
+    # HELLO: it would carry the auth token, and the pool after it.
+    _as_another_user()
+    shared = Path(tempfile.mkdtemp(prefix="sidecar-test-shared-"))  # the test's own folder is closed to others
+    shared.chmod(0o777)
+    listener = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, socket, sys; os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[2])); "
+            "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); print('ready', flush=True); "
+            "c, _ = s.accept(); print(repr(c.recv(65536)), flush=True)",
+            str(shared / "rank-5.sock"),
+            str(OTHER_UID),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "ready"
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        (shared / "rank-5.sock").rename(private / "rank-5.sock")
+        with (
+            local_sidecar({**env, "SIDECAR_LOCALHOST__SOCKET_DIR": str(private)}, 33) as sidecar,
+            pytest.raises(AuthenticationError, match=rf"served by a process of uid {OTHER_UID}, not of this user"),
+        ):
+            sidecar.send(1, "secret", 5).result(WAIT)
+        heard, _ = listener.communicate(timeout=WAIT)
+        assert heard.strip() == "b''", "it accepted the connection and heard nothing"
+    finally:
+        listener.kill()
+        listener.wait()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:
     with (
         pytest.raises(SettingsError, match="SIDECAR_LOCALHOST__POOL_BYTES"),
@@ -422,6 +490,34 @@ def test_malformed_input_is_rejected_and_the_peer_keeps_serving(
     assert peer.call(peer_recv_digest, held_before_malformed, True)["digest"] == _digest(random_bytes(2 * MiB, 7))
     sender.send(case, f"after-{case}", 1).result(WAIT)
     assert peer.call(peer_recv_values, [f"after-{case}"]) == [case]
+
+
+def test_a_malformed_pool_message_does_not_leak_its_descriptor(env: dict[str, str], socket_dir: Path) -> None:
+    # The descriptor was taken from the connection before the body was checked, and then kept by
+    # nobody: each such message leaked a descriptor and the memory behind it.
+    def passed_open() -> bool:
+        return any(
+            os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:malformed-pool")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        )
+
+    with local_sidecar(env, 41):
+        pool = os.memfd_create("malformed-pool", os.MFD_ALLOW_SEALING)
+        os.ftruncate(pool, MiB)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(WAIT)
+            raw.connect(str(socket_dir / "rank-41.sock"))
+            raw.sendall(_hello())
+            fds = array.array("i", [pool])
+            raw.sendmsg([envelope(Msg.POOL, 4) + bytes(4)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            reply = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := raw.recv(65536):
+                    reply += chunk
+        os.close(pool)
+        assert b"POOL message body must be 8 bytes, got 4" in reply
+        wait_until(lambda: not passed_open(), "the passed descriptor is closed")
 
 
 # -- shared memory -------------------------------------------------------------------------------

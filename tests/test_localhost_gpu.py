@@ -195,6 +195,19 @@ def test_cpu_tensor_lands_on_the_receivers_gpu(env: dict[str, str], gpu_peer: Pe
     assert got["devices"] == ["cuda:0"]
 
 
+def test_a_pool_a_gpu_receiver_reads_is_not_trimmed(env: dict[str, str], gpu_peer: PeerProcess) -> None:
+    # The receiver page-locks its mapping of the sender's pool to copy from it to the GPU. Trimmed
+    # by an idle CPU sender, the pool's pages parted from the locked ones: the next frame landed on
+    # the GPU with the old bytes.
+    with _local({**env, "SIDECAR_LOCALHOST__POOL_TRIM_SECONDS": "0.2"}, 15) as cpu_sender:
+        for round, seed in enumerate((21, 22)):
+            tensor = _pattern(8 * MiB, seed, "cpu")
+            call = gpu_peer.submit(peer_recv, f"after-idle-{round}")
+            cpu_sender.send(tensor, f"after-idle-{round}", 1).result(WAIT)
+            assert call.result(WAIT)["digests"] == [_digest(tensor)], f"round {round}"
+            time.sleep(1.0)  # idle for several trim periods
+
+
 def test_gpu_peer_sends_to_this_process(env: dict[str, str], gpu_peer: PeerProcess) -> None:
     with _local({**env, "SIDECAR_RECV_DEVICE": "cuda:0"}, 14) as receiver:
         gpu_peer.call(peer_send_pattern, 32 * MiB, 8, "cuda:0", "from-peer", 14)

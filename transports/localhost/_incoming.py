@@ -26,7 +26,6 @@ import hmac
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,6 +46,7 @@ from transports.localhost._protocol import (
     Welcome,
     envelope,
     parse_json,
+    peer_credentials,
     problem_body,
     slot_layout,
     split_frame,
@@ -105,7 +105,7 @@ class Incoming:
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
         self.rank: int | None = None
-        self.pid, uid = _peer_credentials(sock)
+        self.pid, uid = peer_credentials(sock)
         self._uid_ok = uid == os.getuid()
         self._pool: PeerPool | None = None
         self._staged: dict[int, _Staged] = {}
@@ -143,7 +143,8 @@ class Incoming:
         elif kind is Msg.POOL:
             if self._pool is not None:
                 raise ProtocolError("the peer shared its pool twice")
-            self._pool = PeerPool(self.channel.take_fd(), _u64(view, "POOL"))
+            size = _u64(view, "POOL")  # before the descriptor is taken: a malformed body leaves it to the channel
+            self._pool = PeerPool(self.channel.take_fd(), size)
         elif kind is Msg.IPC_FRAME:
             self._ipc(arg, view)
         else:
@@ -181,6 +182,7 @@ class Incoming:
             rank=self._options.rank,
             pid=os.getpid(),
             cuda_ipc=self._options.cuda_ipc and self._options.recv_device.startswith("cuda"),
+            pins_pool=self._options.recv_device.startswith("cuda"),
         )
         body = welcome.model_dump_json().encode()
         self.channel.write(envelope(Msg.WELCOME, len(body)), body)
@@ -351,9 +353,3 @@ def _u64(body: memoryview, what: str) -> int:
     if len(body) != U64.size:
         raise ProtocolError(f"{what} message body must be {U64.size} bytes, got {len(body)}")
     return int(U64.unpack(body)[0])
-
-
-def _peer_credentials(sock: socket.socket) -> tuple[int, int]:
-    """The connecting process's pid and uid, as the kernel saw them at ``connect``."""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid

@@ -48,6 +48,7 @@ from transports.localhost._protocol import (
     Welcome,
     envelope,
     parse_json,
+    peer_credentials,
     problem_body,
 )
 from transports.localhost._readers import Readers
@@ -120,7 +121,8 @@ class Link:
 
         Raises:
             PeerUnreachableError: Nothing listened at ``path`` within ``timeout``, or no handshake answer.
-            AuthenticationError: The peer refused this sidecar's auth token.
+            AuthenticationError: The peer refused this sidecar's auth token, or the socket is served by
+                another user's process (nothing is sent to it then).
         """
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
@@ -148,6 +150,13 @@ class Link:
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX)
+        _, owner = peer_credentials(sock)
+        if owner != os.getuid():
+            sock.close()
+            raise AuthenticationError(
+                f"rank {rank} at {path} is served by a process of uid {owner}, not of this user (uid {os.getuid()}); "
+                "another user may be intercepting sidecar sockets, so nothing was sent to it"
+            )
         link = cls(sock, rank, path, loop, readers, on_closed)
         try:
             body = hello.model_dump_json().encode()

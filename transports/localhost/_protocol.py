@@ -33,6 +33,7 @@ Everything a receiver reads is validated here before it allocates or maps anythi
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 from typing import Annotated, TypeVar
 
@@ -109,6 +110,9 @@ class Welcome(_Strict):
     pid: int
     #: Whether CUDA frames may be sent as CUDA IPC handles (the receiver lands tensors on a GPU).
     cuda_ipc: bool = False
+    #: Whether the receiver page-locks the sender's pool to copy from it to a GPU: the sender must
+    #: then never trim the pool, or the locked pages would part from the ones it writes.
+    pins_pool: bool = False
 
 
 class Problem(_Strict):
@@ -235,3 +239,9 @@ def slot_layout(sizes: list[int]) -> tuple[list[int], int]:
         offsets.append(pos)
         pos = -(-(pos + size) // ALIGN) * ALIGN
     return offsets, pos
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a Unix socket, as the kernel saw them at ``connect``."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid

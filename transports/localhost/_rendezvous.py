@@ -50,15 +50,24 @@ def prepare_dir(directory: Path, env: str) -> Path:
         env: The environment variable that sets it, for error messages.
 
     Raises:
-        SettingsError: The path is not a directory, belongs to another user, or is open to others.
+        SettingsError: The path is not a directory, belongs to another user (or is another user's
+            symbolic link), or is open to others.
     """
     directory = directory.expanduser().absolute()
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700, parents=True)
     try:
+        link = directory.lstat()
         info = directory.stat()
     except OSError as exc:
         raise SettingsError(f"{env}={str(directory)!r} cannot be used: {exc}") from None
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != os.getuid():
+        # Its owner may point it elsewhere at any time: at a directory of theirs, between two connects.
+        raise SettingsError(
+            f"{env}={str(directory)!r} is a symbolic link of uid {link.st_uid}, not of this user (uid "
+            f"{os.getuid()}); another user may be intercepting sidecar sockets. Point the setting at a directory "
+            "you own"
+        )
     if not stat.S_ISDIR(info.st_mode):
         raise SettingsError(f"{env}={str(directory)!r} is not a directory; point it at a private directory")
     if info.st_uid != os.getuid():

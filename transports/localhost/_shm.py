@@ -199,6 +199,8 @@ class Pool:
         try:
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
+            if waiter.done() and not waiter.cancelled():  # granted in the loop turn the deadline came (3.12+)
+                return waiter.result()
             raise CapacityError(
                 f"the shared-memory pool is full: no room for {nbytes} bytes after waiting {timeout:.3g}s "
                 f"({self.used} of {self.capacity} bytes are held {holders()}). Receivers must call "

@@ -108,7 +108,7 @@ class LocalhostSettings(BaseSettings):
         ge=0,
         description="Once no send has taken a pool slot for this many seconds, the pool's pages above the slots "
         "still in use go back to the system (0: never); later sends populate them again. A pool that has staged "
-        "CUDA tensors stays pinned and is never trimmed.",
+        "CUDA tensors, or that a peer receiving on a GPU reads, stays pinned and is never trimmed.",
     )
     cuda_ipc: bool = Field(
         False,
@@ -169,6 +169,8 @@ class LocalhostTransport(Transport):
         self._pool = Pool(self.settings.pool_bytes)
         self._copier = Copier(self.settings.copy_threads or default_copy_threads())
         self._pinning: asyncio.Future[bool] | None = None
+        #: Whether a peer page-locked this pool (it receives on a GPU): then it is never trimmed.
+        self._pinned_by_peer = False
         self._trim_timer: asyncio.TimerHandle | None = None
         self._links: dict[int, Link] = {}
         self._connecting: dict[int, asyncio.Task[Link]] = {}
@@ -359,6 +361,8 @@ class LocalhostTransport(Transport):
             dst, socket_path(self._dir, dst), hello, self.ctx.settings.connect_timeout, self._readers, self._link_closed
         )
         self._links[dst] = link
+        if link.welcome is not None and link.welcome.pins_pool:
+            self._pinned_by_peer = True
         return link
 
     def _connect_done(self, dst: int, task: asyncio.Task[Link]) -> None:
@@ -491,7 +495,7 @@ class LocalhostTransport(Transport):
     def _trim(self, acquired: int) -> None:
         """Every ``pool_trim_seconds``: trim the pool if no send took a slot since the last check."""
         pool = self._pool
-        if pool.acquired == acquired and self._pinning is None:
+        if pool.acquired == acquired and self._pinning is None and not self._pinned_by_peer:
             released = pool.trim()
             if released:
                 logger.debug("rank %d gave %d idle pool bytes back", self.ctx.rank, released)
