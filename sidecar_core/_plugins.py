@@ -43,7 +43,7 @@ class PluginEntry:
 
     def unavailable_reason(self) -> str | None:
         """Why the entry cannot be loaded here, or ``None`` if its requirements are importable."""
-        missing = [mod for mod in self.requires if importlib.util.find_spec(mod) is None]
+        missing = [mod for mod in self.requires if not _importable(mod)]
         if not missing:
             return None
         hint = f"; install it with: {self.install_hint}" if self.install_hint else ""
@@ -197,8 +197,10 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
             continue
         if manager.is_registered(plugin):
             continue
+        # Entry-point names need only be unique within a distribution: two may share one.
+        name = ep.name if not manager.has_plugin(ep.name) else f"{ep.name} ({source})"
         try:
-            manager.register(plugin, name=ep.name)
+            manager.register(plugin, name=name)
             _check_hook_names(manager, plugin)
         except pluggy.PluginValidationError as exc:
             if manager.is_registered(plugin):
@@ -206,7 +208,7 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
             registry.broken.append(BrokenPlugin(ep.name, source, f"invalid hook implementation: {exc}"))
             logger.warning("sidecar plugin %r from %s has an invalid hook implementation: %s", ep.name, source, exc)
             continue
-        sources[ep.name] = source
+        sources[name] = source
     for plugin in extra_plugins:
         try:
             name = manager.register(plugin)
@@ -225,8 +227,23 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
     ):
         for impl in hook.get_hookimpls():
             source = sources.get(impl.plugin_name, impl.plugin_name)
-            impl.function(register=registry._register(cast(Kind, kind), source))
+            try:
+                impl.function(register=registry._register(cast(Kind, kind), source))
+            except PluginError:
+                raise
+            except Exception as exc:  # a bug in the plugin: it is broken, the others still load
+                reason = f"registering its {kind}s raised {exc!r}"
+                registry.broken.append(BrokenPlugin(impl.plugin_name, source, reason))
+                logger.warning("sidecar plugin %r from %s: %s", impl.plugin_name, source, reason)
     return registry
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be found (a dotted name whose parent package is missing cannot)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_hook_names(manager: pluggy.PluginManager, plugin: object) -> None:

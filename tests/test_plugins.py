@@ -103,9 +103,26 @@ def test_broken_plugins_are_listed_and_break_nothing(
             "missing": "sidecar_test_no_such_module",
             "raising": "sidecar_test_raising",
             "bad-hook": "sidecar_test_bad_hook",
+            "buggy-hook": "sidecar_test_buggy_hook",
+            # The built-ins' entry-point name: names need only be unique within a distribution.
+            "builtin-serializers": "sidecar_test_same_name",
         },
         {
             "sidecar_test_raising": "raise RuntimeError('plugin import exploded')\n",
+            "sidecar_test_buggy_hook": """
+                from sidecar_core import hookimpl
+
+                @hookimpl
+                def sidecar_register_transports(register):
+                    raise AttributeError("a bug in the plugin")
+            """,
+            "sidecar_test_same_name": """
+                from sidecar_core import hookimpl
+
+                @hookimpl
+                def sidecar_register_transports(register):
+                    register("same-name", "sidecar_test_same_name:Nothing", requires=("sidecar_test_absent.sub",))
+            """,
             "sidecar_test_bad_hook": """
                 from sidecar_core import hookimpl
 
@@ -119,14 +136,18 @@ def test_broken_plugins_are_listed_and_break_nothing(
     with caplog.at_level(logging.WARNING, logger="sidecar_core._plugins"):
         registry = build_registry()
     broken = {plugin.name: plugin for plugin in registry.broken}
-    assert set(broken) == {"missing", "raising", "bad-hook"}
+    assert set(broken) == {"missing", "raising", "bad-hook", "buggy-hook"}
+    assert "registering its transports raised AttributeError('a bug in the plugin')" in broken["buggy-hook"].reason
+    # Registered beside the built-ins of the same entry-point name; its requirement's parent
+    # package is missing, which makes it unavailable rather than breaking the registry.
+    assert registry.transports["same-name"].unavailable_reason() == "missing module sidecar_test_absent.sub"
     assert {plugin.source for plugin in broken.values()} == {"broken-sidecar-plugin 0.1"}
     assert "ModuleNotFoundError" in broken["missing"].reason
     assert "sidecar_test_no_such_module" in broken["missing"].reason
     assert "plugin import exploded" in broken["raising"].reason
     assert "invalid hook implementation" in broken["bad-hook"].reason
     assert "unexpected" in broken["bad-hook"].reason
-    assert len([r for r in caplog.records if "broken-sidecar-plugin 0.1" in r.getMessage()]) == 3
+    assert len([r for r in caplog.records if "broken-sidecar-plugin 0.1" in r.getMessage()]) == 4
     assert {"localhost", "ucx", "mock-file"} <= set(registry.transports)
     assert "never" not in registry.transports
     assert {"tensor", "json"} <= {s.NAME for s in registry.load_serializers()}
