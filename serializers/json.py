@@ -49,8 +49,8 @@ def accepts(obj: object) -> bool:
     """Whether ``obj`` is a dict or list that JSON represents exactly (see the module docstring)."""
     if type(obj) is not dict and type(obj) is not list:
         return False
-    # Containers wait on a stack; scalars are checked where they are met (a send of a small dict
-    # runs this twice, through the codec and through encode, so it is kept lean).
+    # Containers wait on a stack; scalars are checked where they are met (every send of a dict or
+    # list runs this, so it is kept lean).
     stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(obj, 1)]
     while stack:
         container, depth = stack.pop()

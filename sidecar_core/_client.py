@@ -606,6 +606,8 @@ class Sidecar:
             found, value = self._store.peek(id, chunk_id)
             if found:
                 waiter.set_result(value)
+            elif self._store.past_end(id, chunk_id):
+                waiter.set_result(None)  # the end is known: nothing to ask the transport for
             else:
                 self._loop_thread.submit(self._pull(id, chunk_id, waiter, timeout))
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +37,8 @@ class Codec:
                 raise SerializationError(f"unknown serializer {serializer!r}; installed: {', '.join(self.names)}")
             if not chosen.accepts(obj):
                 raise SerializationError(
-                    f"serializer {serializer!r} does not take {type(obj).__module__}.{type(obj).__qualname__}; "
-                    "leave serializer unset to pick one by type"
+                    f"serializer {serializer!r} refuses this {type(obj).__module__}.{type(obj).__qualname__}: it "
+                    f"cannot carry it exactly (the {serializer} serializer's documentation says what it takes)"
                 )
             return chosen.NAME, chosen.encode(obj)
         for candidate in self._ordered:
@@ -83,7 +83,7 @@ class Codec:
         if max_part_bytes is None or total <= max_part_bytes:
             return [Frame(Header(**base, sizes=layout), list(enc.buffers))]
         pieces = list(_split(enc.buffers, layout, max_part_bytes))
-        message = random.getrandbits(63)  # tells this send's parts from another send's of the same chunk
+        message = secrets.randbits(63)  # tells this send's parts from another send's of the same chunk
         return [
             Frame(Header(**base, part=i, num_parts=len(pieces), offset=offset, sizes=sizes, message=message), bufs)
             for i, (offset, sizes, bufs) in enumerate(pieces)

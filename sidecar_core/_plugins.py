@@ -211,11 +211,11 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
         sources[name] = source
     for plugin in extra_plugins:
         try:
-            name = manager.register(plugin)
-        except pluggy.PluginValidationError as exc:
+            registered = manager.register(plugin)
+        except (pluggy.PluginValidationError, ValueError) as exc:  # ValueError: its name is taken
             raise PluginError(f"invalid sidecar plugin: {exc}") from None
-        if name is not None:
-            sources[name] = f"in-process plugin {name}"
+        if registered is not None:
+            sources[registered] = f"in-process plugin {registered}"
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:

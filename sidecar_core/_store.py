@@ -277,12 +277,8 @@ class ReceiveStore:
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
             for waiter in self._waiters.pop(key):
                 settle_waiter(waiter, None)
-        # Chunks that arrived before the end was known and lie past it can never be received.
-        for key in [k for k in self._held if k[0] == id and k[1] >= end]:
-            logger.warning("dropped id=%r chunk=%d on rank %d: past the id's end (%d chunks)", *key, self._rank, end)
-            held = self._held.pop(key)
-            self.buffered_bytes -= held.nbytes
-            self._release_on_loop(held.release)
+        # A message past the end still in parts can never be completed (its later parts are refused).
+        # Chunks held already stay until mark_done: a receiver may hold views of them.
         for key in [k for k in self._assembling if k[0] == id and k[1] >= end]:
             self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
 
@@ -314,6 +310,12 @@ class ReceiveStore:
         )
 
     # -- the user side ------------------------------------------------------------------------
+
+    def past_end(self, id: str, chunk_id: int) -> bool:
+        """Whether ``chunk_id`` is at or past the known end of ``id`` and not held (any thread)."""
+        with self._lock:
+            end = self._ends.get(id)
+            return end is not None and chunk_id >= end and (id, chunk_id) not in self._held
 
     def peek(self, id: str, chunk_id: int) -> tuple[bool, object]:
         """``(True, value)`` if the chunk is held, else ``(False, None)`` (any thread)."""

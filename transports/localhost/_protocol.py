@@ -44,7 +44,9 @@ from sidecar_core import FrameError, Header, decode_header, header_length
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 
 MAGIC = b"SLH1"
-VERSION = 1
+#: Spoken in the handshake; peers of another version refuse each other with a clear error. 2: frame
+#: headers carry ``message`` (parts of one send); WELCOME says whether the receiver pins the pool.
+VERSION = 2
 ENVELOPE = struct.Struct("<4sB3xIQ")
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

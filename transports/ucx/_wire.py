@@ -36,7 +36,9 @@ from sidecar_core import FrameError, Header, decode_header, encode_header, heade
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 
 MAGIC = b"SCU1"
-VERSION = 1
+#: Spoken in the handshake; peers of another version refuse each other with a clear error. 2: frame
+#: headers carry ``message`` (parts of one send).
+VERSION = 2
 STREAM_PREFIX = struct.Struct("<4sI")
 SEQ = struct.Struct("<Q")
 HEAD = struct.Struct("<QI")
