@@ -93,6 +93,8 @@ def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buf
             f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES.values())}. Convert it first "
             "(e.g. torch.view_as_real for complex128, .to(torch.float32) otherwise)"
         )
+    if tensor.is_nested:  # strided by layout, but one buffer cannot hold it
+        raise SerializationError("nested tensors are not supported; send their parts as a list (tensor.unbind())")
     if tensor.layout != torch.strided:
         raise SerializationError(f"tensor layout {tensor.layout} is not supported; send tensor.to_dense()")
     if tensor.device.type not in ("cpu", "cuda"):

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar_core._errors import PluginUnavailableError, SidecarError
+from sidecar_core._errors import PluginError, PluginUnavailableError, SidecarError
 from sidecar_core._plugins import PluginEntry, Registry, build_registry
 
 
@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_plugins(args: argparse.Namespace, rest: list[str]) -> int:
     report = plugin_report(build_registry(), args.load)
+    status = 1 if report["broken"] else 0  # an entry point that does not load is a broken install
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return status
     rows = [
         [p["kind"], p["name"], p["source"], "yes" if p["available"] else f"no: {p['reason']}", p["description"]]
         for p in report["plugins"]
@@ -70,7 +71,7 @@ def _run_plugins(args: argparse.Namespace, rest: list[str]) -> int:
     print(table(["kind", "name", "from", "available", "description"], rows))
     for b in report["broken"]:
         print(f"\nbroken entry point {b['name']!r} from {b['source']}: {b['reason']}")
-    return 0
+    return status
 
 
 def _run_doctor(args: argparse.Namespace, rest: list[str]) -> int:
@@ -116,20 +117,26 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
-def plugin_status(entry: PluginEntry, load: bool) -> str | None:
+def plugin_status(registry: Registry, entry: PluginEntry, load: bool) -> str | None:
     """Why ``entry`` cannot be used here, or ``None`` if it can.
 
     Without ``load`` this checks that the plugin's requirements and module can be found, without
-    importing them; with ``load`` it imports the plugin.
+    importing them; with ``load`` it loads the plugin as a sidecar would (a transport must be a
+    ``Transport``, a serializer must define the serializer names).
     """
     reason = entry.unavailable_reason()
     if reason is not None:
         return reason
     if load:
         try:
-            entry.load()
+            if entry.kind == "transport":
+                registry.load_transport(entry.name)
+            else:
+                registry.load_serializer(entry.name)
         except PluginUnavailableError as exc:
             return str(exc.__cause__ or exc)
+        except PluginError as exc:
+            return str(exc)
         return None
     module = entry.target.partition(":")[0]
     try:
@@ -144,7 +151,7 @@ def plugin_report(registry: Registry, load: bool = False) -> dict[str, Any]:
     entries = [*registry.transports.values(), *registry.serializers.values()]
     plugins = []
     for entry in entries:
-        reason = plugin_status(entry, load)
+        reason = plugin_status(registry, entry, load)
         plugins.append(
             {
                 "kind": entry.kind,

@@ -93,6 +93,7 @@ def diagnose(registry: Registry, ranks: Sequence[int] | None = None, load_ucx: b
     report.settings += setting_values(settings)
     report.add("settings", "ok", "SIDECAR_* variables are valid")
     transport = _check_transport(report, registry, settings)
+    _check_serializers(report, registry)
     _check_ucx(report, load=load_ucx or settings.transport_name == "ucx")
     _check_shm(report, settings.transport_name)
     if settings.transport_name == "localhost":
@@ -137,6 +138,16 @@ def _check_transport(report: Report, registry: Registry, settings: SidecarSettin
             report.add(f"{name} settings", "fail", str(exc))
             return None
     return cls
+
+
+def _check_serializers(report: Report, registry: Registry) -> None:
+    """Load the serializers as a sidecar does at start: one that breaks the protocol stops every sidecar."""
+    try:
+        names = [serializer.NAME for serializer in registry.load_serializers()]
+    except SidecarError as exc:
+        report.add("serializers", "fail", str(exc))
+        return
+    report.add("serializers", "ok", ", ".join(names))
 
 
 def _check_ucx(report: Report, load: bool) -> None:
@@ -220,8 +231,14 @@ def _check_cuda(report: Report, recv_device: str) -> None:
     import torch
 
     if torch.cuda.is_available():
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        report.add("cuda", "ok", f"torch {torch.__version__}, {torch.cuda.device_count()} device(s): {names}")
+        count = torch.cuda.device_count()
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+        index = torch.device(recv_device).index if recv_device.startswith("cuda") else None
+        if index is not None and index >= count:
+            detail = f"SIDECAR_RECV_DEVICE={recv_device} but torch {torch.__version__} sees {count} device(s): {names}"
+            report.add("cuda", "fail", f"{detail}; pick one of cuda:0 to cuda:{count - 1}")
+            return
+        report.add("cuda", "ok", f"torch {torch.__version__}, {count} device(s): {names}")
     elif recv_device.startswith("cuda"):
         detail = f"SIDECAR_RECV_DEVICE={recv_device} but torch {torch.__version__} sees no CUDA device"
         report.add("cuda", "fail", f"{detail}; set SIDECAR_RECV_DEVICE=cpu or run on a CUDA host")
@@ -275,5 +292,7 @@ def _probe_tcp(report: Report, settings: SidecarSettings, ranks: Sequence[int]) 
             report.add(f"peer {rank}", "warn", str(exc))
         except OSError as exc:
             report.add(f"peer {rank}", "warn", f"nothing accepts connections at {address} ({exc}); is rank {rank} up?")
+        except UnicodeError as exc:  # a host name that is no valid DNS name (a label over 63 characters)
+            report.add(f"peer {rank}", "fail", f"{address.host!r} is not a valid host name: {exc}")
         else:
             report.add(f"peer {rank}", "ok", f"{address} accepts connections")

@@ -128,20 +128,30 @@ class Registry:
             PluginError: A serializer module lacks one of the required names.
         """
         loaded: list[Serializer] = []
-        for entry in self.serializers.values():
+        for name in self.serializers:
             try:
-                module = entry.load()
+                loaded.append(self.load_serializer(name))
             except PluginUnavailableError as exc:
                 logger.warning("%s", exc)
-                continue
-            missing = [n for n in ("NAME", "PRIORITY", "accepts", "encode", "decode") if not hasattr(module, n)]
-            if missing or getattr(module, "NAME", None) != entry.name:
-                raise PluginError(
-                    f"serializer {entry.name!r} from {entry.source}: {entry.target} must define NAME="
-                    f"{entry.name!r}, PRIORITY, accepts, encode and decode (missing: {', '.join(missing)})"
-                )
-            loaded.append(cast(Serializer, module))
         return sorted(loaded, key=lambda s: (s.PRIORITY, s.NAME))
+
+    def load_serializer(self, name: str) -> Serializer:
+        """Import and check the serializer module registered as ``name``.
+
+        Raises:
+            KeyError: No such serializer.
+            PluginUnavailableError: It is registered but cannot be imported here.
+            PluginError: The module lacks one of the required names.
+        """
+        entry = self.serializers[name]
+        module = entry.load()
+        missing = [n for n in ("NAME", "PRIORITY", "accepts", "encode", "decode") if not hasattr(module, n)]
+        if missing or getattr(module, "NAME", None) != entry.name:
+            raise PluginError(
+                f"serializer {entry.name!r} from {entry.source}: {entry.target} must define NAME="
+                f"{entry.name!r}, PRIORITY, accepts, encode and decode (missing: {', '.join(missing)})"
+            )
+        return cast(Serializer, module)
 
     def _register(self, kind: Kind, source: str) -> Register:
         table = self.transports if kind == "transport" else self.serializers

@@ -11,6 +11,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import threading
 from typing import Annotated, Any, TypeVar
 
@@ -75,8 +76,7 @@ class SidecarSettings(BaseSettings):
     @field_validator("recv_device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        kind, colon, index = value.partition(":")
-        if kind not in ("cpu", "cuda") or (colon and not index.isdigit()) or (kind == "cpu" and colon):
+        if re.fullmatch(r"cpu|cuda(:[0-9]+)?", value) is None:  # not isdigit(): it takes "²" and other digits
             raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
         return value
 

@@ -99,6 +99,7 @@ class _Unavailable:
             description="needs a module that is not installed",
         )
         register("bad-target", "json:NoSuchTransport", description="imports, but the class is missing")
+        register("not-a-transport", "json:JSONDecoder", description="imports, but is no Transport")
 
 
 def test_plugins_report_unavailable_and_broken_plugins() -> None:
@@ -116,7 +117,36 @@ def test_plugins_report_unavailable_and_broken_plugins() -> None:
     assert loaded["bad-target"]["available"] is False
     assert "NoSuchTransport" in loaded["bad-target"]["reason"]
     assert loaded["localhost"]["available"] is True
+    # What a sidecar would refuse to load is not available either.
+    assert entries["not-a-transport"]["available"] is True
+    assert loaded["not-a-transport"]["available"] is False
+    assert "json:JSONDecoder is not a Transport subclass" in loaded["not-a-transport"]["reason"]
     assert report["broken"] == [{"name": "broken-ep", "source": "example-dist 1.0", "reason": "ImportError('boom')"}]
+
+
+def test_doctor_fails_a_serializer_a_sidecar_would_not_load(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = build_registry(extra_plugins=(_Unavailable(),))
+    registry._register("serializer", "test")("half", "json")  # a module without the serializer names
+    monkeypatch.setattr("sidecar_core._cli.build_registry", lambda: registry)
+    code, report = run_json(capsys, "doctor", "--json")
+    assert code == 1
+    check = checks_by_name(report)["serializers"]
+    assert check["status"] == "fail"
+    assert "serializer 'half' from test: json must define NAME='half'" in check["detail"]
+
+
+def test_plugins_exits_non_zero_for_a_broken_entry_point(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plugins"]) == 0
+    registry = build_registry()
+    registry.broken.append(BrokenPlugin("broken-ep", "example-dist 1.0", "ImportError('boom')"))
+    monkeypatch.setattr("sidecar_core._cli.build_registry", lambda: registry)
+    assert main(["plugins"]) == 1
+    assert main(["plugins", "--json"]) == 1
+    assert "broken entry point 'broken-ep' from example-dist 1.0" in capsys.readouterr().out
 
 
 # -- doctor ---------------------------------------------------------------------------------------
@@ -160,6 +190,8 @@ def test_doctor_json_shows_sources_and_masks_the_token(
     assert checks["shared memory"]["status"] in ("ok", "info")
     assert checks["cuda"]["status"] in ("ok", "info")
     assert checks["ucx"]["detail"].endswith("installed (not imported; --load-ucx imports it)")
+    assert checks["serializers"]["status"] == "ok"
+    assert {"tensor", "json", "primitives"} <= set(checks["serializers"]["detail"].split(", "))
 
 
 @pytest.mark.parametrize(("transport", "status"), [("localhost", "info"), ("ucx", "warn")])
@@ -326,6 +358,18 @@ def test_doctor_fails_on_a_malformed_peer_address(
     assert code == 1
     detail = checks_by_name(report)["peers"]["detail"]
     assert detail.startswith("invalid sidecar setting: SIDECAR_PEERS maps rank 1 to 'no-port-here'; expected")
+
+
+def test_doctor_fails_on_a_host_name_dns_cannot_hold(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SIDECAR_TRANSPORT", "ucx")
+    monkeypatch.setenv("SIDECAR_HOST_TEMPLATE", "sidecar-{rank}." + "x" * 64)  # a label over 63 characters
+    code, report = run_json(capsys, "doctor", "--json", "--ranks", "1")
+    assert code == 1
+    check = checks_by_name(report)["peer 1"]
+    assert check["status"] == "fail"
+    assert "is not a valid host name" in check["detail"]
 
 
 def test_doctor_looks_for_localhost_sockets(

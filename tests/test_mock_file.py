@@ -191,7 +191,8 @@ def test_a_chunk_past_a_missing_file_is_past_the_end_unless_read_before(env: Env
 
 
 def test_unmapped_key_raises_naming_key_and_variable(env: Env, tmp_path: Path) -> None:
-    env(**mapping_env({"known-0": tmp_path / "k.pt"}))
+    # An empty SIDECAR_MOCK_FILE__DIR is unset, as in a shell: not the working directory.
+    env(**mapping_env({"known-0": tmp_path / "k.pt"}), SIDECAR_MOCK_FILE__DIR="")
     with mock_sidecar() as sidecar:
         with pytest.raises(UnknownKeyError) as recv_error:
             sidecar.recv_sync("nope", 3)
@@ -249,8 +250,9 @@ def test_unsupported_suffix_is_refused_at_start_naming_key_path_and_fix(env: Env
         (".json", math.inf),
         (".json", torch.ones(1)),
         (".safetensors", [1]),
+        (".safetensors", b"bytes"),
     ],
-    ids=["bytes-json", "tuple-json", "inf-json", "tensor-json", "list-safetensors"],
+    ids=["bytes-json", "tuple-json", "inf-json", "tensor-json", "list-safetensors", "bytes-safetensors"],
 )
 def test_object_the_format_cannot_hold_is_refused(env: Env, tmp_path: Path, suffix: str, value: Any) -> None:
     path = tmp_path / f"out{suffix}"
@@ -258,7 +260,7 @@ def test_object_the_format_cannot_hold_is_refused(env: Env, tmp_path: Path, suff
     with mock_sidecar() as sidecar, pytest.raises(SerializationError) as error:
         sidecar.send(value, "k", 1).result(WAIT)
     message = str(error.value)
-    for part in ("'k-0'", str(path), f"map 'k-0' to a {'.bin' if value == b'' else '.pt'} file"):
+    for part in ("'k-0'", str(path), f"map 'k-0' to a {'.bin' if isinstance(value, bytes) else '.pt'} file"):
         assert part in message
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file left behind
 
@@ -457,6 +459,16 @@ def test_an_int_a_pt_file_cannot_give_back_is_refused_when_sent(env: Env, tmp_pa
             sidecar.send(2**2040, "big", [[]]).result(WAIT)
         sidecar.send(2**2038, "fits", [[]]).result(WAIT)
         assert sidecar.recv_sync("fits", timeout=WAIT) == 2**2038
+        with pytest.raises(SerializationError, match=r"an int of 2101 bits"):  # inside a container too
+            sidecar.send({"x": [1, 2**2100]}, "big", [[]]).result(WAIT)
+
+
+def test_directory_mode_takes_ids_that_are_not_valid_utf8(env: Env, tmp_path: Path) -> None:
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar() as sidecar:
+        sidecar.send({"odd": True}, "lone-\ud800", [[]]).result(WAIT)
+        assert sidecar.recv_sync("lone-\ud800", timeout=WAIT) == {"odd": True}
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["lone-%ED%A0%80-0.json", "lone-%ED%A0%80.end.json"]
 
 
 def test_files_are_written_with_the_umasks_permissions(env: Env, tmp_path: Path) -> None:

@@ -298,9 +298,11 @@ def tensor_parts(enc: Encoded) -> tuple[dict[str, Any], list[Buffer], str]:
         (torch.ones(2, dtype=torch.complex128), "complex128"),
         (torch.ones(2).to_sparse(), "to_dense"),
         (torch.ones(2, device="meta"), "meta"),
+        (torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), r"tensor\.unbind\(\)"),
+        ([torch.ones(1), torch.nested.nested_tensor([torch.ones(2)])], r"tensor\.unbind\(\)"),
     ],
 )
-def test_unsupported_tensors_say_how_to_fix(value: torch.Tensor, needle: str) -> None:
+def test_unsupported_tensors_say_how_to_fix(value: Any, needle: str) -> None:
     with pytest.raises(SerializationError, match=needle):
         CODEC.encode(value)
 

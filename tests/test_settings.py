@@ -131,6 +131,7 @@ def test_malformed_json_peers_names_the_variable(monkeypatch: pytest.MonkeyPatch
         ("SIDECAR_RECV_DEVICE", "cpu:0", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("SIDECAR_RECV_DEVICE", "cuda:", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("SIDECAR_RECV_DEVICE", "cpu:", "expected 'cpu', 'cuda' or 'cuda:N'"),
+        ("SIDECAR_RECV_DEVICE", "cuda:\u00b2", "expected 'cpu', 'cuda' or 'cuda:N'"),  # a digit to isdigit()
         ("SIDECAR_RECV_TIMEOUT", "inf", "finite number"),
         ("SIDECAR_SEND_TIMEOUT", "1e12", "less than or equal to"),
         ("SIDECAR_PEERS", '{"zero": "h:1"}', "valid integer"),

@@ -89,7 +89,10 @@ _MAX_STEM = 160
 class MockFileSettings(BaseSettings):
     """Settings of the ``mock-file`` transport (prefix ``SIDECAR_MOCK_FILE__``)."""
 
-    model_config = SettingsConfigDict(env_prefix="SIDECAR_MOCK_FILE__", extra="ignore", populate_by_name=True)
+    # An empty variable counts as unset: SIDECAR_MOCK_FILE__DIR="" must not mean the working directory.
+    model_config = SettingsConfigDict(
+        env_prefix="SIDECAR_MOCK_FILE__", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     mapping: dict[str, Path] = Field(
         default_factory=dict,
@@ -373,7 +376,7 @@ def _name(id: str, chunk_id: int) -> str:
 
 def _stem(id: str) -> str:
     """A file-name stem for ``id``: percent-encoded, shortened with a hash when it is long."""
-    stem = quote(id, safe="")
+    stem = quote(id.encode("utf-8", "surrogatepass"), safe="")
     if len(stem) > _MAX_STEM:
         digest = hashlib.sha256(id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
         stem = f"{stem[:100]}~{digest}"
@@ -401,11 +404,12 @@ def _write(name: str, path: Path, obj: object) -> None:
     if suffix in (".pt", ".pth"):
         if type(obj) is bytes:
             # torch.load(weights_only=True) cannot read b"" back; bytes have their own format.
-            raise _cannot_hold(name, path, obj, "tensors and JSON values", ".bin")
-        if type(obj) is int and obj.bit_length() >= _PT_INT_BITS:
+            raise _cannot_hold(name, path, obj, "tensors and JSON values")
+        bits = _longest_int_bits(obj)
+        if bits >= _PT_INT_BITS:
             raise SerializationError(
-                f"mock-file: cannot write {name!r} to {path}: an int of {obj.bit_length()} bits cannot be read "
-                f"back from a {suffix} file (torch.load reads ints of under {_PT_INT_BITS} bits); send it as a str"
+                f"mock-file: cannot write {name!r} to {path}: an int of {bits} bits cannot be read back from a "
+                f"{suffix} file (torch.load reads ints of under {_PT_INT_BITS} bits); send it as a str"
             )
 
         def write(f: IO[bytes]) -> None:
@@ -445,7 +449,23 @@ def _write(name: str, path: Path, obj: object) -> None:
 _PT_INT_BITS = 2040
 
 
-def _cannot_hold(name: str, path: Path, obj: object, holds: str, instead: str = ".pt") -> SerializationError:
+def _longest_int_bits(obj: object) -> int:
+    """The bit length of the longest int in ``obj``, in dicts, lists and tuples at any depth (0 if none)."""
+    longest, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if type(item) is int:
+            longest = max(longest, item.bit_length())
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return longest
+
+
+def _cannot_hold(name: str, path: Path, obj: object, holds: str) -> SerializationError:
+    instead = ".bin" if type(obj) is bytes else ".pt"  # .pt holds everything but bytes
     return SerializationError(
         f"mock-file: cannot write {name!r} to {path}: a {path.suffix} file holds {holds}, not a "
         f"{type(obj).__qualname__}; map {name!r} to a {instead} file instead"
