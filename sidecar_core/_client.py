@@ -54,7 +54,7 @@ class SidecarConfig:
         recv_tensor_dtype: Accepted for compatibility; unused.
         recv_tensor_shape: Accepted for compatibility; unused.
         concurrent_copy: Accepted for compatibility; unused.
-        transport: Overrides ``SIDECAR_TRANSPORT``.
+        transport: Overrides ``SIDECAR_TRANSPORT`` (and Cornserve's ``CORNSERVE_MOCK_SIDECAR`` switch).
         settings: Overrides for any :class:`SidecarSettings` field (e.g. ``{"recv_timeout": 5}``).
 
     Raises:
@@ -304,8 +304,9 @@ class Sidecar:
         overrides = dict(config.settings) if config is not None else {}
         if config is not None:
             overrides["rank"] = config.sidecar_rank
-            if config.transport is not None:
+            if config.transport is not None:  # named in code: it wins over the environment, mock switch too
                 overrides["transport"] = config.transport
+                overrides["mock_sidecar"] = False
         self.settings = load_settings(SidecarSettings, **overrides)
         if self.settings.rank is None:
             raise SidecarError("no sidecar rank: pass SidecarConfig(sidecar_rank=N) or set SIDECAR_RANK")

@@ -188,3 +188,6 @@ def test_mock_switch_selects_mock_file_over_sidecar_transport(monkeypatch: pytes
     monkeypatch.setenv("CORNSERVE_MOCK_SIDECAR", "1")
     assert load_settings(SidecarSettings).transport_name == "mock-file"
     assert get_registry().transport("mock-file").name == "mock-file"
+    # A transport named in code wins over the switch (sidecar demo --transport does that).
+    with Sidecar(SidecarConfig(sidecar_rank=0, transport="localhost")) as sidecar:
+        assert sidecar.transport_name == "localhost"
