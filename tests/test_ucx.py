@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -307,19 +307,24 @@ def test_a_malformed_acknowledgement_fails_its_send_at_once(
         sender.send(2, "after-bad-ack", 6).result(WAIT)  # over a new connection
 
 
+def alter_messages(monkeypatch: pytest.MonkeyPatch, change: Callable[[Any, list[Any]], list[Any]]) -> None:
+    """Send every frame as the messages ``change(header, payloads)`` returns (``monkeypatch.undo()`` ends it)."""
+    real_messages = Link._messages
+
+    def altered(seq: int, frame: Frame, buffers: list[Any]) -> list[Any]:
+        header, *payloads = real_messages(seq, frame, buffers)
+        return change(header, payloads)
+
+    monkeypatch.setattr(Link, "_messages", staticmethod(altered))
+
+
 def test_a_header_message_shorter_than_its_prefix_says_never_reads_an_earlier_one(
     env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The receive buffer is reused: the bytes the message did not send must not be the last message's.
-    real_messages = Link._messages
-
-    def prefixes_only(seq: int, frame: Frame, buffers: list[Any]) -> list[Any]:
-        header, *payloads = real_messages(seq, frame, buffers)
-        return [bytes(header)[: wire.HEADER_PREFIXES], *payloads]
-
     with local_sidecar(env, 12) as receiver:
         sender.send(1, "same-length-1", 12).result(WAIT)
-        monkeypatch.setattr(Link, "_messages", staticmethod(prefixes_only))
+        alter_messages(monkeypatch, lambda header, payloads: [bytes(header)[: wire.HEADER_PREFIXES], *payloads])
         with pytest.raises(RemoteError, match="FrameError: malformed frame header"):
             sender.send(1, "same-length-2", 12).result(WAIT)  # read as the first one's header, it was a duplicate
         monkeypatch.undo()
@@ -330,15 +335,9 @@ def test_a_header_message_shorter_than_its_prefix_says_never_reads_an_earlier_on
 def test_a_payload_longer_than_its_header_says_closes_the_connection(
     env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_messages = Link._messages
-
-    def doubled(seq: int, frame: Frame, buffers: list[Any]) -> list[Any]:
-        header, *payloads = real_messages(seq, frame, buffers)
-        return [header, *(bytes(payload) * 2 for payload in payloads)]
-
     with local_sidecar(env, 11) as receiver:
         sender.send(0, "before-long-payload", 11).result(WAIT)
-        monkeypatch.setattr(Link, "_messages", staticmethod(doubled))
+        alter_messages(monkeypatch, lambda header, payloads: [header, *(bytes(p) * 2 for p in payloads)])
         start = time.monotonic()
         longer = r"FrameError: id='long-payload' chunk=0: a payload message is longer than the header says"
         with pytest.raises(RemoteError, match=longer):
