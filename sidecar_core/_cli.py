@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_plugins(args: argparse.Namespace, rest: list[str]) -> int:
     report = plugin_report(build_registry(), args.load)
-    status = 1 if report["broken"] else 0  # an entry point that does not load is a broken install
+    # An entry point that does not load, or a plugin a sidecar would refuse, is a broken install; a
+    # plugin that lacks an optional dependency here is not.
+    status = 1 if report["broken"] or any(p["invalid"] for p in report["plugins"]) else 0
     if args.json:
         print(json.dumps(report, indent=2))
         return status
@@ -117,16 +119,16 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
-def plugin_status(registry: Registry, entry: PluginEntry, load: bool) -> str | None:
-    """Why ``entry`` cannot be used here, or ``None`` if it can.
+def plugin_status(registry: Registry, entry: PluginEntry, load: bool) -> tuple[str | None, bool]:
+    """Why ``entry`` cannot be used here (``None`` if it can), and whether it is invalid.
 
     Without ``load`` this checks that the plugin's requirements and module can be found, without
-    importing them; with ``load`` it loads the plugin as a sidecar would (a transport must be a
-    ``Transport``, a serializer must define the serializer names).
+    importing them; with ``load`` it loads the plugin as a sidecar would. Invalid: it loads but is
+    not what it must be (a transport not a ``Transport``, a serializer without the serializer names).
     """
     reason = entry.unavailable_reason()
     if reason is not None:
-        return reason
+        return reason, False
     if load:
         try:
             if entry.kind == "transport":
@@ -134,16 +136,16 @@ def plugin_status(registry: Registry, entry: PluginEntry, load: bool) -> str | N
             else:
                 registry.load_serializer(entry.name)
         except PluginUnavailableError as exc:
-            return str(exc.__cause__ or exc)
+            return str(exc.__cause__ or exc), False
         except PluginError as exc:
-            return str(exc)
-        return None
+            return str(exc), True
+        return None, False
     module = entry.target.partition(":")[0]
     try:
         found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError) as exc:
-        return f"module {module} cannot be found: {exc}"
-    return None if found else f"module {module} is not installed"
+        return f"module {module} cannot be found: {exc}", False
+    return (None if found else f"module {module} is not installed"), False
 
 
 def plugin_report(registry: Registry, load: bool = False) -> dict[str, Any]:
@@ -151,7 +153,7 @@ def plugin_report(registry: Registry, load: bool = False) -> dict[str, Any]:
     entries = [*registry.transports.values(), *registry.serializers.values()]
     plugins = []
     for entry in entries:
-        reason = plugin_status(registry, entry, load)
+        reason, invalid = plugin_status(registry, entry, load)
         plugins.append(
             {
                 "kind": entry.kind,
@@ -160,6 +162,7 @@ def plugin_report(registry: Registry, load: bool = False) -> dict[str, Any]:
                 "target": entry.target,
                 "available": reason is None,
                 "reason": reason,
+                "invalid": invalid,
                 "description": entry.description,
             }
         )

@@ -55,6 +55,8 @@ class _Held:
     nbytes: int
     src: int
     release: Release | None
+    #: Whether a receive got the value: its memory then stays until mark_done, whatever happens.
+    handed: bool = False
 
 
 @dataclass(slots=True)
@@ -258,11 +260,12 @@ class ReceiveStore:
             )
 
     def _hold(self, key: Key, h: Header, value: object, nbytes: int, release: Release | None) -> None:
-        self._held[key] = _Held(value, nbytes, h.src, release)
+        held = self._held[key] = _Held(value, nbytes, h.src, release)
         self.buffered_bytes += nbytes
         if h.num_chunks is not None:
             self._set_end(h.id, h.num_chunks)
         for waiter in self._waiters.pop(key, []):
+            held.handed = True
             settle_waiter(waiter, value)
         if self._on_recv is not None:
             try:
@@ -277,8 +280,14 @@ class ReceiveStore:
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
             for waiter in self._waiters.pop(key):
                 settle_waiter(waiter, None)
+        # Past the end, a recv returns None: chunks that arrived before the end was known are let go,
+        # unless a receive got one already (it may hold views of its memory until mark_done).
+        for key in [k for k in self._held if k[0] == id and k[1] >= end and not self._held[k].handed]:
+            logger.warning("dropped id=%r chunk=%d on rank %d: past the id's end (%d chunks)", *key, self._rank, end)
+            held = self._held.pop(key)
+            self.buffered_bytes -= held.nbytes
+            self._release_on_loop(held.release)
         # A message past the end still in parts can never be completed (its later parts are refused).
-        # Chunks held already stay until mark_done: a receiver may hold views of them.
         for key in [k for k in self._assembling if k[0] == id and k[1] >= end]:
             self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
 
@@ -312,16 +321,22 @@ class ReceiveStore:
     # -- the user side ------------------------------------------------------------------------
 
     def past_end(self, id: str, chunk_id: int) -> bool:
-        """Whether ``chunk_id`` is at or past the known end of ``id`` and not held (any thread)."""
+        """Whether ``chunk_id`` is at or past the known end of ``id`` (and not marked done; any thread)."""
         with self._lock:
-            end = self._ends.get(id)
-            return end is not None and chunk_id >= end and (id, chunk_id) not in self._held
+            return self._past_end(id, chunk_id) and (id, chunk_id) not in self._done
+
+    def _past_end(self, id: str, chunk_id: int) -> bool:
+        end = self._ends.get(id)
+        return end is not None and chunk_id >= end
 
     def peek(self, id: str, chunk_id: int) -> tuple[bool, object]:
-        """``(True, value)`` if the chunk is held, else ``(False, None)`` (any thread)."""
+        """``(True, value)`` if the chunk is held (and not past its id's end), else ``(False, None)`` (any thread)."""
         with self._lock:
             held = self._held.get((id, chunk_id))
-        return (True, held.value) if held is not None else (False, None)
+            if held is None or self._past_end(id, chunk_id):
+                return False, None
+            held.handed = True
+            return True, held.value
 
     def add_waiter(self, id: str, chunk_id: int, waiter: Waiter) -> None:
         """Resolve ``waiter`` with the chunk (``None`` past the end of its id) now or when it arrives.
@@ -343,8 +358,9 @@ class ReceiveStore:
             return
         key = (id, chunk_id)
         held = self._held.get(key)
-        end = self._ends.get(id)
-        if held is not None:
+        past_end = self._past_end(id, chunk_id)
+        if held is not None and not past_end:
+            held.handed = True
             settle_waiter(waiter, held.value)
         elif key in self._done:
             settle_waiter(
@@ -353,7 +369,7 @@ class ReceiveStore:
                     f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
                 ),
             )
-        elif end is not None and chunk_id >= end:
+        elif past_end:
             settle_waiter(waiter, None)
         elif id in self._lost:
             settle_waiter(waiter, error=self._lost_error(key))

@@ -118,8 +118,9 @@ def test_plugins_report_unavailable_and_broken_plugins() -> None:
     assert "NoSuchTransport" in loaded["bad-target"]["reason"]
     assert loaded["localhost"]["available"] is True
     # What a sidecar would refuse to load is not available either.
-    assert entries["not-a-transport"]["available"] is True
-    assert loaded["not-a-transport"]["available"] is False
+    assert (entries["not-a-transport"]["available"], entries["not-a-transport"]["invalid"]) == (True, False)
+    assert (loaded["not-a-transport"]["available"], loaded["not-a-transport"]["invalid"]) == (False, True)
+    assert loaded["needs-missing"]["invalid"] is False
     assert "json:JSONDecoder is not a Transport subclass" in loaded["not-a-transport"]["reason"]
     assert report["broken"] == [{"name": "broken-ep", "source": "example-dist 1.0", "reason": "ImportError('boom')"}]
 
@@ -147,6 +148,21 @@ def test_plugins_exits_non_zero_for_a_broken_entry_point(
     assert main(["plugins"]) == 1
     assert main(["plugins", "--json"]) == 1
     assert "broken entry point 'broken-ep' from example-dist 1.0" in capsys.readouterr().out
+
+
+def test_plugins_load_exits_non_zero_for_a_plugin_a_sidecar_would_refuse(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = build_registry(extra_plugins=(_Unavailable(),))
+    monkeypatch.setattr("sidecar_core._cli.build_registry", lambda: registry)
+    assert main(["plugins", "--load"]) == 1  # not-a-transport loads, but is no Transport
+    registry.transports.pop("not-a-transport")
+    # What cannot be imported here (a missing module, an import that fails) is unavailable, as an
+    # optional dependency that is not installed: not a broken install.
+    assert main(["plugins", "--load"]) == 0
+    registry._register("serializer", "test")("half", "json")
+    assert main(["plugins", "--load"]) == 1
+    assert "must define NAME='half'" in capsys.readouterr().out
 
 
 # -- doctor ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 
 from sidecar_core import (
+    AlreadyDoneError,
     FrameError,
     RecvTimeoutError,
     SerializationError,
@@ -176,18 +177,21 @@ def test_missing_mapped_file_is_the_end_of_the_stream(env: Env, tmp_path: Path) 
     assert not mapping["gone-0"].exists()
 
 
-def test_a_chunk_past_a_missing_file_is_past_the_end_unless_read_before(env: Env, tmp_path: Path) -> None:
+def test_chunks_past_a_missing_file_are_past_the_end(env: Env, tmp_path: Path) -> None:
     mapping = {f"r-{i}": tmp_path / f"r{i}.pt" for i in range(3)}
     torch.save(torch.zeros(1), mapping["r-0"])
     torch.save(torch.full((1,), 2.0), mapping["r-2"])  # r-1 is missing: the stream ends there
     env(**mapping_env(mapping))
     with mock_sidecar() as sidecar:
         assert sidecar.recv_sync("r", 1) is None
-        assert sidecar.recv_sync("r", 2) is None
+        assert sidecar.recv_sync("r", 2) is None  # past the end: the transport is not asked
     with mock_sidecar() as sidecar:
-        assert_same(sidecar.recv_sync("r", 2), torch.full((1,), 2.0))
+        assert_same(sidecar.recv_sync("r", 2), torch.full((1,), 2.0))  # the end is not known yet
         assert sidecar.recv_sync("r", 1) is None
-        assert_same(sidecar.recv_sync("r", 2), torch.full((1,), 2.0))  # held until mark_done
+        assert sidecar.recv_sync("r", 2) is None  # now it is
+        sidecar.mark_done_sync("r", 2)
+        with pytest.raises(AlreadyDoneError):
+            sidecar.recv_sync("r", 2)
 
 
 def test_unmapped_key_raises_naming_key_and_variable(env: Env, tmp_path: Path) -> None:

@@ -243,7 +243,7 @@ def test_end_from_num_chunks() -> None:
     run(main())
 
 
-def test_chunks_past_a_known_end_are_refused() -> None:
+def test_chunks_past_a_known_end_are_refused_or_let_go() -> None:
     async def main() -> None:
         releases = Releases()
         store = make_store()
@@ -252,16 +252,21 @@ def test_chunks_past_a_known_end_are_refused() -> None:
             store.deliver(frames(b"late", id="s", chunk_id=3, num_chunks=None)[0], releases("late"))
         assert (store.buffered_bytes, releases.calls) == (0, {"late": 1})
         assert await store.get("s", 3, 1.0) is None
-        # A chunk held before a smaller end came stays until mark_done (a receiver may hold a view
-        # of it); a message past the end still in parts is let go, as its later parts are refused.
+        # Chunks that came before a smaller end are past it: a recv returns None for them. One that
+        # no receive got is let go; one a receive got stays until mark_done (its views may be in
+        # use); a message past the end still in parts is let go, as its later parts are refused.
         store.deliver(frames(b"early", id="t", chunk_id=4, num_chunks=None)[0], releases("early"))
-        store.deliver(frames(b"part", id="t", chunk_id=5, num_chunks=None, part=2)[0])
-        assert store.buffered_bytes == 9
+        store.deliver(frames(b"seen", id="t", chunk_id=5, num_chunks=None)[0], releases("seen"))
+        store.deliver(frames(b"part", id="t", chunk_id=6, num_chunks=None, part=2)[0])
+        assert await store.get("t", 5, 1.0) == b"seen"
+        assert store.buffered_bytes == 13
         store.deliver(close_frame("t", 2))
-        assert store.buffered_bytes == 5
-        assert await store.get("t", 4, 1.0) == b"early"
-        store.mark_done("t", 4)
-        assert (store.buffered_bytes, releases.calls["early"]) == (0, 1)
+        assert (store.buffered_bytes, releases.calls) == (4, {"late": 1, "early": 1})
+        assert await store.get("t", 4, 1.0) is None
+        assert await store.get("t", 5, 1.0) is None
+        assert store.peek("t", 5) == (False, None)
+        store.mark_done("t", 5)
+        assert (store.buffered_bytes, releases.calls["seen"]) == (0, 1)
 
     run(main())
 

@@ -61,8 +61,9 @@ def prepare_dir(directory: Path, env: str) -> Path:
         info = directory.stat()
     except OSError as exc:
         raise SettingsError(f"{env}={str(directory)!r} cannot be used: {exc}") from None
-    if stat.S_ISLNK(link.st_mode) and link.st_uid != os.getuid():
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.getuid(), 0):
         # Its owner may point it elsewhere at any time: at a directory of theirs, between two connects.
+        # (Root's links are as safe as the rest of the path: root can do anything anyway.)
         raise SettingsError(
             f"{env}={str(directory)!r} is a symbolic link of uid {link.st_uid}, not of this user (uid "
             f"{os.getuid()}); another user may be intercepting sidecar sockets. Point the setting at a directory "
