@@ -40,7 +40,7 @@ MAX_DEPTH = 256
 #: Largest int accepted, in bits: below Python's default limit of 4300 decimal digits.
 MAX_INT_BITS = 14_000
 
-_SCALARS = (str, bool, type(None))
+_SCALARS = frozenset((str, bool, type(None)))
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
 
@@ -49,25 +49,26 @@ def accepts(obj: object) -> bool:
     """Whether ``obj`` is a dict or list that JSON represents exactly (see the module docstring)."""
     if type(obj) is not dict and type(obj) is not list:
         return False
-    # Containers wait on a stack; scalars are checked where they are met (every send of a dict or
-    # list runs this, so it is kept lean).
+    # Containers wait on a stack; scalars are checked where they are met, ints first (every send of
+    # a dict or list runs this, so it is kept lean: plain loops, no generators).
     stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(obj, 1)]
     while stack:
         container, depth = stack.pop()
         if depth > MAX_DEPTH:
             return False
         if type(container) is dict:
-            if not all(type(key) is str for key in container):
-                return False
+            for key in container:
+                if type(key) is not str:
+                    return False
             values: Iterable[object] = container.values()
         else:
             values = container
         for value in values:
-            if type(value) is dict or type(value) is list:
-                stack.append((value, depth + 1))
-            elif type(value) is int:
+            if type(value) is int:
                 if value.bit_length() > MAX_INT_BITS:
                     return False
+            elif type(value) is dict or type(value) is list:
+                stack.append((value, depth + 1))
             elif type(value) is float:
                 if not math.isfinite(value):
                     return False
