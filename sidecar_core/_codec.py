@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any
+
+from msgspec.structs import replace
 
 from sidecar_core._errors import FrameError, SerializationError
 from sidecar_core._frame import Buffer, Frame, Header, buffer_nbytes
@@ -68,24 +69,24 @@ class Codec:
         """
         name, enc = self.encode(obj, serializer)
         layout = [buffer_nbytes(b) for b in enc.buffers]
-        total = sum(layout)
-        base: dict[str, Any] = {
-            "kind": "data",
-            "id": id,
-            "chunk_id": chunk_id,
-            "num_chunks": num_chunks,
-            "src": src,
-            "serializer": name,
-            "meta": enc.meta,
-            "layout": layout,
-            "device": enc.device,
-        }
-        if max_part_bytes is None or total <= max_part_bytes:
-            return [Frame(Header(**base, sizes=layout), list(enc.buffers))]
+        whole = Header(
+            kind="data",
+            id=id,
+            chunk_id=chunk_id,
+            num_chunks=num_chunks,
+            src=src,
+            serializer=name,
+            meta=enc.meta,
+            layout=layout,
+            device=enc.device,
+            sizes=layout,
+        )
+        if max_part_bytes is None or whole.total_bytes <= max_part_bytes:
+            return [Frame(whole, list(enc.buffers))]
         pieces = list(_split(enc.buffers, layout, max_part_bytes))
         message = secrets.randbits(63)  # tells this send's parts from another send's of the same chunk
         return [
-            Frame(Header(**base, part=i, num_parts=len(pieces), offset=offset, sizes=sizes, message=message), bufs)
+            Frame(replace(whole, part=i, num_parts=len(pieces), offset=offset, sizes=sizes, message=message), bufs)
             for i, (offset, sizes, bufs) in enumerate(pieces)
         ]
 
