@@ -440,15 +440,16 @@ def test_shutdown_on_the_sidecars_own_thread_is_refused_and_a_later_one_complete
     a, b = make(registry, 0), make(registry, 1)
     refused: list[BaseException] = []
 
-    def shut_down_here(_: object) -> None:  # a send future's callback runs on the sidecar's thread
+    def shut_down_here() -> None:
         try:
             a.shutdown_sync()
         except RuntimeError as exc:
             refused.append(exc)
 
-    sent = a.send(1, "x", 1)
-    sent.add_done_callback(shut_down_here)
-    sent.result(5)
+    a.send(1, "x", 1).result(5)
+    # On the sidecar's thread, as a send future's callback runs (attached to a future that is done
+    # already, a callback runs on the attaching thread instead: the send above is too quick for that).
+    a._loop_thread.call_soon(shut_down_here)
     deadline = time.monotonic() + 5
     while not refused and time.monotonic() < deadline:
         time.sleep(0.01)
