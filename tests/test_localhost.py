@@ -934,27 +934,39 @@ def polled() -> Iterator[_Polled]:
     loop.close()
 
 
+def _poll_while_sending(polled: _Polled, data: bytes, count: int) -> int:
+    """Send ``data`` while a thread polls (so that the loop cannot read it first); that thread's ident."""
+    owner = polled.owner
+    polling = threading.Thread(target=polled.readers.poll_here, args=(lambda: len(owner.messages) == count, 5.0))
+    polling.start()
+    wait_until(lambda: _held_by_another_thread(polled.channel), "it polls")
+    polled.theirs.sendall(data)
+    polling.join(5)
+    assert polling.ident is not None
+    return polling.ident
+
+
 def test_a_polling_thread_handles_direct_messages_and_leaves_the_rest_to_the_loop(polled: _Polled) -> None:
     owner, theirs = polled.owner, polled.theirs
-    theirs.sendall(
-        envelope(Msg.FRAME, 3, 1) + b"abc" + envelope(Msg.READY, 8, 2) + bytes(8) + envelope(Msg.FRAME, 1, 3) + b"z"
+    poller = _poll_while_sending(
+        polled,
+        envelope(Msg.FRAME, 3, 1) + b"abc" + envelope(Msg.READY, 8, 2) + bytes(8) + envelope(Msg.FRAME, 1, 3) + b"z",
+        3,
     )
-    polled.readers.poll_here(lambda: len(owner.messages) == 3, 5.0)
     wait_until(lambda: len(owner.messages) == 3, "the loop handled the rest")
     handled = [(kind, arg, body) for kind, arg, body, _ in owner.messages]
     assert handled == [(Msg.FRAME, 1, b"abc"), (Msg.READY, 2, bytes(8)), (Msg.FRAME, 3, b"z")]
-    # The first frame on this thread; from READY on (not a direct kind) the loop took over, in order.
+    # The first frame on the polling thread; from READY on (not a direct kind) the loop took over, in order.
     loop = polled.loop_thread
-    assert [who for *_, who in owner.messages] == [threading.get_ident(), loop, loop]
+    assert [who for *_, who in owner.messages] == [poller, loop, loop]
     # Given back: later input wakes the loop again.
     theirs.sendall(envelope(Msg.FRAME, 1, 4) + b"y")
     wait_until(lambda: len(owner.messages) == 4, "the loop read the channel again")
     assert owner.messages[3][1:] == (4, b"y", loop)
     # And the next wait takes it again (the poll object is built anew after a channel went back early).
-    theirs.sendall(envelope(Msg.FRAME, 1, 5) + b"x")
-    polled.readers.poll_here(lambda: len(owner.messages) == 5, 5.0)
+    poller = _poll_while_sending(polled, envelope(Msg.FRAME, 1, 5) + b"x", 5)
     wait_until(lambda: len(owner.messages) == 5, "the frame was handled")
-    assert owner.messages[4][1:] == (5, b"x", threading.get_ident())
+    assert owner.messages[4][1:] == (5, b"x", poller)
 
 
 def test_the_end_of_the_connection_seen_while_polling_closes_it_on_the_loop(polled: _Polled) -> None:
