@@ -121,6 +121,8 @@ class ReceiveStore:
         self._device = device
         self._on_recv = on_recv
         self._held: dict[Key, _Held] = {}
+        #: The chunk numbers held per id, so that an id's end looks at its own chunks only.
+        self._held_chunks: defaultdict[str, set[int]] = defaultdict(set)
         self._assembling: dict[Key, _Assembly] = {}
         self._done: OrderedDict[Key, None] = OrderedDict()
         # Per-id facts, forgotten oldest first beyond DONE_MEMORY ids.
@@ -146,6 +148,8 @@ class ReceiveStore:
 
     def _deliver(self, frame: Frame, release: Release | None) -> None:
         h = frame.header
+        if self._closed:  # a transport still reading while the sidecar shuts down
+            raise SidecarClosedError(f"{h.describe()}: sidecar rank {self._rank} is shutting down; it was not stored")
         if len(frame.buffers) != len(h.sizes):
             raise FrameError(f"{h.describe()}: header lists {len(h.sizes)} buffers, {len(frame.buffers)} arrived")
         if h.kind == "close":
@@ -261,6 +265,7 @@ class ReceiveStore:
 
     def _hold(self, key: Key, h: Header, value: object, nbytes: int, release: Release | None) -> None:
         held = self._held[key] = _Held(value, nbytes, h.src, release)
+        self._held_chunks[key[0]].add(key[1])
         self.buffered_bytes += nbytes
         if h.num_chunks is not None:
             self._set_end(h.id, h.num_chunks)
@@ -275,16 +280,19 @@ class ReceiveStore:
 
     def _set_end(self, id: str, num_chunks: int) -> None:
         # The smallest end wins: a pull-based transport may learn the end one missing chunk at a time.
-        end = min(num_chunks, self._ends.get(id, num_chunks))
+        known = self._ends.get(id)
+        end = num_chunks if known is None else min(num_chunks, known)
         _remember(self._ends, id, end)
+        if end == known:  # nothing new (every chunk of a message with num_chunks says it again)
+            return
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
             for waiter in self._waiters.pop(key):
                 settle_waiter(waiter, None)
         # Past the end, a recv returns None: chunks that arrived before the end was known are let go,
         # unless a receive got one already (it may hold views of its memory until mark_done).
-        for key in [k for k in self._held if k[0] == id and k[1] >= end and not self._held[k].handed]:
-            logger.warning("dropped id=%r chunk=%d on rank %d: past the id's end (%d chunks)", *key, self._rank, end)
-            held = self._held.pop(key)
+        for chunk_id in [c for c in self._held_chunks.get(id, ()) if c >= end and not self._held[(id, c)].handed]:
+            logger.warning("dropped id=%r chunk=%d on rank %d: past the id's end (%d)", id, chunk_id, self._rank, end)
+            held = self._pop_held((id, chunk_id))
             self.buffered_bytes -= held.nbytes
             self._release_on_loop(held.release)
         # A message past the end still in parts can never be completed (its later parts are refused).
@@ -363,12 +371,7 @@ class ReceiveStore:
             held.handed = True
             settle_waiter(waiter, held.value)
         elif key in self._done:
-            settle_waiter(
-                waiter,
-                error=AlreadyDoneError(
-                    f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
-                ),
-            )
+            settle_waiter(waiter, error=self._done_error(id, chunk_id))
         elif past_end:
             settle_waiter(waiter, None)
         elif id in self._lost:
@@ -424,12 +427,21 @@ class ReceiveStore:
             if assembly is not None:  # given up before every part came: later parts are refused
                 self.buffered_bytes -= assembly.first.total_bytes
                 _remember(self._done, key, None)
-            held = self._held.pop(key, None)
-            if held is None:
+                for waiter in self._waiters.pop(key, []):
+                    settle_waiter(waiter, error=self._done_error(id, chunk_id))
+            if key not in self._held:
                 return
+            held = self._pop_held(key)
             self.buffered_bytes -= held.nbytes
             _remember(self._done, key, None)
         self._release_on_loop(held.release)
+
+    def _pop_held(self, key: Key) -> _Held:
+        chunks = self._held_chunks[key[0]]
+        chunks.discard(key[1])
+        if not chunks:
+            del self._held_chunks[key[0]]
+        return self._held.pop(key)
 
     def _release_on_loop(self, release: Release | None) -> None:
         """Run a frame's release on the loop thread (at once where the store has no loop)."""
@@ -452,6 +464,7 @@ class ReceiveStore:
             self._closed = True
             held = list(self._held.values())
             self._held.clear()
+            self._held_chunks.clear()
             self._assembling.clear()
             for (id, chunk_id), waiters in self._waiters.items():
                 for waiter in waiters:
@@ -460,6 +473,11 @@ class ReceiveStore:
             self.buffered_bytes = 0
         for entry in held:
             _call(entry.release)
+
+    def _done_error(self, id: str, chunk_id: int) -> AlreadyDoneError:
+        return AlreadyDoneError(
+            f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
+        )
 
     def _closed_error(self, id: str, chunk_id: int) -> SidecarClosedError:
         return SidecarClosedError(f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down")

@@ -26,6 +26,7 @@ from sidecar_core import (
     SerializationError,
     SettingsError,
     Sidecar,
+    SidecarClosedError,
     SidecarConfig,
     SidecarError,
     UnknownKeyError,
@@ -517,6 +518,27 @@ def test_receives_that_timed_out_leave_nothing_behind(env: Env, tmp_path: Path) 
                 sidecar.recv_sync("missing", timeout=0.05)
         time.sleep(0.3)  # the transport's last looks end
         assert sidecar._store._waiters == {}
+
+
+def test_shutdown_ends_a_recv_looking_for_a_file(env: Env, tmp_path: Path) -> None:
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    sidecar = Sidecar(SidecarConfig(sidecar_rank=0, transport="mock-file"))
+    outcome: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            sidecar.recv_sync("never", timeout=WAIT)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    time.sleep(0.3)  # it is looking for the file
+    sidecar.shutdown_sync()
+    receiver.join(WAIT / 2)
+    assert not receiver.is_alive(), "the recv waited on after the shutdown"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], SidecarClosedError)
 
 
 def test_a_file_that_cannot_be_read_fails_the_recv_waiting_for_it(env: Env, tmp_path: Path) -> None:

@@ -548,6 +548,23 @@ def test_close_releases_everything_and_ends_waiters() -> None:
         assert store.buffered_bytes == 0
         with pytest.raises(SidecarClosedError, match="recv id='other' chunk=0: sidecar rank 5 was shut down"):
             await waiting
+        # A transport still reading while the sidecar shuts down: refused, its buffers given back.
+        with pytest.raises(SidecarClosedError, match="id='late' chunk=0: sidecar rank 5 is shutting down"):
+            store.deliver(frames(b"late", id="late")[0], releases("late"))
+        assert (store.buffered_bytes, releases.calls["late"]) == (0, 1)
+
+    run(main())
+
+
+def test_mark_done_of_a_message_in_parts_fails_its_waiting_receives() -> None:
+    async def main() -> None:
+        store = make_store()
+        store.deliver(frames(b"0123456789", id="given-up", part=4)[0])
+        waiting = asyncio.create_task(store.get("given-up", 0, 5.0))
+        await settle()
+        store.mark_done("given-up", 0)
+        with pytest.raises(AlreadyDoneError, match="id='given-up' chunk=0 was marked done on rank 5"):
+            await asyncio.wait_for(waiting, 1.0)
 
     run(main())
 
