@@ -40,7 +40,7 @@ MAX_DEPTH = 256
 #: Largest int accepted, in bits: below Python's default limit of 4300 decimal digits.
 MAX_INT_BITS = 14_000
 
-_SCALARS = frozenset((str, bool, type(None)))
+_SCALARS = (str, bool, type(None))
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar_core import AuthenticationError, Buffer, Frame, Header, Inbox
+from sidecar_core import AuthenticationError, Buffer, Frame, Header, Inbox, SidecarClosedError
 from transports.localhost._channel import Channel
 from transports.localhost._protocol import (
     SENDER_MESSAGES,
@@ -301,7 +301,9 @@ class Incoming:
         try:
             self._inbox.deliver(frame, release)
         except Exception as exc:
-            if not isinstance(exc, (ValueError, MemoryError, LookupError)):
+            # The inbox's refusals (bad frame, duplicate, no room, shutting down) go back to the sender;
+            # anything else is a bug worth a traceback.
+            if not isinstance(exc, (ValueError, MemoryError, LookupError, SidecarClosedError)):
                 logger.exception("%s: delivering %s failed", self.channel.name, frame.header.describe())
             self._nack(seq, exc)
             return
