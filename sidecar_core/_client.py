@@ -622,8 +622,7 @@ class Sidecar:
             settle_waiter(waiter, error=error)
             return
         except asyncio.CancelledError:  # the transport closed under it: the sidecar shuts down
-            closed = SidecarClosedError(f"recv id={id!r} chunk={chunk_id}: the sidecar was shut down")
-            settle_waiter(waiter, error=closed)
+            settle_waiter(waiter, error=self._store.closed_error(id, chunk_id))
             raise
         if not waiter.done():  # else the receive gave up meanwhile: nobody would drop this waiter
             self._store.add_waiter(id, chunk_id, waiter)

@@ -196,8 +196,7 @@ class ReceiveStore:
                 )
             # The sender gave up on the earlier send (timed out or cancelled) and sends again.
             logger.info("%s: rank %d sends it again; the parts of its earlier send are dropped", h.describe(), h.src)
-            del self._assembling[key]
-            self.buffered_bytes -= assembly.first.total_bytes
+            self._drop_assembly(key)
             assembly = None
         if assembly is None:
             self._check_room(h, h.total_bytes)
@@ -236,14 +235,11 @@ class ReceiveStore:
             assembly.covered += end - start
         if len(assembly.parts) < first.num_parts:
             return
+        self._drop_assembly(key)  # complete, or refused: the message is counted as held, or not at all
         if assembly.covered != first.total_bytes:
-            del self._assembling[key]
-            self.buffered_bytes -= first.total_bytes
             raise FrameError(
                 f"{h.describe()}: its {first.num_parts} parts hold {assembly.covered} of {first.total_bytes} bytes"
             )
-        del self._assembling[key]
-        self.buffered_bytes -= h.total_bytes
         views: list[Buffer] = []
         pos = 0
         for size in first.layout:
@@ -292,12 +288,10 @@ class ReceiveStore:
         # unless a receive got one already (it may hold views of its memory until mark_done).
         for chunk_id in [c for c in self._held_chunks.get(id, ()) if c >= end and not self._held[(id, c)].handed]:
             logger.warning("dropped id=%r chunk=%d on rank %d: past the id's end (%d)", id, chunk_id, self._rank, end)
-            held = self._pop_held((id, chunk_id))
-            self.buffered_bytes -= held.nbytes
-            self._release_on_loop(held.release)
+            self._release_on_loop(self._pop_held((id, chunk_id)).release)
         # A message past the end still in parts can never be completed (its later parts are refused).
         for key in [k for k in self._assembling if k[0] == id and k[1] >= end]:
-            self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
+            self._drop_assembly(key)
 
     def assembling(self, id: str, chunk_id: int) -> bool:
         """Whether parts of ``(id, chunk_id)`` are being joined (see :meth:`sidecar_core.Inbox.assembling`)."""
@@ -311,7 +305,7 @@ class ReceiveStore:
 
     def _peer_lost(self, rank: int, reason: str) -> None:
         for key in [k for k in self._assembling if self._assembling[k].first.src == rank]:
-            self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
+            self._drop_assembly(key)
         ids = {id for id, src in self._sources.items() if src == rank}
         for id in ids:
             _remember(self._lost, id, f"rank {rank} was lost: {reason}")
@@ -362,7 +356,7 @@ class ReceiveStore:
         if waiter.done():  # its receive gave up already (a pull-based transport answers late)
             return
         if self._closed:  # a receive that started while the sidecar shut down
-            settle_waiter(waiter, error=self._closed_error(id, chunk_id))
+            settle_waiter(waiter, error=self.closed_error(id, chunk_id))
             return
         key = (id, chunk_id)
         held = self._held.get(key)
@@ -423,25 +417,30 @@ class ReceiveStore:
         """
         key = (id, chunk_id)
         with self._lock:
-            assembly = self._assembling.pop(key, None)
-            if assembly is not None:  # given up before every part came: later parts are refused
-                self.buffered_bytes -= assembly.first.total_bytes
+            if key in self._assembling:  # given up before every part came: later parts are refused
+                self._drop_assembly(key)
                 _remember(self._done, key, None)
                 for waiter in self._waiters.pop(key, []):
                     settle_waiter(waiter, error=self._done_error(id, chunk_id))
             if key not in self._held:
                 return
             held = self._pop_held(key)
-            self.buffered_bytes -= held.nbytes
             _remember(self._done, key, None)
         self._release_on_loop(held.release)
 
     def _pop_held(self, key: Key) -> _Held:
+        """Forget a held chunk and stop counting its bytes (its release is the caller's to run)."""
         chunks = self._held_chunks[key[0]]
         chunks.discard(key[1])
         if not chunks:
             del self._held_chunks[key[0]]
-        return self._held.pop(key)
+        held = self._held.pop(key)
+        self.buffered_bytes -= held.nbytes
+        return held
+
+    def _drop_assembly(self, key: Key) -> None:
+        """Forget a message being joined and stop counting its bytes."""
+        self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
 
     def _release_on_loop(self, release: Release | None) -> None:
         """Run a frame's release on the loop thread (at once where the store has no loop)."""
@@ -468,7 +467,7 @@ class ReceiveStore:
             self._assembling.clear()
             for (id, chunk_id), waiters in self._waiters.items():
                 for waiter in waiters:
-                    settle_waiter(waiter, error=self._closed_error(id, chunk_id))
+                    settle_waiter(waiter, error=self.closed_error(id, chunk_id))
             self._waiters.clear()
             self.buffered_bytes = 0
         for entry in held:
@@ -479,7 +478,8 @@ class ReceiveStore:
             f"id={id!r} chunk={chunk_id} was marked done on rank {self._rank}; recv it before mark_done"
         )
 
-    def _closed_error(self, id: str, chunk_id: int) -> SidecarClosedError:
+    def closed_error(self, id: str, chunk_id: int) -> SidecarClosedError:
+        """The error for a receive of ``(id, chunk_id)`` that the sidecar's shutdown ended."""
         return SidecarClosedError(f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down")
 
 
