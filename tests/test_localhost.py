@@ -1021,6 +1021,22 @@ def test_descriptors_beyond_the_one_pool_close_the_connection_and_are_not_kept(p
     wait_until(lambda: not set(os.listdir("/proc/self/fd")) - before, "every descriptor that arrived is closed")
 
 
+def test_a_passed_descriptor_arrives_close_on_exec(polled: _Polled) -> None:
+    # Until its owner took it, a received pool descriptor was inheritable: a child process started by
+    # another thread meanwhile kept the peer's pool open.
+    with tempfile.TemporaryFile() as passed:
+        fds = array.array("i", [passed.fileno()])
+        polled.theirs.sendmsg([envelope(Msg.POOL, 8) + bytes(8)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        wait_until(lambda: bool(polled.owner.messages), "the loop read the POOL message")
+        assert polled.owner.messages[0][0] is Msg.POOL
+        fd = _on_loop(polled.loop, polled.channel.take_fd)
+        try:
+            assert os.path.samestat(os.fstat(fd), os.fstat(passed.fileno())), "the passed file arrived"
+            assert not os.get_inheritable(fd), "a passed descriptor must arrive close-on-exec"
+        finally:
+            os.close(fd)
+
+
 def test_a_hang_up_while_a_thread_polls_closes_the_channel_on_the_loop(polled: _Polled) -> None:
     # A hang-up is reported even for a socket the loop is told to ignore; the polling thread sees it
     # too and hands the channel back, and the loop closes it.

@@ -52,6 +52,9 @@ _MIN_ROOM = 1 << 16
 _FLUSH_TIMEOUT = 2.0
 #: As a plain int: testing ``flags & socket.MSG_CTRUNC`` runs ``IntFlag`` code on every read.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+#: Descriptors passed with a message arrive close-on-exec: a child started by another thread of this
+#: process meanwhile must not inherit the peer's pool.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 
 #: ``on_message(kind, arg, body)``; ``body`` is a fresh ``bytearray`` the callee may keep.
 OnMessage = Callable[[Msg, int, bytearray], None]
@@ -175,7 +178,7 @@ class Channel:
                     self._make_room()
                 with memoryview(self._buf) as view:
                     room = len(view) - self._end
-                    nbytes, ancdata, flags, _ = self.sock.recvmsg_into([view[self._end :]], _ANC_SPACE)
+                    nbytes, ancdata, flags, _ = self.sock.recvmsg_into([view[self._end :]], _ANC_SPACE, _RECV_FLAGS)
                 if ancdata:
                     self._collect_fds(ancdata)
                 if flags & _MSG_CTRUNC:
