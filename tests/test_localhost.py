@@ -1021,6 +1021,31 @@ def test_descriptors_beyond_the_one_pool_close_the_connection_and_are_not_kept(p
     wait_until(lambda: not set(os.listdir("/proc/self/fd")) - before, "every descriptor that arrived is closed")
 
 
+def test_drain_wakes_when_another_thread_sent_what_it_waited_for(polled: _Polled) -> None:
+    # drain() saw a message a caller's thread had queued; that thread then sent all of it itself and
+    # told nobody, so drain() waited out its caller's timeout (closing a connection took 2 s more).
+    channel = polled.channel
+    queued, drain_waits = threading.Event(), threading.Event()
+    flush_here = channel._flush_here
+
+    def flush_after_drain_looked() -> None:
+        queued.set()
+        drain_waits.wait(WAIT)
+        time.sleep(0.05)  # drain() has looked at the queue by now
+        flush_here()
+
+    channel._flush_here = flush_after_drain_looked  # type: ignore[method-assign]
+    writer = threading.Thread(target=channel.write_threadsafe, args=(b"d" * 100,))
+    writer.start()
+    assert queued.wait(WAIT)
+    drained = asyncio.run_coroutine_threadsafe(channel.drain(), polled.loop)
+    drain_waits.set()
+    writer.join(WAIT)
+    drained.result(1)  # before the fix: TimeoutError
+    polled.theirs.settimeout(WAIT)
+    assert polled.theirs.recv(4096) == b"d" * 100
+
+
 def test_a_passed_descriptor_arrives_close_on_exec(polled: _Polled) -> None:
     # Until its owner took it, a received pool descriptor was inheritable: a child process started by
     # another thread meanwhile kept the peer's pool open.

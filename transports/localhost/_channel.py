@@ -361,8 +361,9 @@ class Channel:
         """:meth:`_flush` on a thread other than the loop's: what the socket does not take goes to the loop."""
         with self.lock:
             broke = self._send_queued()
-            if broke is None and not self._out:
+            if broke is None and not self._out and not self._drain_waiters:
                 return
+        # The rest goes to the loop, which also wakes drain(): it may have seen this message queued.
         self._loop.call_soon_threadsafe(self._after_flush, broke)
 
     def _queue(self, parts: Sequence[Bytes], fds: Sequence[int]) -> None:
@@ -427,10 +428,11 @@ class Channel:
 
     async def drain(self) -> None:
         """Wait until everything queued has been handed to the kernel (or the channel closed)."""
-        if not self._out or (self.closed is not None and self._linger is None):
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
+        with self.lock:  # a thread emptying the queue in _flush_here then sees this waiter
+            if not self._out or (self.closed is not None and self._linger is None):
+                return
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
         await waiter
 
     # -- closing ------------------------------------------------------------------------------
