@@ -34,6 +34,7 @@ from sidecar_core import (
     Header,
     PeerLostError,
     PeerUnreachableError,
+    RecvTimeoutError,
     RemoteError,
     SettingsError,
     Sidecar,
@@ -516,18 +517,82 @@ def test_silent_listener_times_out_within_connect_timeout(env: dict[str, str], b
     assert elapsed < 1.0 + 1.0, f"gave up after {elapsed:.2f}s"
 
 
-@pytest.mark.parametrize(("token", "presented"), [(None, "no auth token"), ("wrong-token", "a wrong auth token")])
-def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], token: str | None, presented: str) -> None:
+@pytest.mark.parametrize(
+    ("token", "explained"),
+    [
+        (None, "refused this sidecar: it presented no auth token"),
+        ("wrong-token", "did not prove that it holds this sidecar's auth token: it holds another auth token"),
+    ],
+)
+def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], token: str | None, explained: str) -> None:
+    # Without a token the listener refuses the connector; with another token the connector already
+    # refuses the listener's proof of the token.
     with local_sidecar(env, 20, auth_token=TOKEN) as guarded:
         settings = {"auth_token": token} if token else {}
         with local_sidecar(env, 21, **settings) as intruder, pytest.raises(AuthenticationError) as info:
             intruder.send(1, "intruder", 20).result(WAIT)
         assert "rank 20 at 127.0.0.1:" in str(info.value)
-        assert presented in str(info.value)
+        assert explained in str(info.value)
         assert "SIDECAR_AUTH_TOKEN" in str(info.value)
         with local_sidecar(env, 22, auth_token=TOKEN) as friend:
             friend.send({"ok": True}, "friend", 20).result(WAIT)
         assert guarded.recv_sync("friend", timeout=WAIT) == {"ok": True}
+
+
+def test_a_listener_without_the_token_never_sees_it_and_is_refused(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whoever answers at a peer's address (a process that took the port first, a name that resolves
+    # elsewhere) used to receive the token in the hello. Now the connector sends only a nonce, and
+    # refuses a listener that cannot prove it holds the token.
+    received: list[bytes] = []
+    parse = wire.parse_model
+
+    def recording(cls: Any, body: bytes | bytearray, what: str) -> Any:
+        received.append(bytes(body))
+        return parse(cls, body, what)
+
+    monkeypatch.setattr(wire, "parse_model", recording)
+    with local_sidecar(env, 23) as impostor, local_sidecar(env, 24, auth_token=TOKEN) as careful:
+        with pytest.raises(AuthenticationError) as info:
+            careful.send({"secret": 1}, "kept", 23).result(WAIT)
+        assert "rank 23 at 127.0.0.1:" in str(info.value)
+        assert "did not prove that it holds this sidecar's auth token: it has no auth token" in str(info.value)
+        assert "the token itself was not sent" in str(info.value)
+        with pytest.raises(RecvTimeoutError):
+            impostor.recv_sync("kept", timeout=0.5)
+    bodies = b"".join(received)
+    assert b'"nonce"' in bodies, "the handshake went through the recorded parser"
+    assert TOKEN.encode() not in bodies, "the token must never travel"
+
+
+def test_proofs_hold_for_one_connection_and_one_side_only() -> None:
+    hello = wire.Hello(version=wire.VERSION, rank=1, ack_tag=8, nonce=wire.new_nonce())
+    nonce = wire.new_nonce()
+    listener = wire.proof(TOKEN, "listener", hello, nonce, 2)
+    assert wire.proof_matches(listener, wire.proof(TOKEN, "listener", hello, nonce, 2))
+    others = [
+        wire.proof(TOKEN, "connector", hello, nonce, 2),  # the other side's proof
+        wire.proof(TOKEN, "listener", hello, wire.new_nonce(), 2),  # another connection
+        wire.proof(TOKEN, "listener", hello.model_copy(update={"nonce": wire.new_nonce()}), nonce, 2),
+        wire.proof(TOKEN, "listener", hello.model_copy(update={"ack_tag": 12}), nonce, 2),
+        wire.proof(TOKEN, "listener", hello, nonce, 3),  # another listener rank
+        wire.proof("another-token", "listener", hello, nonce, 2),
+    ]
+    assert not any(wire.proof_matches(listener, other) for other in others)
+    assert not wire.proof_matches(None, listener)
+    assert TOKEN not in listener
+
+
+def test_a_peer_of_another_protocol_version_is_refused_clearly(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, peer: PeerProcess
+) -> None:
+    # Versions differ in their handshake messages too, so the version is read before the rest.
+    monkeypatch.setattr(wire, "VERSION", wire.VERSION + 1)
+    with local_sidecar(env, 25) as newer, pytest.raises(PeerUnreachableError) as info:
+        newer.send(0, "versions", 1).result(WAIT)
+    assert f"speaks protocol version {wire.VERSION}, this sidecar {wire.VERSION - 1}" in str(info.value)
+    assert "refused the connection: ProtocolError" in str(info.value)
 
 
 def test_receiver_killed_mid_transfer_then_restarted(env: dict[str, str], sender: Sidecar) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from transports.ucx import _wire as wire
 from transports.ucx._worker import UcxWorker
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,21 @@ class Endpoint:
         """
         array = self._api_array(buf)
         return self.worker.track(self._check().stream_recv(array), array, busy=False)
+
+    async def recv_stream_message(self) -> bytearray:
+        """Receive one handshake message and return its JSON body (see :mod:`._wire`).
+
+        Raises:
+            ProtocolError: The prefix is not this protocol's, or the body is too large.
+            ConnectionError: The endpoint is closed.
+            Exception: A UCX error (the connection broke).
+        """
+        prefix = bytearray(wire.STREAM_PREFIX.size)
+        await self.stream_recv(prefix)
+        body = bytearray(wire.stream_body_length(prefix))
+        if body:
+            await self.stream_recv(body)
+        return body
 
     def close(self) -> None:
         """Close the endpoint at once; its unfinished requests fail. Idempotent, never raises."""

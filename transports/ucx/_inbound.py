@@ -35,7 +35,7 @@ import torch
 from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox
 from transports.ucx import _wire as wire
 from transports.ucx._endpoint import Endpoint, describe_error
-from transports.ucx._link import token_matches, wait_cuda_idle
+from transports.ucx._link import wait_cuda_idle
 from transports.ucx._pool import HostPool
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Inbound:
         self._endpoint: Endpoint | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = bytearray(1)
-        # Made once the peer presented the token: it is large, and a connection that never shakes
+        # Made once the peer proved it holds the token: it is large, and a connection that never shakes
         # hands must not cost it.
         self._header = bytearray()
         self._used = 0  # bytes the last header message used, zeroed before the next receive
@@ -146,21 +146,36 @@ class Inbound:
     # -- handshake ----------------------------------------------------------------------------
 
     async def _handshake(self) -> bool:
+        """Shake hands as the listening side (see :mod:`._wire`): give our proof, check the peer's."""
         endpoint = self._require()
-        prefix = bytearray(wire.STREAM_PREFIX.size)
-        await endpoint.stream_recv(prefix)
-        body = bytearray(wire.stream_body_length(prefix))
-        if body:
-            await endpoint.stream_recv(body)
-        hello = wire.parse_model(wire.Hello, body, "hello")
-        if hello.version != wire.VERSION:
-            await self._refuse(
-                "ProtocolError",
-                f"rank {hello.rank} speaks protocol version {hello.version}, this sidecar {wire.VERSION}",
-            )
+        body = await endpoint.recv_stream_message()
+        version, rank = wire.version_of(body, "hello")
+        if version != wire.VERSION:
+            who = "a peer" if rank is None else f"rank {rank}"
+            await self._refuse("ProtocolError", f"{who} speaks protocol version {version}, this sidecar {wire.VERSION}")
             return False
-        if not token_matches(self._options.token, hello.token):
-            what = "no auth token" if hello.token is None else "a wrong auth token"
+        hello = wire.parse_model(wire.Hello, body, "hello")
+        token, own = self._options.token, self._options.rank
+        nonce = wire.new_nonce()
+        mine = None if token is None else wire.proof(token, "listener", hello, nonce, own)
+        await endpoint.stream_send(
+            wire.stream_message(wire.Challenge(version=wire.VERSION, rank=own, nonce=nonce, proof=mine))
+        )
+        try:
+            body = await endpoint.recv_stream_message()
+        except Exception:
+            if token is not None:
+                logger.warning(
+                    "ucx: rank %d left the handshake before proving it holds the auth token (one with another "
+                    "SIDECAR_AUTH_TOKEN refuses this sidecar's proof and leaves)",
+                    hello.rank,
+                )
+            raise
+        response = wire.parse_model(wire.Response, body, "handshake response")
+        if token is not None and not wire.proof_matches(
+            response.proof, wire.proof(token, "connector", hello, nonce, own)
+        ):
+            what = "no auth token" if response.proof is None else "a wrong auth token"
             logger.warning("ucx: refused rank %d: it presented %s", hello.rank, what)
             await self._refuse(
                 "AuthenticationError",
@@ -169,7 +184,7 @@ class Inbound:
             return False
         self.rank = hello.rank
         self._ack_tag = hello.ack_tag
-        reply = wire.Reply(version=wire.VERSION, rank=self._options.rank, accepted=True, tag_base=self._tag_base)
+        reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base)
         await endpoint.stream_send(wire.stream_message(reply))
         return True
 

@@ -27,7 +27,6 @@ broken connection does the same.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import threading
@@ -345,7 +344,7 @@ async def connect(
 
     Raises:
         PeerUnreachableError: No sidecar answered at ``address`` within ``timeout`` seconds.
-        AuthenticationError: The peer refused this sidecar's auth token.
+        AuthenticationError: The peer refused this sidecar's auth token, or did not prove it holds it.
     """
     where = f"rank {rank} at {address}"
     loop = asyncio.get_running_loop()
@@ -366,9 +365,11 @@ async def connect(
             handle = worker.api.UCXEndpoint.create(worker.worker, address.host, address.port, True)
             endpoint = Endpoint(worker, handle, opening.on_broken)
             # A broken endpoint fails the handshake's requests, so a refused attempt ends early.
-            reply = await asyncio.wait_for(_handshake(endpoint, own_rank, token, ack_tag), deadline - loop.time())
+            reply = await asyncio.wait_for(
+                _handshake(endpoint, where, own_rank, token, ack_tag), deadline - loop.time()
+            )
             break
-        except asyncio.CancelledError:  # this sidecar is shutting down
+        except (asyncio.CancelledError, AuthenticationError):  # shutting down, or the listener is not the peer
             if endpoint is not None:
                 endpoint.close()
             raise
@@ -403,19 +404,32 @@ async def connect(
     return opening.link
 
 
-async def _handshake(endpoint: Endpoint, own_rank: int, token: str | None, ack_tag: int) -> wire.Reply:
-    hello = wire.Hello(version=wire.VERSION, rank=own_rank, token=token, ack_tag=ack_tag)
+async def _handshake(endpoint: Endpoint, where: str, own_rank: int, token: str | None, ack_tag: int) -> wire.Reply:
+    """Shake hands as the connecting side (see :mod:`._wire`): check the listener's proof, give ours.
+
+    Returns:
+        The listener's final answer (accepted or refused).
+
+    Raises:
+        AuthenticationError: This sidecar has an auth token and the listener did not prove it holds it.
+        ProtocolError: The listener answered something that is not this handshake.
+        Exception: A UCX error (nothing accepted the connection, or it broke).
+    """
+    hello = wire.Hello(version=wire.VERSION, rank=own_rank, ack_tag=ack_tag, nonce=wire.new_nonce())
     await endpoint.stream_send(wire.stream_message(hello))
-    prefix = bytearray(wire.STREAM_PREFIX.size)
-    await endpoint.stream_recv(prefix)
-    body = bytearray(wire.stream_body_length(prefix))
-    if body:
-        await endpoint.stream_recv(body)
-    return wire.parse_model(wire.Reply, body, "handshake reply")
-
-
-def token_matches(expected: str | None, given: str | None) -> bool:
-    """Constant-time check of a peer's auth token (anything matches when none is expected)."""
-    if expected is None:
-        return True
-    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+    body = await endpoint.recv_stream_message()
+    if wire.version_of(body, "handshake answer")[0] != wire.VERSION:
+        return wire.parse_model(wire.Reply, body, "handshake reply")  # it refuses this version
+    challenge = wire.parse_model(wire.Challenge, body, "handshake challenge")
+    if token is not None and not wire.proof_matches(
+        challenge.proof, wire.proof(token, "listener", hello, challenge.nonce, challenge.rank)
+    ):
+        has = "has no auth token" if challenge.proof is None else "holds another auth token"
+        raise AuthenticationError(
+            f"{where} did not prove that it holds this sidecar's auth token: it {has}, or it is not the peer "
+            "(the token itself was not sent). Set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment "
+            "and check that the address is the peer's"
+        )
+    mine = None if token is None else wire.proof(token, "connector", hello, challenge.nonce, challenge.rank)
+    await endpoint.stream_send(wire.stream_message(wire.Response(proof=mine)))
+    return wire.parse_model(wire.Reply, await endpoint.recv_stream_message(), "handshake reply")

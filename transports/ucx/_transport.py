@@ -157,7 +157,7 @@ class UcxTransport(Transport):
 
         UCX matches a tagged receive against messages from every connection of the worker, the
         ones that have not shaken hands yet included. Tags are therefore random and only told to
-        a peer that passed the auth token: a connection that did not cannot aim messages at
+        a peer that proved it holds the auth token: a connection that did not cannot aim messages at
         another's frames or acknowledgements. (Two connections drawing the same base out of 2**62
         is as unlikely as guessing one.)
         """

@@ -2,11 +2,19 @@
 
 Connection set-up uses UCX's stream API (ordered bytes on one endpoint); everything after it uses
 tagged messages, whose tags the two sides agree on in the handshake (random, and told only to a
-peer that presented the auth token):
+peer that proved it holds the auth token):
 
-1. The connecting sidecar sends ``HELLO`` (:class:`Hello`: its rank, auth token and the tag it
-   wants acknowledgements on); the listening sidecar answers with :class:`Reply`: accepted, with the
-   tag base for this connection's frames, or refused with the reason (it then closes).
+1. Connection set-up proves, both ways, that each side holds the auth token, without sending it
+   (challenge and response, HMAC-SHA256 keyed with the token, see :func:`proof`): the connecting
+   sidecar sends :class:`Hello` (its rank, the tag it wants acknowledgements on, a fresh nonce);
+   the listening sidecar answers :class:`Challenge` (its rank, its own nonce, its proof), or a
+   refusing :class:`Reply` if it speaks another version; the connecting sidecar checks that proof
+   (a listener that cannot prove it holds the token is anyone who took the address, and is told
+   nothing more) and sends :class:`Response` (its own proof); the listening sidecar checks it and
+   answers :class:`Reply`: accepted, with the tag base for this connection's frames, or refused
+   with the reason (it then closes). Both nonces are fresh, so a proof holds for one connection
+   only, and the two sides prove under different labels, so neither proof can be replayed as the
+   other's.
 2. Each frame is one *header message* on ``base | HEADER`` (the sender's sequence number and the
    size of an inline payload, then the core's ``SCF1`` prefix and JSON header) followed by one
    message per non-empty payload buffer on ``base | PAYLOAD``. Messages on one tag match in the
@@ -25,9 +33,12 @@ is validated before anything is allocated for it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import struct
 from collections.abc import Sequence
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,8 +48,9 @@ from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 
 MAGIC = b"SCU1"
 #: Spoken in the handshake; peers of another version refuse each other with a clear error. 2: frame
-#: headers carry ``message`` (parts of one send).
-VERSION = 2
+#: headers carry ``message`` (parts of one send). 3: both sides prove they hold the auth token
+#: instead of the connecting side sending it.
+VERSION = 3
 STREAM_PREFIX = struct.Struct("<4sI")
 SEQ = struct.Struct("<Q")
 HEAD = struct.Struct("<QI")
@@ -79,6 +91,8 @@ class _Strict(BaseModel):
 
 
 Tag = Annotated[int, Field(ge=0, lt=1 << 64)]
+#: 32 random bytes (a nonce) or an HMAC-SHA256 digest (a proof), in lowercase hex.
+Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class Hello(_Strict):
@@ -86,9 +100,71 @@ class Hello(_Strict):
 
     version: int
     rank: Annotated[int, Field(ge=0)]
-    token: Annotated[str, Field(max_length=4096)] | None = None
     #: The tag (on the connecting sidecar's worker) that acknowledgements go to.
     ack_tag: Tag
+    nonce: Hex32
+
+
+class Challenge(_Strict):
+    """The listening sidecar's answer to a :class:`Hello` of its version."""
+
+    version: int
+    rank: Annotated[int, Field(ge=0)]
+    nonce: Hex32
+    #: :func:`proof` as the listener (``None``: it has no auth token).
+    proof: Hex32 | None = None
+
+
+class Response(_Strict):
+    """The connecting sidecar's answer to a :class:`Challenge`."""
+
+    #: :func:`proof` as the connector (``None``: it has no auth token).
+    proof: Hex32 | None = None
+
+
+class _Versioned(BaseModel):
+    """The fields every version's first handshake messages share, read from any of them."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    version: int
+    rank: int | None = None
+
+
+Role = Literal["listener", "connector"]
+
+
+def new_nonce() -> str:
+    """A fresh nonce for one handshake."""
+    return secrets.token_hex(32)
+
+
+def proof(token: str, role: Role, hello: Hello, nonce: str, listener_rank: int) -> str:
+    """What a side holding ``token`` answers for one connection: HMAC-SHA256 over both nonces and ranks.
+
+    Args:
+        token: The auth token (the key).
+        role: Which side proves (each side's proof differs, so neither can be replayed as the other).
+        hello: The connecting sidecar's hello (its nonce, rank and acknowledgement tag).
+        nonce: The listening sidecar's nonce.
+        listener_rank: The listening sidecar's rank.
+    """
+    fields = (
+        MAGIC.decode(),
+        str(VERSION),
+        role,
+        str(hello.rank),
+        str(listener_rank),
+        str(hello.ack_tag),
+        hello.nonce,
+        nonce,
+    )
+    return hmac.new(token.encode(), "|".join(fields).encode(), hashlib.sha256).hexdigest()
+
+
+def proof_matches(given: str | None, expected: str) -> bool:
+    """Constant-time check of a peer's proof."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 class Reply(_Strict):
@@ -111,7 +187,7 @@ class Problem(_Strict):
     message: Annotated[str, Field(max_length=MAX_PROBLEM)]
 
 
-_ModelT = TypeVar("_ModelT", bound=_Strict)
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 def stream_message(model: _Strict) -> bytes:
@@ -134,6 +210,16 @@ def stream_body_length(prefix: bytes | bytearray) -> int:
     if length > MAX_STREAM_BODY:
         raise ProtocolError(f"handshake message of {length} bytes exceeds the {MAX_STREAM_BODY}-byte limit")
     return int(length)
+
+
+def version_of(body: bytes | bytearray, what: str) -> tuple[int, int | None]:
+    """The protocol version and rank a handshake message of any version states.
+
+    Raises:
+        ProtocolError: The body is not a JSON object with an integer ``version``.
+    """
+    stated = parse_model(_Versioned, body, what)
+    return stated.version, stated.rank
 
 
 def parse_model(cls: type[_ModelT], body: bytes | bytearray, what: str) -> _ModelT:
