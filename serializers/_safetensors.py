@@ -164,15 +164,23 @@ def check_entry(where: str, entry: object, buf: Buffer, begin: int) -> TensorSpe
 
 
 def check_device(device: str) -> torch.device:
-    """The device received tensors land on.
+    """The device received tensors land on (remembered per name: every received tensor asks).
 
     Raises:
         FrameError: ``device`` is a CUDA device but this process has none.
     """
-    target = torch.device(device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise FrameError(f"tensors are to land on {device} (SIDECAR_RECV_DEVICE) but this process has no CUDA device")
+    target = _DEVICES.get(device)
+    if target is None:
+        target = torch.device(device)
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise FrameError(
+                f"tensors are to land on {device} (SIDECAR_RECV_DEVICE) but this process has no CUDA device"
+            )
+        _DEVICES[device] = target
     return target
+
+
+_DEVICES: dict[str, torch.device] = {}
 
 
 def load_tensor(where: str, spec: TensorSpec, buf: Buffer, target: torch.device) -> torch.Tensor:
@@ -190,12 +198,19 @@ def load_tensor(where: str, spec: TensorSpec, buf: Buffer, target: torch.device)
     flat = buffer_tensor(buf)
     if dtype == torch.bool and bool((flat > 1).any()):
         raise FrameError(f"{where}: a BOOL tensor holds bytes other than 0 and 1")
-    if flat.storage_offset() % dtype.itemsize or flat.data_ptr() % dtype.itemsize:
+    # Each torch call below is cheap in a loop but costs tens of µs on caches a large payload has just
+    # flushed, so the ones that change nothing (a uint8 view, a flat reshape, ...) are skipped.
+    size = dtype.itemsize
+    if size > 1 and (flat.storage_offset() % size or flat.data_ptr() % size):
         flat = flat.clone()  # unaligned bytes: one copy, so that kernels see aligned elements
-    tensor = flat.view(dtype).reshape(shape)
+    tensor = flat if dtype == torch.uint8 else flat.view(dtype)
+    if len(shape) != 1:  # a flat view already has the one dimension check_entry matched to the bytes
+        tensor = tensor.reshape(shape)
+    if not tensor.is_cuda:
+        return tensor if target.type == "cpu" else tensor.to(target)
     if target.type == "cpu":
         return tensor.cpu()
-    if tensor.device.type == "cuda" and target.index in (None, tensor.device.index):
+    if target.index in (None, tensor.device.index):
         return tensor
     return tensor.to(target)
 
