@@ -99,7 +99,11 @@ def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buf
         raise SerializationError(f"tensor layout {tensor.layout} is not supported; send tensor.to_dense()")
     if tensor.device.type not in ("cpu", "cuda"):
         raise SerializationError(f"tensor on device {tensor.device} is not supported; move it to the CPU or CUDA")
-    data = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    # Torch calls cost tens of µs each on caches a large tensor has just flushed: the common case (a
+    # contiguous tensor, no lazy conjugate or negation, already flat or uint8) makes as few as it can.
+    data = tensor.detach()
+    if not data.is_contiguous() or data.is_conj() or data.is_neg():
+        data = data.resolve_conj().resolve_neg().contiguous()
     if data.dtype == torch.bool:
         # A bool view of other bytes (uint8 2 viewed as bool) is true to torch but not a safetensors
         # BOOL, which the receiver refuses: send each element as the 0 or 1 torch reads it as.
@@ -107,10 +111,12 @@ def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buf
     if data.numel() <= 1:
         # Tensors of 0 or 1 elements count as contiguous whatever their stride, which view() refuses.
         data = data.as_strided((data.numel(),), (1,))
-    flat = data.view(torch.uint8)
+    elif data.dim() != 1:
+        data = data.reshape(-1)
+    flat = data if data.dtype == torch.uint8 else data.view(torch.uint8)
     nbytes = flat.numel()
     entry = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [begin, begin + nbytes]}
-    if flat.device.type == "cuda":
+    if flat.is_cuda:
         return entry, flat, "cuda"
     return entry, flat.numpy().data, "cpu"
 
