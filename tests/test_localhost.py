@@ -1126,6 +1126,41 @@ def test_a_closed_channels_number_reused_by_a_new_connection_is_not_silenced(pol
         theirs.close()
 
 
+def test_a_socket_the_polling_thread_does_not_hold_is_read_by_the_loop_at_once(polled: _Polled) -> None:
+    # A polling thread silences every socket for the loop at once; one it did not take (here, a
+    # connection with no kinds it may handle) must not wait for the end of the thread's budget.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    owner = _Owner()
+    other: Channel = _on_loop(
+        polled.loop,
+        lambda: Channel(
+            ours,
+            polled.loop,
+            polled.readers,
+            allowed=SENDER_MESSAGES,
+            on_message=owner.on_message,
+            on_close=owner.on_close,
+            reply_errors=True,
+            name="other channel",
+        ),
+    )
+    polling = threading.Thread(target=polled.readers.poll_here, args=(lambda: False, 5.0))
+    try:
+        polling.start()
+        wait_until(lambda: _held_by_another_thread(polled.channel), "it polls")
+        start = time.monotonic()
+        theirs.sendall(envelope(Msg.FRAME, 2, 1) + b"hi")
+        wait_until(lambda: len(owner.messages) == 1, "the loop read the other connection")
+        assert time.monotonic() - start < 2, "the other connection waited for the polling thread's budget"
+        assert owner.messages[0] == (Msg.FRAME, 1, b"hi", polled.loop_thread)
+        polled.theirs.sendall(envelope(Msg.FRAME, 2, 2) + b"ok")
+        wait_until(lambda: len(polled.owner.messages) == 1, "the polled connection is read again")
+    finally:
+        polling.join(6)
+        _on_loop(polled.loop, lambda: other.close("test over"))
+        theirs.close()
+
+
 def test_a_second_polling_thread_returns_at_once(polled: _Polled) -> None:
     first = threading.Thread(target=polled.readers.poll_here, args=(lambda: False, 0.5))
     first.start()

@@ -1,19 +1,19 @@
 """Who reads the transport's sockets: the event loop, or a thread waiting in ``recv_sync`` (or on a send).
 
-The loop does not watch each connection's socket itself. It watches one epoll instance that holds
-them all (:class:`Readers`), so that a thread that is about to wait for a chunk (or for the
-acknowledgement of its send) can take the sockets from it without a hop through the loop:
-:meth:`Readers.poll_here` sets their events there to none (``epoll_ctl`` from that thread), polls
-them without sleeping for a short budget, handles on its own thread the messages that are safe there
-(inline frames, and acknowledgements: those of frames sent on the loop are handed to it) and
-restores their events as soon as its chunk has arrived or the budget is spent. Every other message
-stops the thread at that connection and goes to the loop, which reads on from there.
+The loop does not watch each connection's socket itself. It watches one epoll instance (the gate)
+that holds one other, which holds the sockets (:class:`Readers`), so that a thread that is about to
+wait for a chunk (or for the acknowledgement of its send) can take the sockets from it without a
+hop through the loop: :meth:`Readers.poll_here` takes each connection's read lock, silences all the
+sockets for the loop with one ``epoll_ctl`` on the gate, polls the inner epoll without sleeping for
+a short budget, handles on its own thread the messages that are safe there (inline frames, and
+acknowledgements: those of frames sent on the loop are handed to it) and gives the sockets back as
+soon as its chunk has arrived or the budget is spent. Every other message, a hang-up, and anything
+on a socket the thread did not take (a connection closing, or one holding messages for the loop)
+ends the poll there and goes to the loop, which reads on from there.
 
-A socket with no events still reports a hang-up. Then the loop wakes, finds the channel's lock
-taken and leaves it, until the polling thread, which sees the same hang-up, hands the channel back;
-the loop closes it. Modifying the events costs half of removing and adding the socket, and the
-thread keeps its poll object from one wait to the next: a wait's set-up and hand-back took 5.0 µs
-instead of 7.3 on 2 cores (``wait_setup`` in ``benchmarks/localhost_probe.py``).
+Silencing the sockets one by one took two ``epoll_ctl`` calls per connection and wait; the gate
+takes two in all, however many peers there are (2 cores, two-process echo, old and new
+alternating five times: int p50 94.8 → 93.9 µs, the dict 98.5 → 96.8 µs, medians).
 
 Why: on a machine whose CPUs go idle between messages, a reply that wakes the loop thread, which
 then wakes the waiting thread, is handled on cold caches twice. Read and handled by the thread that
@@ -23,9 +23,11 @@ waits for it, still running, a small-object round trip took about half as long o
 Concurrency: :meth:`Readers.watch`, :meth:`Readers.forget`, :meth:`Readers.close` and the dispatch
 run on the loop thread; :meth:`Readers.poll_here` on any other thread, one thread at a time (a
 second one returns at once and waits for its future as usual). A channel is read by one thread at
-a time: whoever reads it holds its ``read_lock``. Reading, the loop only tries that lock, since a
-socket with no events stops waking it; a polling thread taking a channel waits for a read of the
-loop's that is under way, and so does closing a channel.
+a time: whoever reads it holds its ``read_lock``. Reading, the loop only tries that lock (a loop
+woken just before the gate closed finds the thread's channels taken and leaves them); a polling
+thread taking a channel waits for a read of the loop's that is under way, and so does closing a
+channel. The polling thread never changes a socket's registration, so a closed channel's number,
+taken by a new connection, is never touched.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ class Readers:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._epoll = select.epoll()
+        # The loop watches the sockets' epoll through this one: a polling thread silences them all
+        # with one call on it.
+        self._gate = select.epoll()
+        self._gate.register(self._epoll.fileno(), select.EPOLLIN)
         self._channels: dict[int, Channel] = {}
         self._lock = threading.Lock()  # guards _channels against the polling thread's snapshot
         self._polling = threading.Lock()  # held by the one thread in poll_here
-        # The polling thread's poll object and the sockets it holds (only that thread uses them).
-        self._poller = select.poll()
-        self._polled: frozenset[int] = frozenset()
-        loop.add_reader(self._epoll.fileno(), self._dispatch)
+        loop.add_reader(self._gate.fileno(), self._dispatch)
 
     def watch(self, channel: Channel) -> None:
         """Start reading ``channel`` on the loop (loop thread)."""
@@ -89,84 +92,71 @@ class Readers:
         """Read the sockets on this thread until ``ready()`` or for ``seconds``, without sleeping.
 
         Any thread but the loop's. Returns at once if another thread is polling. Never raises: a
-        connection that fails, ends or sends something only the loop handles goes back to the loop.
+        connection that fails, ends or sends something only the loop handles goes back to the loop,
+        and so does everything else as soon as a socket this thread does not hold has something.
         """
         if seconds <= 0 or not self._polling.acquire(blocking=False):
             return
         owned: dict[int, Channel] = {}
+        silenced = False
         try:
             with self._lock:
                 channels = list(self._channels.values())
             for channel in channels:
                 if channel.direct and self._take(channel):
                     owned[channel.fileno] = channel
-            poller = self._poller_for(owned)
+            if not owned:
+                return
+            self._gate.modify(self._epoll.fileno(), 0)
+            silenced = True
             end = time.perf_counter() + seconds
-            while owned and not ready() and time.perf_counter() < end:
-                events = poller.poll(0)
+            while not ready() and time.perf_counter() < end:
+                events = self._epoll.poll(0)
                 if not events:
                     os.sched_yield()  # let the loop thread, or anyone, run on this CPU
                     continue
                 for fd, _ in events:
-                    channel = owned[fd]
+                    held = owned.get(fd)
+                    if held is None:
+                        return  # a socket this thread does not hold: the loop reads it, and the rest
                     try:
-                        keep = channel.read_here()
+                        keep = held.read_here()
                     except Exception:  # a bug, or the loop closed under it: the loop takes the channel back
-                        logger.exception("%s: reading on a waiting thread failed", channel.name)
+                        logger.exception("%s: reading on a waiting thread failed", held.name)
                         keep = False
                     if not keep:
-                        poller.unregister(fd)
-                        self._polled = frozenset()  # the poll object no longer matches: build it again
-                        self._give_back(owned.pop(fd))
+                        return  # what it left goes to the loop (see _give_back)
+        except (OSError, ValueError):  # ValueError: the transport closed its epoll under this thread
+            pass
         finally:
             for channel in owned.values():
                 self._give_back(channel)
+            if silenced:  # after the channels: a loop woken now finds none of them still held
+                with contextlib.suppress(OSError, ValueError):
+                    self._gate.modify(self._epoll.fileno(), select.EPOLLIN)
             self._polling.release()
-
-    def _poller_for(self, owned: dict[int, Channel]) -> select.poll:
-        """A poll object for the sockets in ``owned``, kept from the last wait while they are the same."""
-        if self._polled != owned.keys():
-            self._poller = select.poll()
-            for fd in owned:
-                self._poller.register(fd, select.POLLIN)
-            self._polled = frozenset(owned)
-        return self._poller
 
     def _take(self, channel: Channel) -> bool:
         """Take ``channel`` from the loop; ``False`` if it is closing or holds messages for the loop.
 
-        The lock comes first (it waits for a read of the loop's that is under way): a channel cannot
-        close while it is held, so the descriptor whose events are set to none is still this
-        channel's. A closed channel's number may already belong to a new connection, which must not
-        be silenced.
+        The lock waits for a read of the loop's that is under way; while this thread holds it the
+        loop, woken before the sockets were silenced, only tries it and leaves the channel alone.
         """
         channel.read_lock.acquire()
         if channel.closed is None and not channel.needs_loop:
-            try:
-                self._epoll.modify(channel.fileno, 0)
-                return True
-            except (OSError, ValueError):  # ValueError: this object closed, and with it the transport
-                pass
+            return True
         channel.read_lock.release()  # a channel left with needs_loop was already handed to the loop
         return False
 
     def _give_back(self, channel: Channel) -> None:
-        """Let the loop read ``channel`` again, and hand it what this thread left for it.
-
-        The socket's events are restored before the lock is released, so the channel cannot close in
-        between (closing waits for the lock).
-        """
-        try:
-            if channel.closed is None:
-                with contextlib.suppress(OSError, ValueError):  # ValueError: the transport closed
-                    self._epoll.modify(channel.fileno, select.EPOLLIN)
-        finally:
-            channel.read_lock.release()
+        """Let the loop read ``channel`` again, and hand it what this thread left for it."""
+        channel.read_lock.release()
         if channel.needs_loop and channel.closed is None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: so is the channel
                 self._loop.call_soon_threadsafe(channel.resume)
 
     def close(self) -> None:
         """Stop reading (loop thread, after every channel closed)."""
-        self._loop.remove_reader(self._epoll.fileno())
+        self._loop.remove_reader(self._gate.fileno())
+        self._gate.close()
         self._epoll.close()
