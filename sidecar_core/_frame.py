@@ -129,9 +129,10 @@ def buffer_tensor(buf: Buffer) -> torch.Tensor:
 
     A read-only ``memoryview`` (a transport's receive memory) is wrapped as it is: the tensor must
     not be written to. PyTorch has no read-only tensors and warns about such buffers, once per
-    process; that first warning is silenced here, under a lock, since ``warnings.catch_warnings``
-    changes process-wide state and receiving threads may call this at once. Later calls skip it:
-    after a large copy has flushed the caches, entering it cost about 50 µs per call.
+    process (every time under ``torch.set_warn_always(True)``); that warning is silenced here, under
+    a lock, since ``warnings.catch_warnings`` changes process-wide state and receiving threads may
+    call this at once. Once torch has warned, later calls skip it unless torch warns always: after
+    a large copy has flushed the caches, entering it cost about 50 µs per call.
     """
     import torch
 
@@ -140,7 +141,7 @@ def buffer_tensor(buf: Buffer) -> torch.Tensor:
         return buf
     if not buf.nbytes:
         return torch.empty(0, dtype=torch.uint8)
-    if not buf.readonly or _READONLY_WARNED:
+    if not buf.readonly or (_READONLY_WARNED and not torch.is_warn_always_enabled()):
         return torch.frombuffer(buf, dtype=torch.uint8)
     with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

@@ -611,6 +611,21 @@ def test_parts_of_any_tensor_list_join_in_any_order(
     assert_same(got, value)
 
 
+def test_buffer_tensor_stays_quiet_when_torch_warns_always() -> None:
+    # Torch warns about read-only buffers once per process, so the filter is skipped after that
+    # first time; under torch.set_warn_always(True) it warns every time, and must still be hidden.
+    view = memoryview(bytes(range(256)))
+    buffer_tensor(view)  # torch's one warning, if this process has not had it yet
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tensors = [buffer_tensor(view) for _ in range(3)]
+    finally:
+        torch.set_warn_always(False)
+    assert all(bytes(t.numpy()) == bytes(range(256)) for t in tensors)
+
+
 def test_buffer_tensor_wraps_read_only_memory_quietly_from_many_threads() -> None:
     """Receive memory is read-only: wrapped without a warning, and the warning filters are left as they were."""
     data = bytes(range(256)) * 64
