@@ -27,6 +27,7 @@ import msgspec
 import pytest
 import torch
 
+import transports.ucx._inbound as inbound_module
 import transports.ucx._transport as ucx_transport_module
 from sidecar_core import (
     AuthenticationError,
@@ -517,34 +518,38 @@ def test_silent_listener_times_out_within_connect_timeout(env: dict[str, str], b
     assert elapsed < 1.0 + 1.0, f"gave up after {elapsed:.2f}s"
 
 
-@pytest.mark.parametrize(
-    ("token", "explained"),
-    [
-        (None, "refused this sidecar: it presented no auth token"),
-        ("wrong-token", "did not prove that it holds this sidecar's auth token: it holds another auth token"),
-    ],
-)
-def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], token: str | None, explained: str) -> None:
-    # Without a token the listener refuses the connector; with another token the connector already
-    # refuses the listener's proof of the token.
+@pytest.mark.parametrize(("token", "presented"), [(None, "no auth token"), ("wrong-token", "a wrong auth token")])
+def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], token: str | None, presented: str) -> None:
     with local_sidecar(env, 20, auth_token=TOKEN) as guarded:
         settings = {"auth_token": token} if token else {}
         with local_sidecar(env, 21, **settings) as intruder, pytest.raises(AuthenticationError) as info:
             intruder.send(1, "intruder", 20).result(WAIT)
         assert "rank 20 at 127.0.0.1:" in str(info.value)
-        assert explained in str(info.value)
+        assert f"refused this sidecar: it presented {presented}" in str(info.value)
         assert "SIDECAR_AUTH_TOKEN" in str(info.value)
         with local_sidecar(env, 22, auth_token=TOKEN) as friend:
             friend.send({"ok": True}, "friend", 20).result(WAIT)
         assert guarded.recv_sync("friend", timeout=WAIT) == {"ok": True}
 
 
-def test_a_listener_without_the_token_never_sees_it_and_is_refused(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+def test_a_listener_without_a_token_refuses_a_peer_that_has_one(env: dict[str, str]) -> None:
+    with local_sidecar(env, 26) as open_door, local_sidecar(env, 27, auth_token=TOKEN) as careful:
+        with pytest.raises(AuthenticationError, match="it holds an auth token and this sidecar has none"):
+            careful.send(1, "mismatch", 26).result(WAIT)
+        with pytest.raises(RecvTimeoutError):
+            open_door.recv_sync("mismatch", timeout=0.3)
+
+
+@pytest.mark.parametrize(
+    ("impostor_token", "has"), [(None, "has no auth token"), ("other", "holds another auth token")]
+)
+def test_a_listener_that_cannot_prove_the_token_gets_nothing(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, impostor_token: str | None, has: str
 ) -> None:
     # Whoever answers at a peer's address (a process that took the port first, a name that resolves
-    # elsewhere) used to receive the token in the hello. Now the connector sends only a nonce, and
-    # refuses a listener that cannot prove it holds the token.
+    # elsewhere) used to receive the token in the hello. Now the connector sends only a nonce and its
+    # proof, and refuses a listener that accepts it without proving the token in turn. The impostor
+    # here is a listener that accepts every proof.
     received: list[bytes] = []
     parse = wire.parse_model
 
@@ -553,17 +558,36 @@ def test_a_listener_without_the_token_never_sees_it_and_is_refused(
         return parse(cls, body, what)
 
     monkeypatch.setattr(wire, "parse_model", recording)
-    with local_sidecar(env, 23) as impostor, local_sidecar(env, 24, auth_token=TOKEN) as careful:
+    monkeypatch.setattr(inbound_module, "_refusal", lambda given, expected: "")
+    settings = {"auth_token": impostor_token} if impostor_token else {}
+    with local_sidecar(env, 23, **settings) as impostor, local_sidecar(env, 24, auth_token=TOKEN) as careful:
         with pytest.raises(AuthenticationError) as info:
             careful.send({"secret": 1}, "kept", 23).result(WAIT)
-        assert "rank 23 at 127.0.0.1:" in str(info.value)
-        assert "did not prove that it holds this sidecar's auth token: it has no auth token" in str(info.value)
-        assert "the token itself was not sent" in str(info.value)
+        assert f"rank 23 at 127.0.0.1:{transport(careful)._addressing.resolve(23).port} did not prove" in str(
+            info.value
+        )
+        assert f"that it holds this sidecar's auth token: it {has}" in str(info.value)
+        assert "Nothing was sent to it" in str(info.value)
         with pytest.raises(RecvTimeoutError):
             impostor.recv_sync("kept", timeout=0.5)
     bodies = b"".join(received)
     assert b'"nonce"' in bodies, "the handshake went through the recorded parser"
+    assert b'"proof"' in bodies
     assert TOKEN.encode() not in bodies, "the token must never travel"
+
+
+def test_a_short_auth_token_is_warned_about(env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="transports.ucx"):
+        with local_sidecar(env, 32, auth_token="x" * 15):
+            pass
+        with local_sidecar(env, 33, auth_token="x" * 16):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if "SIDECAR_AUTH_TOKEN has" in r.getMessage()]
+    assert warnings == [
+        "SIDECAR_AUTH_TOKEN has 15 characters: a listener impostor could guess a short token offline from this "
+        "sidecar's proof; use a long random one, such as secrets.token_hex(32) makes"
+    ]
+    assert "x" * 15 not in caplog.text, "the token itself is never logged"
 
 
 def test_proofs_hold_for_one_connection_and_one_side_only() -> None:
@@ -591,8 +615,74 @@ def test_a_peer_of_another_protocol_version_is_refused_clearly(
     monkeypatch.setattr(wire, "VERSION", wire.VERSION + 1)
     with local_sidecar(env, 25) as newer, pytest.raises(PeerUnreachableError) as info:
         newer.send(0, "versions", 1).result(WAIT)
+    assert "refused the connection: ProtocolError: a peer claiming rank 25 speaks protocol version" in str(info.value)
     assert f"speaks protocol version {wire.VERSION}, this sidecar {wire.VERSION - 1}" in str(info.value)
-    assert "refused the connection: ProtocolError" in str(info.value)
+
+
+async def _accept_as_an_older_version(self: Inbound) -> bool:
+    endpoint = self._require()
+    await endpoint.recv_stream_message()
+    reply = wire.Reply(version=wire.VERSION - 1, rank=self._options.rank, accepted=True, tag_base=self._tag_base)
+    await endpoint.stream_send(wire.stream_message(reply))
+    return True
+
+
+async def _close_at_the_hello(self: Inbound) -> bool:
+    await self._require().recv_stream_message()
+    self._close("an older listener cannot read this hello")
+    return False
+
+
+def test_an_acceptance_in_another_protocol_version_is_refused(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another version's answer may only refuse: accepting it would skip every proof.
+    monkeypatch.setattr(Inbound, "_handshake", _accept_as_an_older_version)
+    with local_sidecar(env, 28) as older, local_sidecar(env, 29, auth_token=TOKEN) as careful:
+        with pytest.raises(PeerUnreachableError, match=rf"it speaks protocol version {wire.VERSION - 1}, this sidecar"):
+            careful.send({"secret": 1}, "downgraded", 28).result(WAIT)
+        with pytest.raises(RecvTimeoutError):
+            older.recv_sync("downgraded", timeout=0.3)
+
+
+def test_a_listener_that_closes_at_the_hello_is_named_as_such(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sidecar of protocol version 2 cannot read a version 3 hello and closes the connection.
+    monkeypatch.setattr(Inbound, "_handshake", _close_at_the_hello)
+    with (
+        local_sidecar(env, 30),
+        local_sidecar(env, 31, connect_timeout=1) as newer,
+        pytest.raises(PeerUnreachableError) as info,
+    ):
+        newer.send(0, "unanswered", 30).result(WAIT)
+    assert "it closed the connection without answering the hello" in str(info.value)
+    assert "run the same sidecar version on every rank" in str(info.value)
+
+
+def test_a_listener_of_another_rank_is_told_nothing(
+    env: dict[str, str], base_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connector checks the listener's rank before it proves anything: a sidecar at the wrong
+    # address (or one relaying to another rank) gets no proof it could use there.
+    parsed: list[str] = []
+    parse = wire.parse_model
+
+    def recording(cls: Any, body: bytes | bytearray, what: str) -> Any:
+        parsed.append(what)
+        return parse(cls, body, what)
+
+    monkeypatch.setattr(wire, "parse_model", recording)
+    peers = f'{{"3": "127.0.0.1:{base_port + 5}", "5": "127.0.0.1:{base_port + 5}"}}'
+    mapped = {**env, "SIDECAR_IS_LOCAL": "0", "SIDECAR_PEERS": peers}
+    with local_sidecar(mapped, 5, auth_token=TOKEN) as five, local_sidecar(mapped, 4, auth_token=TOKEN) as four:
+        with pytest.raises(
+            PeerUnreachableError, match=rf"127\.0\.0\.1:{base_port + 5} is served by rank 5, not rank 3"
+        ):
+            four.send(0, "misaddressed", 3).result(WAIT)
+        assert "handshake response" not in parsed, "the connector proved the token to the wrong rank"
+        four.send(1, "addressed", 5).result(WAIT)
+        assert five.recv_sync("addressed", timeout=WAIT) == 1
 
 
 def test_receiver_killed_mid_transfer_then_restarted(env: dict[str, str], sender: Sidecar) -> None:

@@ -56,6 +56,19 @@ def _after_all(count: int, then: Callable[[list[Exception | None]], None]) -> Ca
     return completed
 
 
+def _refusal(given: str | None, expected: str | None) -> str:
+    """Why a connecting peer's proof is refused (``""``: it is not); ``expected`` is ``None`` without a token.
+
+    Tokens must be the same everywhere: a peer proving a token this sidecar does not have is refused
+    too (it would refuse this sidecar's missing proof in turn).
+    """
+    if expected is None:
+        return "" if given is None else "it holds an auth token and this sidecar has none"
+    if given is None:
+        return "it presented no auth token"
+    return "" if wire.proof_matches(given, expected) else "it presented a wrong auth token"
+
+
 def _split(whole: _Whole, sizes: list[int]) -> list[_Whole]:
     """Consecutive slices of ``sizes`` bytes of ``whole``, without copying."""
     parts: list[_Whole] = []
@@ -146,45 +159,37 @@ class Inbound:
     # -- handshake ----------------------------------------------------------------------------
 
     async def _handshake(self) -> bool:
-        """Shake hands as the listening side (see :mod:`._wire`): give our proof, check the peer's."""
+        """Shake hands as the listening side (see :mod:`._wire`): check the peer's proof, then give ours."""
         endpoint = self._require()
         body = await endpoint.recv_stream_message()
         version, rank = wire.version_of(body, "hello")
         if version != wire.VERSION:
-            who = "a peer" if rank is None else f"rank {rank}"
+            who = "a peer" if rank is None else f"a peer claiming rank {rank}"
             await self._refuse("ProtocolError", f"{who} speaks protocol version {version}, this sidecar {wire.VERSION}")
             return False
         hello = wire.parse_model(wire.Hello, body, "hello")
         token, own = self._options.token, self._options.rank
         nonce = wire.new_nonce()
-        mine = None if token is None else wire.proof(token, "listener", hello, nonce, own)
-        await endpoint.stream_send(
-            wire.stream_message(wire.Challenge(version=wire.VERSION, rank=own, nonce=nonce, proof=mine))
-        )
+        await endpoint.stream_send(wire.stream_message(wire.Challenge(version=wire.VERSION, rank=own, nonce=nonce)))
         try:
             body = await endpoint.recv_stream_message()
         except Exception:
-            if token is not None:
-                logger.warning(
-                    "ucx: rank %d left the handshake before proving it holds the auth token (one with another "
-                    "SIDECAR_AUTH_TOKEN refuses this sidecar's proof and leaves)",
-                    hello.rank,
-                )
+            # A scanner, or a sidecar that dialled another rank; nothing was proved: not a warning.
+            logger.info("ucx: a peer claiming rank %d left the handshake before proving anything", hello.rank)
             raise
         response = wire.parse_model(wire.Response, body, "handshake response")
-        if token is not None and not wire.proof_matches(
-            response.proof, wire.proof(token, "connector", hello, nonce, own)
-        ):
-            what = "no auth token" if response.proof is None else "a wrong auth token"
-            logger.warning("ucx: refused rank %d: it presented %s", hello.rank, what)
+        expected = None if token is None else wire.proof(token, "connector", hello, nonce, own)
+        refusal = _refusal(response.proof, expected)
+        if refusal:
+            logger.warning("ucx: refused a peer claiming rank %d: %s", hello.rank, refusal)
             await self._refuse(
-                "AuthenticationError",
-                f"it presented {what}; set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment",
+                "AuthenticationError", f"{refusal}; set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment"
             )
             return False
         self.rank = hello.rank
         self._ack_tag = hello.ack_tag
-        reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base)
+        mine = None if token is None else wire.proof(token, "listener", hello, nonce, own)
+        reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base, proof=mine)
         await endpoint.stream_send(wire.stream_message(reply))
         return True
 

@@ -325,6 +325,18 @@ class _Opening:
             self.link.close(reason)
 
 
+class _Unanswered(ConnectionError):
+    """The listener closed the connection instead of answering the hello."""
+
+
+class _WrongRank(Exception):
+    """The listener is another rank than the one dialled (told before anything is proved to it)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(rank)
+        self.rank = rank
+
+
 async def connect(
     worker: UcxWorker,
     rank: int,
@@ -366,13 +378,20 @@ async def connect(
             endpoint = Endpoint(worker, handle, opening.on_broken)
             # A broken endpoint fails the handshake's requests, so a refused attempt ends early.
             reply = await asyncio.wait_for(
-                _handshake(endpoint, where, own_rank, token, ack_tag), deadline - loop.time()
+                _handshake(endpoint, where, rank, own_rank, token, ack_tag), deadline - loop.time()
             )
             break
         except (asyncio.CancelledError, AuthenticationError):  # shutting down, or the listener is not the peer
             if endpoint is not None:
                 endpoint.close()
             raise
+        except _WrongRank as exc:
+            if endpoint is not None:
+                endpoint.close()
+            raise PeerUnreachableError(
+                f"{address} is served by rank {exc.rank}, not rank {rank}; check the peer addressing settings on "
+                "both sides"
+            ) from None
         except TimeoutError:
             failure = unreachable(f"no answer within SIDECAR_CONNECT_TIMEOUT={timeout:g}s")
         except wire.ProtocolError as exc:
@@ -384,7 +403,7 @@ async def connect(
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, _RETRY_MAX)
                 continue
-            reason = opening.broken or describe_error(exc)
+            reason = describe_error(exc) if isinstance(exc, _Unanswered) else opening.broken or describe_error(exc)
             failure = unreachable(f"{reason} (tried for {timeout:g}s, SIDECAR_CONNECT_TIMEOUT)")
         if endpoint is not None:
             endpoint.close()
@@ -394,42 +413,57 @@ async def connect(
         if reply.error == "AuthenticationError":
             raise AuthenticationError(f"{where} refused this sidecar: {reply.message}")
         raise PeerUnreachableError(f"{where} refused the connection: {reply.error}: {reply.message}")
-    if reply.rank != rank:
-        endpoint.close()
-        raise PeerUnreachableError(
-            f"{address} is served by rank {reply.rank}, not rank {rank}; check the peer addressing settings on "
-            "both sides"
-        )
     opening.link = Link(endpoint, rank, address, reply.tag_base, ack_tag, on_closed)
     return opening.link
 
 
-async def _handshake(endpoint: Endpoint, where: str, own_rank: int, token: str | None, ack_tag: int) -> wire.Reply:
-    """Shake hands as the connecting side (see :mod:`._wire`): check the listener's proof, give ours.
+async def _handshake(
+    endpoint: Endpoint, where: str, rank: int, own_rank: int, token: str | None, ack_tag: int
+) -> wire.Reply:
+    """Shake hands as the connecting side (see :mod:`._wire`): prove the token first, then check the listener's proof.
 
     Returns:
-        The listener's final answer (accepted or refused).
+        The listener's refusal, or its acceptance once its proof checked out.
 
     Raises:
-        AuthenticationError: This sidecar has an auth token and the listener did not prove it holds it.
+        AuthenticationError: This sidecar has an auth token and the listener accepted without
+            proving it holds it.
+        _WrongRank: The listener is another rank (the addressing is wrong).
         ProtocolError: The listener answered something that is not this handshake.
         Exception: A UCX error (nothing accepted the connection, or it broke).
     """
     hello = wire.Hello(version=wire.VERSION, rank=own_rank, ack_tag=ack_tag, nonce=wire.new_nonce())
     await endpoint.stream_send(wire.stream_message(hello))
-    body = await endpoint.recv_stream_message()
-    if wire.version_of(body, "handshake answer")[0] != wire.VERSION:
-        return wire.parse_model(wire.Reply, body, "handshake reply")  # it refuses this version
+    try:
+        body = await endpoint.recv_stream_message()
+    except wire.ProtocolError:
+        raise
+    except Exception as exc:
+        raise _Unanswered(
+            f"it closed the connection without answering the hello ({describe_error(exc)}); a sidecar of an "
+            "older protocol version does that: run the same sidecar version on every rank"
+        ) from None
+    version = wire.version_of(body, "handshake answer")[0]
+    if version != wire.VERSION:
+        refusal = wire.parse_model(wire.Reply, body, "handshake reply")
+        if refusal.accepted:  # another version accepts nothing: only its refusal counts
+            raise wire.ProtocolError(f"it speaks protocol version {version}, this sidecar {wire.VERSION}")
+        return refusal
     challenge = wire.parse_model(wire.Challenge, body, "handshake challenge")
-    if token is not None and not wire.proof_matches(
-        challenge.proof, wire.proof(token, "listener", hello, challenge.nonce, challenge.rank)
-    ):
-        has = "has no auth token" if challenge.proof is None else "holds another auth token"
-        raise AuthenticationError(
-            f"{where} did not prove that it holds this sidecar's auth token: it {has}, or it is not the peer "
-            "(the token itself was not sent). Set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment "
-            "and check that the address is the peer's"
-        )
-    mine = None if token is None else wire.proof(token, "connector", hello, challenge.nonce, challenge.rank)
+    if challenge.rank != rank:  # before proving anything to it
+        raise _WrongRank(challenge.rank)
+    mine = None if token is None else wire.proof(token, "connector", hello, challenge.nonce, rank)
     await endpoint.stream_send(wire.stream_message(wire.Response(proof=mine)))
-    return wire.parse_model(wire.Reply, await endpoint.recv_stream_message(), "handshake reply")
+    reply = wire.parse_model(wire.Reply, await endpoint.recv_stream_message(), "handshake reply")
+    if reply.version != wire.VERSION or reply.rank != rank:
+        raise wire.ProtocolError(f"its reply (version {reply.version}, rank {reply.rank}) contradicts its challenge")
+    if reply.accepted and token is not None:
+        expected = wire.proof(token, "listener", hello, challenge.nonce, rank)
+        if not wire.proof_matches(reply.proof, expected):
+            has = "has no auth token" if reply.proof is None else "holds another auth token"
+            raise AuthenticationError(
+                f"{where} did not prove that it holds this sidecar's auth token: it {has}, or it is not the peer. "
+                "Nothing was sent to it. Set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment and "
+                "check that the address is the peer's"
+            )
+    return reply

@@ -43,6 +43,10 @@ from transports.ucx._worker import ProgressMode, UcxWorker
 logger = logging.getLogger(__name__)
 
 
+#: Shorter auth tokens get a warning (see the guide's Security section).
+MIN_TOKEN_CHARS = 16
+
+
 class UcxSettings(BaseSettings):
     """Settings of the ``ucx`` transport (prefix ``SIDECAR_UCX__``)."""
 
@@ -89,6 +93,12 @@ class UcxTransport(Transport):
         self._addressing = Addressing(ctx.settings)
         token = ctx.settings.auth_token
         self._token = token.get_secret_value() if token is not None else None
+        if self._token is not None and len(self._token) < MIN_TOKEN_CHARS:
+            logger.warning(
+                "SIDECAR_AUTH_TOKEN has %d characters: a listener impostor could guess a short token offline "
+                "from this sidecar's proof; use a long random one, such as secrets.token_hex(32) makes",
+                len(self._token),
+            )
         self._worker: UcxWorker | None = None
         self._listener: Any = None
         self._links: dict[int, Link] = {}

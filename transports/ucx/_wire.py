@@ -7,14 +7,17 @@ peer that proved it holds the auth token):
 1. Connection set-up proves, both ways, that each side holds the auth token, without sending it
    (challenge and response, HMAC-SHA256 keyed with the token, see :func:`proof`): the connecting
    sidecar sends :class:`Hello` (its rank, the tag it wants acknowledgements on, a fresh nonce);
-   the listening sidecar answers :class:`Challenge` (its rank, its own nonce, its proof), or a
-   refusing :class:`Reply` if it speaks another version; the connecting sidecar checks that proof
-   (a listener that cannot prove it holds the token is anyone who took the address, and is told
-   nothing more) and sends :class:`Response` (its own proof); the listening sidecar checks it and
-   answers :class:`Reply`: accepted, with the tag base for this connection's frames, or refused
-   with the reason (it then closes). Both nonces are fresh, so a proof holds for one connection
-   only, and the two sides prove under different labels, so neither proof can be replayed as the
-   other's.
+   the listening sidecar answers :class:`Challenge` (its rank and its own nonce), or a refusing
+   :class:`Reply` if it speaks another version; the connecting sidecar, having checked that the
+   rank is the one it dialled, sends :class:`Response` (its proof); the listening sidecar checks it
+   and answers :class:`Reply`: accepted, with the tag base for this connection's frames and its own
+   proof, or refused with the reason (it then closes). The connecting sidecar checks that proof
+   before it sends a frame: a listener that cannot give it is anyone who took the address. The
+   connecting side proves first, so a peer without the token learns nothing from a listener, not
+   even a proof to guess the token against offline. Both nonces are fresh, so a proof holds for one
+   connection only, and the two sides prove under different labels, so neither proof can be
+   replayed as the other's. (A man in the middle relaying between two real sidecars is not
+   stopped: nothing here is encrypted.)
 2. Each frame is one *header message* on ``base | HEADER`` (the sender's sequence number and the
    size of an inline payload, then the core's ``SCF1`` prefix and JSON header) followed by one
    message per non-empty payload buffer on ``base | PAYLOAD``. Messages on one tag match in the
@@ -111,8 +114,6 @@ class Challenge(_Strict):
     version: int
     rank: Annotated[int, Field(ge=0)]
     nonce: Hex32
-    #: :func:`proof` as the listener (``None``: it has no auth token).
-    proof: Hex32 | None = None
 
 
 class Response(_Strict):
@@ -168,7 +169,7 @@ def proof_matches(given: str | None, expected: str) -> bool:
 
 
 class Reply(_Strict):
-    """The listening sidecar's answer to a :class:`Hello`."""
+    """The listening sidecar's last handshake message: accepted or refused (its first, refusing another version)."""
 
     version: int
     rank: Annotated[int, Field(ge=0)]
@@ -178,6 +179,8 @@ class Reply(_Strict):
     #: Why the connection was refused (an error type name and a message).
     error: Annotated[str, Field(max_length=200)] = ""
     message: Annotated[str, Field(max_length=MAX_PROBLEM)] = ""
+    #: With an acceptance: :func:`proof` as the listener (``None``: it has no auth token).
+    proof: Hex32 | None = None
 
 
 class Problem(_Strict):
@@ -191,8 +194,12 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 def stream_message(model: _Strict) -> bytes:
-    """Encode a handshake message (prefix and JSON body)."""
-    body = model.model_dump_json().encode()
+    """Encode a handshake message (prefix and JSON body).
+
+    Fields left ``None`` are left out: a refusal then reads the same as one of version 2, so a
+    sidecar of that version names both versions.
+    """
+    body = model.model_dump_json(exclude_none=True).encode()
     return STREAM_PREFIX.pack(MAGIC, len(body)) + body
 
 
