@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,6 +45,11 @@ def as_array(buf: Buffer) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8)
 
 
+def copy_piece(target: np.ndarray, source: np.ndarray) -> None:
+    """Copy one piece (every byte a :class:`Copier` moves goes through here)."""
+    np.copyto(target, source)
+
+
 class Copier:
     """Copies host buffers into slots, optionally with several threads.
 
@@ -53,45 +59,80 @@ class Copier:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._helpers = (
-            concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="sidecar-copy")
-            if threads > 1
-            else None
-        )
-        # Whole copies started with submit(); separate from the helpers, which they may wait for.
-        self._jobs = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sidecar-copy-job")
+        # Nothing run here waits for anything else run here, so one pool serves every copy.
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sidecar-copy")
 
     def submit(
         self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]
     ) -> concurrent.futures.Future[None]:
-        """Start :meth:`copy` on a worker thread; the future completes once every byte is in place."""
-        return self._jobs.submit(self.copy, slot, buffers, offsets)
+        """Start the copy on the worker threads; the future completes once every byte is in place.
+
+        The pieces of a split copy all go to the pool at once, so the threads share them evenly
+        (a frame of several large buffers included) and none waits for another to hand it out.
+        """
+        pieces = self._pieces(slot, buffers, offsets)
+        if len(pieces) == 1:
+            return self._pool.submit(copy_piece, *pieces[0])
+        whole: concurrent.futures.Future[None] = concurrent.futures.Future()
+        left = len(pieces)
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def piece_done(piece: concurrent.futures.Future[None]) -> None:
+            nonlocal left
+            error = concurrent.futures.CancelledError() if piece.cancelled() else piece.exception()
+            with lock:
+                if error is not None:
+                    errors.append(error)
+                left -= 1
+                if left:
+                    return
+            if errors:
+                whole.set_exception(errors[0])
+            else:
+                whole.set_result(None)
+
+        if not pieces:
+            whole.set_result(None)
+        for target, source in pieces:
+            self._pool.submit(copy_piece, target, source).add_done_callback(piece_done)
+        return whole
 
     def copy(self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]) -> None:
-        """Copy each buffer to ``slot[offset:]``; returns when every byte is in place."""
+        """Copy each buffer to ``slot[offset:]``; returns when every byte is in place.
+
+        The calling thread copies the first piece, the workers the others (with one thread, the
+        calling thread copies everything).
+        """
+        pieces = self._pieces(slot, buffers, offsets)
+        if self.threads == 1:
+            for target, source in pieces:
+                copy_piece(target, source)
+            return
+        futures = [self._pool.submit(copy_piece, target, source) for target, source in pieces[1:]]
+        if pieces:
+            copy_piece(*pieces[0])
+        for future in futures:
+            future.result()
+
+    def _pieces(
+        self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(target, source) pairs covering every buffer: large ones cut into one piece per thread."""
         dst = np.frombuffer(slot, dtype=np.uint8)
         pieces: list[tuple[np.ndarray, np.ndarray]] = []
         for buf, offset in zip(buffers, offsets, strict=True):
             src = as_array(buf)
-            if src.size:
-                pieces.extend(self._split(dst[offset : offset + src.size], src))
-        if self._helpers is None or len(pieces) < 2:
-            for target, source in pieces:
-                np.copyto(target, source)
-            return
-        futures = [self._helpers.submit(np.copyto, target, source) for target, source in pieces[1:]]
-        np.copyto(*pieces[0])
-        for future in futures:
-            future.result()
-
-    def _split(self, target: np.ndarray, source: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        if self._helpers is None or source.size < SPLIT_BYTES:
-            return [(target, source)]
-        step = -(-source.size // self.threads)
-        return [(target[i : i + step], source[i : i + step]) for i in range(0, source.size, step)]
+            if not src.size:
+                continue
+            target = dst[offset : offset + src.size]
+            if self.threads == 1 or src.size < SPLIT_BYTES:
+                pieces.append((target, src))
+                continue
+            step = -(-src.size // self.threads)
+            pieces.extend((target[i : i + step], src[i : i + step]) for i in range(0, src.size, step))
+        return pieces
 
     def close(self) -> None:
         """Stop the worker threads once the copies already started are done."""
-        self._jobs.shutdown(wait=False)
-        if self._helpers is not None:
-            self._helpers.shutdown(wait=False)
+        self._pool.shutdown(wait=False)
