@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import threading
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import pydantic
 import pydantic_settings
@@ -73,6 +73,21 @@ class SidecarSettings(BaseSettings):
         description="Cornserve's switch: `1`/`true` selects the `mock-file` transport.",
     )
 
+    @field_validator("auth_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Neither message quotes the token. An empty one would be an HMAC key anyone has.
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if not secret:
+            raise ValueError("is empty; unset it, or set the same long random token on every sidecar")
+        try:
+            secret.encode()
+        except UnicodeEncodeError:
+            raise ValueError("is not valid UTF-8 text; use a random hex token such as secrets.token_hex(32)") from None
+        return value
+
     @field_validator("recv_device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -104,6 +119,12 @@ def env_name(settings_cls: type[BaseSettings], field: str) -> str:
             break
     prefix = str(settings_cls.model_config.get("env_prefix", ""))
     return f"{prefix}{field}".upper()
+
+
+def _is_secret(settings_cls: type[BaseSettings], field: str) -> bool:
+    """Whether ``field`` holds a secret, whose value an error must not show."""
+    info = settings_cls.model_fields.get(field)
+    return info is not None and SecretStr in (info.annotation, *get_args(info.annotation))
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:
@@ -155,7 +176,7 @@ def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            value = json.dumps(err.get("input"), default=str)
+            value = "(hidden)" if _is_secret(settings_cls, field) else json.dumps(err.get("input"), default=str)
             problems.append(f"{env_name(settings_cls, field)}={value}: {err['msg']}")
         raise SettingsError("invalid sidecar setting: " + "; ".join(problems)) from None
     except pydantic_settings.SettingsError as exc:

@@ -150,6 +150,22 @@ def test_wrong_values_name_variable_value_and_expectation(
     assert expected in message, message
 
 
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [("", "is empty; unset it"), ("weak\udcfftoken", "is not valid UTF-8 text")],
+)
+def test_an_unusable_auth_token_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, token: str, expected: str
+) -> None:
+    # An empty token is an HMAC key anyone has; one that is not text cannot key an HMAC at all (the
+    # connection attempts then failed with an error quoting a character of the token).
+    monkeypatch.setenv("SIDECAR_AUTH_TOKEN", token)
+    with pytest.raises(SettingsError) as info:
+        load_settings(SidecarSettings)
+    assert f"SIDECAR_AUTH_TOKEN=(hidden): Value error, {expected}" in str(info.value)
+    assert "weak" not in str(info.value), "the token itself is never shown"
+
+
 def test_several_problems_in_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDECAR_RANK", "x")
     monkeypatch.setenv("SIDECAR_BASE_PORT", "0")

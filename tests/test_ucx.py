@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -525,7 +526,7 @@ def test_auth_token_refused_and_listener_keeps_serving(env: dict[str, str], toke
         with local_sidecar(env, 21, **settings) as intruder, pytest.raises(AuthenticationError) as info:
             intruder.send(1, "intruder", 20).result(WAIT)
         assert "rank 20 at 127.0.0.1:" in str(info.value)
-        assert f"refused this sidecar: it presented {presented}" in str(info.value)
+        assert f"refused this sidecar, saying 'it presented {presented}; set the same" in str(info.value)
         assert "SIDECAR_AUTH_TOKEN" in str(info.value)
         with local_sidecar(env, 22, auth_token=TOKEN) as friend:
             friend.send({"ok": True}, "friend", 20).result(WAIT)
@@ -567,7 +568,7 @@ def test_a_listener_that_cannot_prove_the_token_gets_nothing(
             info.value
         )
         assert f"that it holds this sidecar's auth token: it {has}" in str(info.value)
-        assert "Nothing was sent to it" in str(info.value)
+        assert "No frame was sent to it" in str(info.value)
         with pytest.raises(RecvTimeoutError):
             impostor.recv_sync("kept", timeout=0.5)
     bodies = b"".join(received)
@@ -590,22 +591,31 @@ def test_a_short_auth_token_is_warned_about(env: dict[str, str], caplog: pytest.
     assert "x" * 15 not in caplog.text, "the token itself is never logged"
 
 
-def test_proofs_hold_for_one_connection_and_one_side_only() -> None:
-    hello = wire.Hello(version=wire.VERSION, rank=1, ack_tag=8, nonce=wire.new_nonce())
-    nonce = wire.new_nonce()
-    listener = wire.proof(TOKEN, "listener", hello, nonce, 2)
-    assert wire.proof_matches(listener, wire.proof(TOKEN, "listener", hello, nonce, 2))
+def test_proofs_and_the_ack_tag_hold_for_one_connection_and_one_side_only() -> None:
+    assert "ack_tag" not in wire.Hello.model_fields, "the acknowledgement tag is never sent"
+    transcript = wire.Transcript(1, 2, wire.new_nonce(), wire.new_nonce())
+    listener = transcript.proof(TOKEN, "listener", 40)
+    assert wire.proof_matches(listener, wire.Transcript(*astuple(transcript)).proof(TOKEN, "listener", 40))
     others = [
-        wire.proof(TOKEN, "connector", hello, nonce, 2),  # the other side's proof
-        wire.proof(TOKEN, "listener", hello, wire.new_nonce(), 2),  # another connection
-        wire.proof(TOKEN, "listener", hello.model_copy(update={"nonce": wire.new_nonce()}), nonce, 2),
-        wire.proof(TOKEN, "listener", hello.model_copy(update={"ack_tag": 12}), nonce, 2),
-        wire.proof(TOKEN, "listener", hello, nonce, 3),  # another listener rank
-        wire.proof("another-token", "listener", hello, nonce, 2),
+        transcript.proof(TOKEN, "connector", 40),  # the other side's proof
+        transcript.proof(TOKEN, "listener", 44),  # another tag base
+        replace(transcript, listener_nonce=wire.new_nonce()).proof(TOKEN, "listener", 40),  # another connection
+        replace(transcript, connector_nonce=wire.new_nonce()).proof(TOKEN, "listener", 40),
+        replace(transcript, connector_rank=3).proof(TOKEN, "listener", 40),
+        replace(transcript, listener_rank=3).proof(TOKEN, "listener", 40),
+        transcript.proof("another-token", "listener", 40),
     ]
     assert not any(wire.proof_matches(listener, other) for other in others)
     assert not wire.proof_matches(None, listener)
     assert TOKEN not in listener
+    ack = transcript.ack_tag(TOKEN)
+    assert ack % wire.TAG_KINDS == wire.ACKNOWLEDGE
+    assert 0 <= ack < 2**64
+    assert ack == wire.Transcript(*astuple(transcript)).ack_tag(TOKEN), "both sides work out the same tag"
+    assert ack not in {
+        transcript.ack_tag("another-token"),
+        replace(transcript, listener_nonce=wire.new_nonce()).ack_tag(TOKEN),
+    }
 
 
 def test_a_peer_of_another_protocol_version_is_refused_clearly(
@@ -615,8 +625,9 @@ def test_a_peer_of_another_protocol_version_is_refused_clearly(
     monkeypatch.setattr(wire, "VERSION", wire.VERSION + 1)
     with local_sidecar(env, 25) as newer, pytest.raises(PeerUnreachableError) as info:
         newer.send(0, "versions", 1).result(WAIT)
-    assert "refused the connection: ProtocolError: a peer claiming rank 25 speaks protocol version" in str(info.value)
-    assert f"speaks protocol version {wire.VERSION}, this sidecar {wire.VERSION - 1}" in str(info.value)
+    assert f"speaks protocol version {wire.VERSION - 1}, this sidecar {wire.VERSION}: run the same" in str(info.value)
+    said = f"saying 'a peer claiming rank 25 speaks protocol version {wire.VERSION}, this sidecar {wire.VERSION - 1}'"
+    assert said in str(info.value), "the peer's own words are quoted"
 
 
 async def _accept_as_an_older_version(self: Inbound) -> bool:
@@ -639,7 +650,7 @@ def test_an_acceptance_in_another_protocol_version_is_refused(
     # Another version's answer may only refuse: accepting it would skip every proof.
     monkeypatch.setattr(Inbound, "_handshake", _accept_as_an_older_version)
     with local_sidecar(env, 28) as older, local_sidecar(env, 29, auth_token=TOKEN) as careful:
-        with pytest.raises(PeerUnreachableError, match=rf"it speaks protocol version {wire.VERSION - 1}, this sidecar"):
+        with pytest.raises(PeerUnreachableError, match=rf"speaks protocol version {wire.VERSION - 1}, this sidecar 3"):
             careful.send({"secret": 1}, "downgraded", 28).result(WAIT)
         with pytest.raises(RecvTimeoutError):
             older.recv_sync("downgraded", timeout=0.3)
@@ -648,16 +659,30 @@ def test_an_acceptance_in_another_protocol_version_is_refused(
 def test_a_listener_that_closes_at_the_hello_is_named_as_such(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A sidecar of protocol version 2 cannot read a version 3 hello and closes the connection.
+    # A sidecar of protocol version 2 cannot read a version 3 hello and closes the connection; the
+    # connecting side tries once more (a peer restarting may do that) and then gives up, rather than
+    # saying hello again for the whole connect timeout.
     monkeypatch.setattr(Inbound, "_handshake", _close_at_the_hello)
-    with (
-        local_sidecar(env, 30),
-        local_sidecar(env, 31, connect_timeout=1) as newer,
-        pytest.raises(PeerUnreachableError) as info,
-    ):
-        newer.send(0, "unanswered", 30).result(WAIT)
+    with local_sidecar(env, 30), local_sidecar(env, 31, connect_timeout=20) as newer:
+        start = time.monotonic()
+        with pytest.raises(PeerUnreachableError) as info:
+            newer.send(0, "unanswered", 30).result(WAIT)
+        assert time.monotonic() - start < 5, "it gave up long before the connect timeout"
     assert "it closed the connection without answering the hello" in str(info.value)
-    assert "run the same sidecar version on every rank" in str(info.value)
+    assert "run the same sidecar version on every rank (2 times)" in str(info.value)
+
+
+def test_a_refusal_quotes_the_peers_words(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refusal comes before any proof, so its text is the peer's, unchecked: quoted, never raw lines.
+    monkeypatch.setattr(inbound_module, "_refusal", lambda given, expected: "token rotated!\nexport TOKEN=theirs")
+    with (
+        local_sidecar(env, 34, auth_token=TOKEN),
+        local_sidecar(env, 35, auth_token=TOKEN) as careful,
+        pytest.raises(AuthenticationError) as info,
+    ):
+        careful.send(0, "quoted", 34).result(WAIT)
+    assert "refused this sidecar, saying 'token rotated!\\nexport TOKEN=theirs; set the same" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_a_listener_of_another_rank_is_told_nothing(

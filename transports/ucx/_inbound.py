@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -101,7 +101,7 @@ class ServeOptions:
 
     rank: int
     inbox: Inbox
-    token: str | None
+    token: str | None = field(repr=False)  # never in a traceback's locals or a log
     max_bytes: int
     recv_device: torch.device
     handshake_timeout: float
@@ -162,15 +162,16 @@ class Inbound:
         """Shake hands as the listening side (see :mod:`._wire`): check the peer's proof, then give ours."""
         endpoint = self._require()
         body = await endpoint.recv_stream_message()
-        version, rank = wire.version_of(body, "hello")
+        version, rank, _ = wire.version_of(body, "hello")
         if version != wire.VERSION:
             who = "a peer" if rank is None else f"a peer claiming rank {rank}"
             await self._refuse("ProtocolError", f"{who} speaks protocol version {version}, this sidecar {wire.VERSION}")
             return False
         hello = wire.parse_model(wire.Hello, body, "hello")
         token, own = self._options.token, self._options.rank
-        nonce = wire.new_nonce()
-        await endpoint.stream_send(wire.stream_message(wire.Challenge(version=wire.VERSION, rank=own, nonce=nonce)))
+        transcript = wire.Transcript(hello.rank, own, hello.nonce, wire.new_nonce())
+        challenge = wire.Challenge(version=wire.VERSION, rank=own, nonce=transcript.listener_nonce)
+        await endpoint.stream_send(wire.stream_message(challenge))
         try:
             body = await endpoint.recv_stream_message()
         except Exception:
@@ -178,8 +179,7 @@ class Inbound:
             logger.info("ucx: a peer claiming rank %d left the handshake before proving anything", hello.rank)
             raise
         response = wire.parse_model(wire.Response, body, "handshake response")
-        expected = None if token is None else wire.proof(token, "connector", hello, nonce, own)
-        refusal = _refusal(response.proof, expected)
+        refusal = _refusal(response.proof, None if token is None else transcript.proof(token, "connector"))
         if refusal:
             logger.warning("ucx: refused a peer claiming rank %d: %s", hello.rank, refusal)
             await self._refuse(
@@ -187,8 +187,8 @@ class Inbound:
             )
             return False
         self.rank = hello.rank
-        self._ack_tag = hello.ack_tag
-        mine = None if token is None else wire.proof(token, "listener", hello, nonce, own)
+        self._ack_tag = transcript.ack_tag(token)
+        mine = None if token is None else transcript.proof(token, "listener", self._tag_base)
         reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base, proof=mine)
         await endpoint.stream_send(wire.stream_message(reply))
         return True

@@ -325,18 +325,6 @@ class _Opening:
             self.link.close(reason)
 
 
-class _Unanswered(ConnectionError):
-    """The listener closed the connection instead of answering the hello."""
-
-
-class _WrongRank(Exception):
-    """The listener is another rank than the one dialled (told before anything is proved to it)."""
-
-    def __init__(self, rank: int) -> None:
-        super().__init__(rank)
-        self.rank = rank
-
-
 async def connect(
     worker: UcxWorker,
     rank: int,
@@ -344,7 +332,6 @@ async def connect(
     *,
     own_rank: int,
     token: str | None,
-    ack_tag: int,
     timeout: float,
     on_closed: Callable[[Link], None],
 ) -> Link:
@@ -355,13 +342,15 @@ async def connect(
     that accepts but does not answer the handshake, or answers wrongly, ends the attempt at once.
 
     Raises:
-        PeerUnreachableError: No sidecar answered at ``address`` within ``timeout`` seconds.
+        PeerUnreachableError: No sidecar answered at ``address`` within ``timeout`` seconds, or the
+            one there is another rank, speaks another protocol version or refused the connection.
         AuthenticationError: The peer refused this sidecar's auth token, or did not prove it holds it.
     """
     where = f"rank {rank} at {address}"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pause = _RETRY_FIRST
+    unanswered = 0
 
     def unreachable(reason: str) -> PeerUnreachableError:
         return PeerUnreachableError(
@@ -377,93 +366,137 @@ async def connect(
             handle = worker.api.UCXEndpoint.create(worker.worker, address.host, address.port, True)
             endpoint = Endpoint(worker, handle, opening.on_broken)
             # A broken endpoint fails the handshake's requests, so a refused attempt ends early.
-            reply = await asyncio.wait_for(
-                _handshake(endpoint, where, rank, own_rank, token, ack_tag), deadline - loop.time()
-            )
+            handshake = _Handshake(endpoint, address, rank, own_rank, token)
+            tag_base, ack_tag = await asyncio.wait_for(handshake.run(), deadline - loop.time())
             break
-        except (asyncio.CancelledError, AuthenticationError):  # shutting down, or the listener is not the peer
-            if endpoint is not None:
+        except (asyncio.CancelledError, AuthenticationError, PeerUnreachableError):
+            if endpoint is not None:  # shutting down, or the listener answered: not the peer, or refused
                 endpoint.close()
             raise
-        except _WrongRank as exc:
-            if endpoint is not None:
-                endpoint.close()
-            raise PeerUnreachableError(
-                f"{address} is served by rank {exc.rank}, not rank {rank}; check the peer addressing settings on "
-                "both sides"
-            ) from None
         except TimeoutError:
             failure = unreachable(f"no answer within SIDECAR_CONNECT_TIMEOUT={timeout:g}s")
         except wire.ProtocolError as exc:
             failure = unreachable(str(exc))
         except Exception as exc:  # UCX errors, ConnectionError: nothing accepted the connection
-            if loop.time() + pause < deadline:
+            unanswered += isinstance(exc, _Unanswered)
+            if loop.time() + pause < deadline and unanswered < _UNANSWERED_TRIES:
                 if endpoint is not None:
                     endpoint.close()
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, _RETRY_MAX)
                 continue
-            reason = describe_error(exc) if isinstance(exc, _Unanswered) else opening.broken or describe_error(exc)
-            failure = unreachable(f"{reason} (tried for {timeout:g}s, SIDECAR_CONNECT_TIMEOUT)")
+            if isinstance(exc, _Unanswered):
+                failure = unreachable(f"{describe_error(exc)} ({unanswered} times)")
+            else:
+                reason = opening.broken or describe_error(exc)
+                failure = unreachable(f"{reason} (tried for {timeout:g}s, SIDECAR_CONNECT_TIMEOUT)")
         if endpoint is not None:
             endpoint.close()
         raise failure from None
-    if not reply.accepted:
-        endpoint.close()
-        if reply.error == "AuthenticationError":
-            raise AuthenticationError(f"{where} refused this sidecar: {reply.message}")
-        raise PeerUnreachableError(f"{where} refused the connection: {reply.error}: {reply.message}")
-    opening.link = Link(endpoint, rank, address, reply.tag_base, ack_tag, on_closed)
+    opening.link = Link(endpoint, rank, address, tag_base, ack_tag, on_closed)
     return opening.link
 
 
-async def _handshake(
-    endpoint: Endpoint, where: str, rank: int, own_rank: int, token: str | None, ack_tag: int
-) -> wire.Reply:
-    """Shake hands as the connecting side (see :mod:`._wire`): prove the token first, then check the listener's proof.
+#: The most of a peer's own words (a refusal's text) quoted in an error.
+_QUOTED = 500
+#: Listeners that close the connection at the hello tried before giving up (a peer restarting may, once).
+_UNANSWERED_TRIES = 2
 
-    Returns:
-        The listener's refusal, or its acceptance once its proof checked out.
 
-    Raises:
-        AuthenticationError: This sidecar has an auth token and the listener accepted without
-            proving it holds it.
-        _WrongRank: The listener is another rank (the addressing is wrong).
-        ProtocolError: The listener answered something that is not this handshake.
-        Exception: A UCX error (nothing accepted the connection, or it broke).
+class _Unanswered(ConnectionError):
+    """The listener closed the connection instead of answering the hello."""
+
+
+class _Handshake:
+    """The connecting side of one handshake (see :mod:`._wire`): prove the token first, then check the listener's proof.
+
+    A listener's refusal is not authenticated (it comes before any proof), so its text is quoted,
+    cut short, as the peer's words.
     """
-    hello = wire.Hello(version=wire.VERSION, rank=own_rank, ack_tag=ack_tag, nonce=wire.new_nonce())
-    await endpoint.stream_send(wire.stream_message(hello))
-    try:
-        body = await endpoint.recv_stream_message()
-    except wire.ProtocolError:
-        raise
-    except Exception as exc:
-        raise _Unanswered(
-            f"it closed the connection without answering the hello ({describe_error(exc)}); a sidecar of an "
-            "older protocol version does that: run the same sidecar version on every rank"
-        ) from None
-    version = wire.version_of(body, "handshake answer")[0]
-    if version != wire.VERSION:
-        refusal = wire.parse_model(wire.Reply, body, "handshake reply")
-        if refusal.accepted:  # another version accepts nothing: only its refusal counts
-            raise wire.ProtocolError(f"it speaks protocol version {version}, this sidecar {wire.VERSION}")
-        return refusal
-    challenge = wire.parse_model(wire.Challenge, body, "handshake challenge")
-    if challenge.rank != rank:  # before proving anything to it
-        raise _WrongRank(challenge.rank)
-    mine = None if token is None else wire.proof(token, "connector", hello, challenge.nonce, rank)
-    await endpoint.stream_send(wire.stream_message(wire.Response(proof=mine)))
-    reply = wire.parse_model(wire.Reply, await endpoint.recv_stream_message(), "handshake reply")
-    if reply.version != wire.VERSION or reply.rank != rank:
-        raise wire.ProtocolError(f"its reply (version {reply.version}, rank {reply.rank}) contradicts its challenge")
-    if reply.accepted and token is not None:
-        expected = wire.proof(token, "listener", hello, challenge.nonce, rank)
-        if not wire.proof_matches(reply.proof, expected):
+
+    def __init__(self, endpoint: Endpoint, address: Address, rank: int, own_rank: int, token: str | None) -> None:
+        self._endpoint = endpoint
+        self._address = address
+        self._where = f"rank {rank} at {address}"
+        self._rank = rank
+        self._own_rank = own_rank
+        self._token = token
+
+    async def run(self) -> tuple[int, int]:
+        """Shake hands; return the listener's tag base and this connection's acknowledgement tag.
+
+        Raises:
+            AuthenticationError: The listener refused this sidecar's token, or accepted without
+                proving it holds the token.
+            PeerUnreachableError: The listener is another rank, speaks another protocol version or
+                refused the connection.
+            _Unanswered: It closed the connection instead of answering the hello.
+            ProtocolError: The listener answered something that is not this handshake.
+            Exception: A UCX error (nothing accepted the connection, or it broke): worth trying again.
+        """
+        endpoint, token, rank = self._endpoint, self._token, self._rank
+        hello = wire.Hello(version=wire.VERSION, rank=self._own_rank, nonce=wire.new_nonce())
+        await endpoint.stream_send(wire.stream_message(hello))
+        body = await self._first_answer()
+        version, _, said = wire.version_of(body, "handshake answer")
+        if version != wire.VERSION:  # another version can only refuse: nothing it says is checked
+            raise PeerUnreachableError(
+                f"{self._where} speaks protocol version {version}, this sidecar {wire.VERSION}: run the same "
+                f"sidecar version on every rank{self._quote(said)}"
+            )
+        challenge = wire.parse_model(wire.Challenge, body, "handshake challenge")
+        if challenge.rank != rank:  # before proving anything to it
+            raise PeerUnreachableError(
+                f"{self._address} is served by rank {challenge.rank}, not rank {rank}; check the peer addressing "
+                "settings on both sides"
+            )
+        transcript = wire.Transcript(self._own_rank, rank, hello.nonce, challenge.nonce)
+        mine = None if token is None else transcript.proof(token, "connector")
+        await endpoint.stream_send(wire.stream_message(wire.Response(proof=mine)))
+        reply = wire.parse_model(wire.Reply, await endpoint.recv_stream_message(), "handshake reply")
+        if reply.version != wire.VERSION or reply.rank != rank:
+            raise wire.ProtocolError(
+                f"its reply (version {reply.version}, rank {reply.rank}) contradicts its challenge"
+            )
+        if not reply.accepted:
+            if reply.error == "AuthenticationError":
+                raise AuthenticationError(f"{self._where} refused this sidecar{self._quote(reply.message)}")
+            raise PeerUnreachableError(
+                f"{self._where} refused the connection ({reply.error[:100]!r}){self._quote(reply.message)}"
+            )
+        if token is not None and not wire.proof_matches(
+            reply.proof, transcript.proof(token, "listener", reply.tag_base)
+        ):
             has = "has no auth token" if reply.proof is None else "holds another auth token"
             raise AuthenticationError(
-                f"{where} did not prove that it holds this sidecar's auth token: it {has}, or it is not the peer. "
-                "Nothing was sent to it. Set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment and "
-                "check that the address is the peer's"
+                f"{self._where} did not prove that it holds this sidecar's auth token: it {has}, or it is not the "
+                "peer. No frame was sent to it; it did get this sidecar's proof, so if the token may be weak, "
+                "change it. Set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment and check that the "
+                "address is the peer's"
             )
-    return reply
+        return reply.tag_base, transcript.ack_tag(token)
+
+    async def _first_answer(self) -> bytearray:
+        """The listener's answer to the hello.
+
+        Raises:
+            _Unanswered: It closed the connection instead (a sidecar of protocol version 2 does).
+            ProtocolError: The answer is not this protocol's.
+        """
+        try:
+            return await self._endpoint.recv_stream_message()
+        except wire.ProtocolError:
+            raise
+        except Exception as exc:
+            raise _Unanswered(
+                f"it closed the connection without answering the hello ({describe_error(exc)}); a sidecar of an "
+                "older protocol version does that: run the same sidecar version on every rank"
+            ) from None
+
+    @staticmethod
+    def _quote(said: str) -> str:
+        """The peer's own words, quoted and cut short (``""`` if it said nothing)."""
+        if not said:
+            return ""
+        cut = said[:_QUOTED] + ("..." if len(said) > _QUOTED else "")
+        return f", saying {cut!r}"

@@ -166,10 +166,11 @@ class UcxTransport(Transport):
         """A fresh, random tag base for one connection (its low bits are the message kinds).
 
         UCX matches a tagged receive against messages from every connection of the worker, the
-        ones that have not shaken hands yet included. Tags are therefore random and only told to
-        a peer that proved it holds the auth token: a connection that did not cannot aim messages at
-        another's frames or acknowledgements. (Two connections drawing the same base out of 2**62
-        is as unlikely as guessing one.)
+        ones that have not shaken hands yet included. Tag bases are therefore random and only told
+        to a peer that proved it holds the auth token (acknowledgement tags are not told at all:
+        both sides work them out, see :class:`~transports.ucx._wire.Transcript`): a connection that
+        did not prove it cannot aim messages at another's frames or acknowledgements. (Two
+        connections drawing the same base out of 2**62 is as unlikely as guessing one.)
         """
         return secrets.randbits(62) * wire.TAG_KINDS
 
@@ -240,7 +241,6 @@ class UcxTransport(Transport):
             self._addressing.resolve(dst),
             own_rank=self.ctx.rank,
             token=self._token,
-            ack_tag=self._tag_base() | wire.ACKNOWLEDGE,
             timeout=self.ctx.settings.connect_timeout,
             on_closed=self._forget,
         )

@@ -5,19 +5,21 @@ tagged messages, whose tags the two sides agree on in the handshake (random, and
 peer that proved it holds the auth token):
 
 1. Connection set-up proves, both ways, that each side holds the auth token, without sending it
-   (challenge and response, HMAC-SHA256 keyed with the token, see :func:`proof`): the connecting
-   sidecar sends :class:`Hello` (its rank, the tag it wants acknowledgements on, a fresh nonce);
-   the listening sidecar answers :class:`Challenge` (its rank and its own nonce), or a refusing
-   :class:`Reply` if it speaks another version; the connecting sidecar, having checked that the
-   rank is the one it dialled, sends :class:`Response` (its proof); the listening sidecar checks it
-   and answers :class:`Reply`: accepted, with the tag base for this connection's frames and its own
-   proof, or refused with the reason (it then closes). The connecting sidecar checks that proof
-   before it sends a frame: a listener that cannot give it is anyone who took the address. The
-   connecting side proves first, so a peer without the token learns nothing from a listener, not
-   even a proof to guess the token against offline. Both nonces are fresh, so a proof holds for one
-   connection only, and the two sides prove under different labels, so neither proof can be
-   replayed as the other's. (A man in the middle relaying between two real sidecars is not
-   stopped: nothing here is encrypted.)
+   (challenge and response, HMAC-SHA256 keyed with the token over a :class:`Transcript`): the
+   connecting sidecar sends :class:`Hello` (its rank, a fresh nonce); the listening sidecar answers
+   :class:`Challenge` (its rank and its own nonce), or a refusing :class:`Reply` if it speaks
+   another version; the connecting sidecar, having checked that the rank is the one it dialled,
+   sends :class:`Response` (its proof); the listening sidecar checks it and answers :class:`Reply`:
+   accepted, with the tag base for this connection's frames and its own proof, or refused with the
+   reason (it then closes). The connecting sidecar checks that proof before it sends a frame: a
+   listener that cannot give it is anyone who took the address. The tag acknowledgements go to is
+   worked out by both sides (:meth:`Transcript.ack_tag`), never sent. The connecting side proves
+   first, so a peer without the token learns nothing from a listener, not even a proof to guess
+   the token against offline. Both nonces are fresh, so a proof holds for one connection only, and
+   the two sides prove under different labels, so neither proof can be replayed as the other's.
+   (Whoever reads the traffic sees the tag base, and can aim frames at it from a connection of its
+   own; a man in the middle relaying between two real sidecars is not stopped either: nothing here
+   is encrypted.)
 2. Each frame is one *header message* on ``base | HEADER`` (the sender's sequence number and the
    size of an inline payload, then the core's ``SCF1`` prefix and JSON header) followed by one
    message per non-empty payload buffer on ``base | PAYLOAD``. Messages on one tag match in the
@@ -41,6 +43,7 @@ import hmac
 import secrets
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
 import pydantic
@@ -103,8 +106,6 @@ class Hello(_Strict):
 
     version: int
     rank: Annotated[int, Field(ge=0)]
-    #: The tag (on the connecting sidecar's worker) that acknowledgements go to.
-    ack_tag: Tag
     nonce: Hex32
 
 
@@ -130,6 +131,8 @@ class _Versioned(BaseModel):
 
     version: int
     rank: int | None = None
+    #: What a refusal of any version says.
+    message: Annotated[str, Field(max_length=MAX_PROBLEM)] = ""
 
 
 Role = Literal["listener", "connector"]
@@ -140,27 +143,46 @@ def new_nonce() -> str:
     return secrets.token_hex(32)
 
 
-def proof(token: str, role: Role, hello: Hello, nonce: str, listener_rank: int) -> str:
-    """What a side holding ``token`` answers for one connection: HMAC-SHA256 over both nonces and ranks.
+@dataclass(frozen=True)
+class Transcript:
+    """What both sides of one handshake know: both ranks and both nonces.
 
-    Args:
-        token: The auth token (the key).
-        role: Which side proves (each side's proof differs, so neither can be replayed as the other).
-        hello: The connecting sidecar's hello (its nonce, rank and acknowledgement tag).
-        nonce: The listening sidecar's nonce.
-        listener_rank: The listening sidecar's rank.
+    Everything secret about a connection is an HMAC-SHA256 of it keyed with the auth token: each
+    side's proof, under its own label, and the tag acknowledgements go to, which is therefore never
+    sent (a listener impostor that read it could otherwise aim acknowledgements at the link the
+    connecting sidecar then opens to the real peer).
     """
-    fields = (
-        MAGIC.decode(),
-        str(VERSION),
-        role,
-        str(hello.rank),
-        str(listener_rank),
-        str(hello.ack_tag),
-        hello.nonce,
-        nonce,
-    )
-    return hmac.new(token.encode(), "|".join(fields).encode(), hashlib.sha256).hexdigest()
+
+    connector_rank: int
+    listener_rank: int
+    connector_nonce: str
+    listener_nonce: str
+
+    def _mac(self, token: str | None, label: str, *extra: str) -> bytes:
+        fields = (
+            MAGIC.decode(),
+            str(VERSION),
+            label,
+            str(self.connector_rank),
+            str(self.listener_rank),
+            self.connector_nonce,
+            self.listener_nonce,
+            *extra,
+        )
+        key = b"" if token is None else token.encode()
+        return hmac.new(key, "|".join(fields).encode(), hashlib.sha256).digest()
+
+    def proof(self, token: str, role: Role, tag_base: int = 0) -> str:
+        """What a side holding ``token`` answers (the listener's covers the tag base it gives)."""
+        return self._mac(token, role, str(tag_base)).hex()
+
+    def ack_tag(self, token: str | None) -> int:
+        """The tag on the connecting sidecar's worker that this connection's acknowledgements go to.
+
+        Without a token anyone can work it out, as anyone may then connect at all.
+        """
+        base = int.from_bytes(self._mac(token, "ack-tag")[:8], "little") >> 2  # 62 bits, as tag bases
+        return base * TAG_KINDS | ACKNOWLEDGE
 
 
 def proof_matches(given: str | None, expected: str) -> bool:
@@ -219,14 +241,14 @@ def stream_body_length(prefix: bytes | bytearray) -> int:
     return int(length)
 
 
-def version_of(body: bytes | bytearray, what: str) -> tuple[int, int | None]:
-    """The protocol version and rank a handshake message of any version states.
+def version_of(body: bytes | bytearray, what: str) -> tuple[int, int | None, str]:
+    """The protocol version, rank and refusal message a handshake message of any version states.
 
     Raises:
         ProtocolError: The body is not a JSON object with an integer ``version``.
     """
     stated = parse_model(_Versioned, body, what)
-    return stated.version, stated.rank
+    return stated.version, stated.rank, stated.message
 
 
 def parse_model(cls: type[_ModelT], body: bytes | bytearray, what: str) -> _ModelT:
