@@ -456,8 +456,7 @@ def test_parts_still_arriving_count_against_the_memory_bound(
         # A message's parts go one after another, so each of these has one part on its way. (The
         # sender waits for their payloads to leave, which never happens here: only the receiver's
         # side is checked.)
-        for i in (1, 2, 3):
-            parts.send(random_bytes(2 * MiB, 12 + i), f"parts-{i}", 16)
+        pending = [parts.send(random_bytes(2 * MiB, 12 + i), f"parts-{i}", 16) for i in (1, 2, 3)]
         deadline = time.monotonic() + WAIT
         while len(stalled) + len(refused) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -469,6 +468,8 @@ def test_parts_still_arriving_count_against_the_memory_bound(
             r"\(2097153 held or arriving\).*",
             refused[0],
         )
+    for future in pending:  # none was accepted: each fails, with its refusal or at shutdown
+        assert isinstance(future.exception(WAIT), (PeerLostError, RemoteError))
 
 
 def test_a_message_in_parts_that_fits_the_bound_is_taken(env: dict[str, str]) -> None:
