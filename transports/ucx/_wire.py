@@ -120,7 +120,7 @@ class Challenge(_Strict):
 class Response(_Strict):
     """The connecting sidecar's answer to a :class:`Challenge`."""
 
-    #: :func:`proof` as the connector (``None``: it has no auth token).
+    #: :meth:`Transcript.proof` as the connector (``None``: it has no auth token).
     proof: Hex32 | None = None
 
 
@@ -201,7 +201,7 @@ class Reply(_Strict):
     #: Why the connection was refused (an error type name and a message).
     error: Annotated[str, Field(max_length=200)] = ""
     message: Annotated[str, Field(max_length=MAX_PROBLEM)] = ""
-    #: With an acceptance: :func:`proof` as the listener (``None``: it has no auth token).
+    #: With an acceptance: :meth:`Transcript.proof` as the listener (``None``: it has no auth token).
     proof: Hex32 | None = None
 
 
