@@ -967,6 +967,26 @@ def polled() -> Iterator[_Polled]:
     loop.close()
 
 
+def _another_channel(polled: _Polled, sock: socket.socket, owner: _Owner, name: str) -> Channel:
+    """A second channel over ``sock``, read through ``polled``'s loop and readers."""
+    return cast(
+        Channel,
+        _on_loop(
+            polled.loop,
+            lambda: Channel(
+                sock,
+                polled.loop,
+                polled.readers,
+                allowed=SENDER_MESSAGES,
+                on_message=owner.on_message,
+                on_close=owner.on_close,
+                reply_errors=True,
+                name=name,
+            ),
+        ),
+    )
+
+
 def _poll_while_sending(polled: _Polled, data: bytes, count: int) -> int:
     """Send ``data`` while a thread polls (so that the loop cannot read it first); that thread's ident."""
     owner = polled.owner
@@ -1135,19 +1155,7 @@ def test_a_closed_channels_number_reused_by_a_new_connection_is_not_silenced(pol
         reused.close()
         reused = socket.socket(fileno=number)
     owner = _Owner()
-    new: Channel = _on_loop(
-        polled.loop,
-        lambda: Channel(
-            reused,
-            polled.loop,
-            polled.readers,
-            allowed=SENDER_MESSAGES,
-            on_message=owner.on_message,
-            on_close=owner.on_close,
-            reply_errors=True,
-            name="new channel",
-        ),
-    )
+    new = _another_channel(polled, reused, owner, "new channel")
     try:
         assert new.fileno == number
         assert not polled.readers._take(old), "a closed channel is never taken"
@@ -1164,19 +1172,7 @@ def test_a_socket_the_polling_thread_does_not_hold_is_read_by_the_loop_at_once(p
     # connection with no kinds it may handle) must not wait for the end of the thread's budget.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     owner = _Owner()
-    other: Channel = _on_loop(
-        polled.loop,
-        lambda: Channel(
-            ours,
-            polled.loop,
-            polled.readers,
-            allowed=SENDER_MESSAGES,
-            on_message=owner.on_message,
-            on_close=owner.on_close,
-            reply_errors=True,
-            name="other channel",
-        ),
-    )
+    other = _another_channel(polled, ours, owner, "other channel")
     polling = threading.Thread(target=polled.readers.poll_here, args=(lambda: False, 5.0))
     try:
         polling.start()
