@@ -802,6 +802,29 @@ def test_idle_pool_gives_its_pages_back_except_under_held_slots(env: dict[str, s
         peer.call(peer_mark_done, "trim-held")
 
 
+def test_a_pool_a_connected_receiver_page_locks_is_trimmed_only_once_it_left(
+    env: dict[str, str], peer: PeerProcess
+) -> None:
+    # A receiver landing tensors on a GPU page-locks its mapping of the pool, so the sender must not
+    # trim while it is connected; the pool stayed untrimmed for good after such a receiver left.
+    # This peer lands on the CPU: its welcome is made to say it pins the pool (the GPU test of the
+    # same checks the bytes that arrive).
+    with local_sidecar({**env, "SIDECAR_LOCALHOST__POOL_TRIM_SECONDS": "0.2"}, 27) as own:
+        pool = transport(own)._pool
+        own.send(0, "pin-hello", 1).result(WAIT)
+        link = transport(own)._links[1]
+        assert link.welcome is not None
+        link.welcome = link.welcome.model_copy(update={"pins_pool": True})
+        burst = random_bytes(32 * MiB, 33)
+        own.send(burst, "pinned-burst", 1).result(WAIT)
+        assert peer.call(peer_recv_digest, "pinned-burst")["digest"] == _digest(burst)
+        wait_until(lambda: pool.used == 0, "the burst's slot was released")
+        time.sleep(0.6)  # idle for more than two periods
+        assert _pool_resident(pool) >= 32 * MiB, "a pool a connected receiver page-locks must not be trimmed"
+        own._loop_thread.call(link.close())
+        wait_until(lambda: _pool_resident(pool) < 8 * MiB, "the idle pool is trimmed once that receiver left")
+
+
 def test_full_pool_waits_for_mark_done_then_gives_up(env: dict[str, str], peer: PeerProcess) -> None:
     small_pool = {**env, "SIDECAR_LOCALHOST__POOL_BYTES": str(4 * MiB), "SIDECAR_SEND_TIMEOUT": "2"}
     with local_sidecar(small_pool, 23) as own:

@@ -206,6 +206,20 @@ def test_a_pool_a_gpu_receiver_reads_is_not_trimmed(env: dict[str, str], gpu_pee
             cpu_sender.send(tensor, f"after-idle-{round}", 1).result(WAIT)
             assert call.result(WAIT)["digests"] == [_digest(tensor)], f"round {round}"
             time.sleep(1.0)  # idle for several trim periods
+        # Once that receiver is gone, the idle pool is trimmed again (it stayed full for good).
+        transport = cast(LocalhostTransport, cpu_sender._transport)
+        resident = _resident(transport)
+        assert resident >= 8 * MiB, "nothing was trimmed while the GPU receiver was connected"
+        cpu_sender._loop_thread.call(transport._links[1].close())
+        deadline = time.monotonic() + 5
+        while _resident(transport) >= resident and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _resident(transport) < resident, "the pool is trimmed once the GPU receiver left"
+
+
+def _resident(transport: LocalhostTransport) -> int:
+    """Bytes of memory the transport's pool holds now."""
+    return int(os.fstat(transport._pool.fd).st_blocks) * 512
 
 
 def test_gpu_peer_sends_to_this_process(env: dict[str, str], gpu_peer: PeerProcess) -> None:

@@ -170,7 +170,6 @@ class LocalhostTransport(Transport):
         self._copier = Copier(self.settings.copy_threads or default_copy_threads())
         self._pinning: asyncio.Future[bool] | None = None
         #: Whether a peer page-locked this pool (it receives on a GPU): then it is never trimmed.
-        self._pinned_by_peer = False
         self._trim_timer: asyncio.TimerHandle | None = None
         self._links: dict[int, Link] = {}
         self._connecting: dict[int, asyncio.Task[Link]] = {}
@@ -361,8 +360,6 @@ class LocalhostTransport(Transport):
             dst, socket_path(self._dir, dst), hello, self.ctx.settings.connect_timeout, self._readers, self._link_closed
         )
         self._links[dst] = link
-        if link.welcome is not None and link.welcome.pins_pool:
-            self._pinned_by_peer = True
         return link
 
     def _connect_done(self, dst: int, task: asyncio.Task[Link]) -> None:
@@ -370,6 +367,14 @@ class LocalhostTransport(Transport):
             del self._connecting[dst]
         if not task.cancelled():
             task.exception()  # retrieved by the senders that waited; do not log it again
+
+    def _pinned_by_peer(self) -> bool:
+        """Whether a connected receiver page-locks its mapping of the pool (loop thread).
+
+        Trimming would then part the pool's pages from the locked ones, and later frames would
+        reach that receiver's GPU with old bytes. Once it is gone, the pool may shrink again.
+        """
+        return any(link.welcome is not None and link.welcome.pins_pool for link in self._links.values())
 
     def _link_closed(self, link: Link) -> None:
         if self._links.get(link.rank) is link:
@@ -495,7 +500,7 @@ class LocalhostTransport(Transport):
     def _trim(self, acquired: int) -> None:
         """Every ``pool_trim_seconds``: trim the pool if no send took a slot since the last check."""
         pool = self._pool
-        if pool.acquired == acquired and self._pinning is None and not self._pinned_by_peer:
+        if pool.acquired == acquired and self._pinning is None and not self._pinned_by_peer():
             released = pool.trim()
             if released:
                 logger.debug("rank %d gave %d idle pool bytes back", self.ctx.rank, released)
