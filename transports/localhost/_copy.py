@@ -74,6 +74,7 @@ class Copier:
         if len(pieces) == 1:
             return self._pool.submit(copy_piece, *pieces[0])
         whole: concurrent.futures.Future[None] = concurrent.futures.Future()
+        whole.set_running_or_notify_cancel()  # under way, as a pool's future would be: not cancellable
         left = len(pieces)
         errors: list[BaseException] = []
         lock = threading.Lock()
