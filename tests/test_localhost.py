@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import gc
 import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -52,6 +53,7 @@ from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.localhost import LocalhostTransport
 from transports.localhost._channel import Channel
+from transports.localhost._link import Link
 from transports.localhost._protocol import (
     ENVELOPE,
     MAX_BODY,
@@ -60,6 +62,7 @@ from transports.localhost._protocol import (
     Hello,
     Msg,
     Problem,
+    Welcome,
     envelope,
 )
 from transports.localhost._readers import Readers
@@ -674,6 +677,39 @@ def test_a_copy_of_several_large_buffers_is_shared_by_every_copy_thread(monkeypa
     assert abs(threads.count(threads[0]) - 4) <= 1, f"the pieces went unevenly: {threads}"
 
 
+def test_a_copy_that_fails_or_cannot_start_fails_its_future_once_every_piece_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A copier shut down under a submit raised from it with pieces already handed out (the caller
+    # then never released the slot); a failed piece must not complete the copy while another still
+    # writes the slot.
+    copier = copy_module.Copier(2)
+    copy_piece = copy_module.copy_piece
+    finished: list[float] = []
+
+    def first_fails(target: Any, source: Any) -> None:
+        if source[0] == 1:
+            raise OSError("the first piece failed on purpose")
+        time.sleep(0.2)
+        copy_piece(target, source)
+        finished.append(time.monotonic())
+
+    monkeypatch.setattr(copy_module, "copy_piece", first_fails)
+    buffers = [random_bytes(8 * MiB, 1).numpy().data]
+    buffers[0][0] = 1  # the first piece starts with 1, the second does not
+    buffers[0][4 * MiB] = 2
+    slot = memoryview(bytearray(8 * MiB))
+    future = copier.submit(slot, buffers, [0])
+    with pytest.raises(OSError, match="first piece failed"):
+        future.result(WAIT)
+    assert finished, "the copy failed only once the other piece had finished writing"
+    assert not future.cancel(), "a copy under way cannot be cancelled"
+    copier.close()
+    after = copier.submit(slot, buffers, [0])  # never raises: the future says why
+    with pytest.raises(RuntimeError, match="shutdown"):
+        after.result(WAIT)
+
+
 def test_a_failed_copy_on_a_copy_thread_fails_its_send(
     env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -803,26 +839,69 @@ def test_idle_pool_gives_its_pages_back_except_under_held_slots(env: dict[str, s
 
 
 def test_a_pool_a_connected_receiver_page_locks_is_trimmed_only_once_it_left(
-    env: dict[str, str], peer: PeerProcess
+    env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A receiver landing tensors on a GPU page-locks its mapping of the pool, so the sender must not
-    # trim while it is connected; the pool stayed untrimmed for good after such a receiver left.
-    # This peer lands on the CPU: its welcome is made to say it pins the pool (the GPU test of the
-    # same checks the bytes that arrive).
-    with local_sidecar({**env, "SIDECAR_LOCALHOST__POOL_TRIM_SECONDS": "0.2"}, 27) as own:
-        pool = transport(own)._pool
-        own.send(0, "pin-hello", 1).result(WAIT)
-        link = transport(own)._links[1]
+    # A receiver landing tensors on a GPU page-locks its mapping of the pool (which faults the whole
+    # pool in), so the sender must not trim while it is connected. The pool stayed untrimmed for
+    # good after such a receiver left, and trimming would only have freed the pages the sender's own
+    # slots populated. This peer lands on the CPU: its welcome is made to say it pins the pool, and
+    # the page-locking is played by a mapping of this test's that touches every page (the GPU test
+    # of the same checks the bytes that arrive).
+    connect = Link.connect
+
+    async def pinning(*args: Any, **kwargs: Any) -> Link:
+        link = await connect(*args, **kwargs)
         assert link.welcome is not None
         link.welcome = link.welcome.model_copy(update={"pins_pool": True})
-        burst = random_bytes(32 * MiB, 33)
+        return link
+
+    monkeypatch.setattr(Link, "connect", pinning)
+    with local_sidecar(
+        {**env, "SIDECAR_LOCALHOST__POOL_BYTES": str(64 * MiB), "SIDECAR_LOCALHOST__POOL_TRIM_SECONDS": "0.2"}, 27
+    ) as own:
+        pool = transport(own)._pool
+        burst = random_bytes(8 * MiB, 33)
         own.send(burst, "pinned-burst", 1).result(WAIT)
         assert peer.call(peer_recv_digest, "pinned-burst")["digest"] == _digest(burst)
+        with mmap.mmap(pool.fd, 64 * MiB) as locked:  # as page-locking does: every page faults in
+            for offset in range(0, 64 * MiB, 4096):
+                locked[offset] = locked[offset]
         wait_until(lambda: pool.used == 0, "the burst's slot was released")
         time.sleep(0.6)  # idle for more than two periods
-        assert _pool_resident(pool) >= 32 * MiB, "a pool a connected receiver page-locks must not be trimmed"
-        own._loop_thread.call(link.close())
-        wait_until(lambda: _pool_resident(pool) < 8 * MiB, "the idle pool is trimmed once that receiver left")
+        assert _pool_resident(pool) >= 64 * MiB, "a pool a connected receiver page-locks must not be trimmed"
+        own._loop_thread.call(transport(own)._links[1].close())
+        wait_until(lambda: _pool_resident(pool) < 4 * MiB, "the whole idle pool is trimmed once that receiver left")
+
+
+def test_a_connection_that_ends_with_its_welcome_is_not_kept(env: dict[str, str], socket_dir: Path) -> None:
+    # When the WELCOME and the end of the connection came in one read, the link closed before the
+    # transport filed it and stayed filed, closed (and, welcome saying it pins the pool, kept the
+    # pool from ever being trimmed again).
+    def welcome_then_leave(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            _, _, length, _ = ENVELOPE.unpack(conn.recv(ENVELOPE.size, socket.MSG_WAITALL))
+            conn.recv(length, socket.MSG_WAITALL)  # the HELLO
+            body = Welcome(version=VERSION, rank=39, pid=os.getpid(), pins_pool=True).model_dump_json().encode()
+            conn.sendall(envelope(Msg.WELCOME, len(body)) + body)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, local_sidecar(env, 38) as own:
+        listener.bind(str(socket_dir / "rank-39.sock"))
+        listener.listen()
+        fake = threading.Thread(target=welcome_then_leave, args=(listener,))
+        fake.start()
+        try:
+            with pytest.raises((PeerLostError, PeerUnreachableError)):
+                own.send(0, "to-a-leaver", 39).result(WAIT)
+        finally:
+            fake.join(WAIT)
+            os.unlink(socket_dir / "rank-39.sock")
+        assert 39 not in transport(own)._links, "a closed connection must not be kept"
+        assert not own._loop_thread.call(_pinned(transport(own)))
+
+
+async def _pinned(transport: LocalhostTransport) -> bool:
+    return transport._pinned_by_peer()
 
 
 def test_full_pool_waits_for_mark_done_then_gives_up(env: dict[str, str], peer: PeerProcess) -> None:

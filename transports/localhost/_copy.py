@@ -1,9 +1,11 @@
 """Host copies into pool slots: the one copy a CPU payload makes on its way to a peer.
 
 Copies are plain ``memcpy`` through numpy, which releases the GIL, so a copy on a worker thread does
-not stall the event loop. With ``threads > 1`` a large copy is cut into that many pieces copied at
-once; that helps where one core cannot saturate memory bandwidth, and hurts on a busy host with
-few cores (``benchmarks/localhost_probe.py --copy-threads N`` measures it).
+not stall the event loop. With ``threads > 1`` a large copy started with :meth:`Copier.submit` is
+cut into that many pieces, all handed to the copy threads at once; that helps where one core
+cannot saturate memory bandwidth, and hurts on a busy host with few cores
+(``benchmarks/localhost_probe.py --copy-threads N`` measures it). :meth:`Copier.copy`, for small
+frames, copies on the calling thread alone.
 
 Concurrency: :meth:`Copier.copy` and :meth:`Copier.submit` may be called from any thread, several at
 once.
@@ -45,6 +47,39 @@ def as_array(buf: Buffer) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8)
 
 
+class _Gather:
+    """Completes ``whole`` once ``count`` pieces are done: with the first piece's error, if any failed."""
+
+    def __init__(self, whole: concurrent.futures.Future[None], count: int) -> None:
+        self._whole = whole
+        self._left = count
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        if not count:
+            whole.set_result(None)
+
+    def piece_done(self, piece: concurrent.futures.Future[None]) -> None:
+        """A piece finished (a pool future's done callback)."""
+        error = concurrent.futures.CancelledError() if piece.cancelled() else piece.exception()
+        self._settle(1, error)
+
+    def give_up(self, count: int, error: BaseException) -> None:
+        """``count`` pieces will never run."""
+        self._settle(count, error)
+
+    def _settle(self, count: int, error: BaseException | None) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            self._left -= count
+            if self._left:
+                return
+        if self._error is not None:
+            self._whole.set_exception(self._error)
+        else:
+            self._whole.set_result(None)
+
+
 def copy_piece(target: np.ndarray, source: np.ndarray) -> None:
     """Copy one piece (every byte a :class:`Copier` moves goes through here)."""
     np.copyto(target, source)
@@ -69,57 +104,39 @@ class Copier:
 
         The pieces of a split copy all go to the pool at once, so the threads share them evenly
         (a frame of several large buffers included) and none waits for another to hand it out.
+        Never raises: a failure (a bad buffer, the pool shut down meanwhile) fails the future, once
+        every piece already handed out is done. The future cannot be cancelled.
         """
-        pieces = self._pieces(slot, buffers, offsets)
-        if len(pieces) == 1:
-            return self._pool.submit(copy_piece, *pieces[0])
         whole: concurrent.futures.Future[None] = concurrent.futures.Future()
         whole.set_running_or_notify_cancel()  # under way, as a pool's future would be: not cancellable
-        left = len(pieces)
-        errors: list[BaseException] = []
-        lock = threading.Lock()
-
-        def piece_done(piece: concurrent.futures.Future[None]) -> None:
-            nonlocal left
-            error = concurrent.futures.CancelledError() if piece.cancelled() else piece.exception()
-            with lock:
-                if error is not None:
-                    errors.append(error)
-                left -= 1
-                if left:
-                    return
-            if errors:
-                whole.set_exception(errors[0])
-            else:
-                whole.set_result(None)
-
-        if not pieces:
-            whole.set_result(None)
-        for target, source in pieces:
-            self._pool.submit(copy_piece, target, source).add_done_callback(piece_done)
+        try:
+            pieces = self._pieces(slot, buffers, offsets)
+        except Exception as exc:
+            whole.set_exception(exc)
+            return whole
+        gather = _Gather(whole, len(pieces))
+        for index, (target, source) in enumerate(pieces):
+            try:
+                piece = self._pool.submit(copy_piece, target, source)
+            except Exception as exc:  # the pool shut down meanwhile
+                gather.give_up(len(pieces) - index, exc)
+                break
+            piece.add_done_callback(gather.piece_done)
         return whole
 
     def copy(self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]) -> None:
-        """Copy each buffer to ``slot[offset:]``; returns when every byte is in place.
+        """Copy each buffer to ``slot[offset:]`` on the calling thread; returns when every byte is in place.
 
-        The calling thread copies the first piece, the workers the others (with one thread, the
-        calling thread copies everything).
+        For small frames (the transport passes at most a few MiB): handing pieces to the copy threads
+        would make the caller wait behind their large copies.
         """
-        pieces = self._pieces(slot, buffers, offsets)
-        if self.threads == 1:
-            for target, source in pieces:
-                copy_piece(target, source)
-            return
-        futures = [self._pool.submit(copy_piece, target, source) for target, source in pieces[1:]]
-        if pieces:
-            copy_piece(*pieces[0])
-        for future in futures:
-            future.result()
+        for target, source in self._pieces(slot, buffers, offsets, split=False):
+            copy_piece(target, source)
 
     def _pieces(
-        self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int]
+        self, slot: memoryview, buffers: Sequence[Buffer], offsets: Sequence[int], *, split: bool = True
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(target, source) pairs covering every buffer: large ones cut into one piece per thread."""
+        """(target, source) pairs covering every buffer: large ones cut into one piece per thread if ``split``."""
         dst = np.frombuffer(slot, dtype=np.uint8)
         pieces: list[tuple[np.ndarray, np.ndarray]] = []
         for buf, offset in zip(buffers, offsets, strict=True):
@@ -127,7 +144,7 @@ class Copier:
             if not src.size:
                 continue
             target = dst[offset : offset + src.size]
-            if self.threads == 1 or src.size < SPLIT_BYTES:
+            if not split or self.threads == 1 or src.size < SPLIT_BYTES:
                 pieces.append((target, src))
                 continue
             step = -(-src.size // self.threads)

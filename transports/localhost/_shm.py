@@ -246,6 +246,15 @@ class Pool:
         for waiter, lease in granted:
             waiter.set_result(lease)
 
+    def note_populated(self) -> None:
+        """Count every page as populated: a peer page-locking its mapping faults the whole pool in.
+
+        The next :meth:`trim` then gives back everything above the slots in use, not just what
+        this process's own slots populated.
+        """
+        with self._lock:
+            self._populated = self.capacity
+
     def trim(self) -> int:
         """Give the populated pages above the highest slot in use back to the system.
 

@@ -42,7 +42,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sidecar_core import Buffer, Frame, Transport, TransportContext, encode_header, load_settings
+from sidecar_core import Buffer, Frame, PeerLostError, Transport, TransportContext, encode_header, load_settings
 from sidecar_core._settings import env_name
 from transports.localhost._copy import Copier, default_copy_threads
 from transports.localhost._incoming import Incoming, ServeOptions
@@ -359,7 +359,14 @@ class LocalhostTransport(Transport):
         link = await Link.connect(
             dst, socket_path(self._dir, dst), hello, self.ctx.settings.connect_timeout, self._readers, self._link_closed
         )
+        if link.channel.closed is not None:  # it ended in the read that brought its WELCOME
+            raise PeerLostError(
+                f"the connection to {link.describe} closed right after the handshake: {link.channel.closed}"
+            )
         self._links[dst] = link
+        if link.welcome is not None and link.welcome.pins_pool:
+            # Page-locking its mapping faults in the whole pool: trims once it has left free it all.
+            self._pool.note_populated()
         return link
 
     def _connect_done(self, dst: int, task: asyncio.Task[Link]) -> None:
@@ -374,7 +381,10 @@ class LocalhostTransport(Transport):
         Trimming would then part the pool's pages from the locked ones, and later frames would
         reach that receiver's GPU with old bytes. Once it is gone, the pool may shrink again.
         """
-        return any(link.welcome is not None and link.welcome.pins_pool for link in self._links.values())
+        return any(
+            link.welcome is not None and link.welcome.pins_pool and link.channel.closed is None
+            for link in self._links.values()
+        )
 
     def _link_closed(self, link: Link) -> None:
         if self._links.get(link.rank) is link:
@@ -444,8 +454,13 @@ class LocalhostTransport(Transport):
             else:
                 finished(None)
             return
-        job = asyncio.wrap_future(self._copier.submit(lease.view(), shared.frame.buffers, offsets))
-        job.add_done_callback(lambda j: finished(None if j.cancelled() else j.exception()))
+        loop = self.ctx.loop
+
+        def copied(job: concurrent.futures.Future[None]) -> None:  # on a copy thread, once every byte is there
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the sidecar shut down
+                loop.call_soon_threadsafe(finished, job.exception())
+
+        self._copier.submit(lease.view(), shared.frame.buffers, offsets).add_done_callback(copied)
 
     def _forget_shared(self, key: int, lease: Lease) -> None:
         shared = self._shared.get(key)
