@@ -48,7 +48,7 @@ def as_array(buf: Buffer) -> np.ndarray:
 
 
 class _Gather:
-    """Completes ``whole`` once ``count`` pieces are done: with the first piece's error, if any failed."""
+    """Completes ``whole`` once ``count`` pieces are done: with the first error to arrive, if any failed."""
 
     def __init__(self, whole: concurrent.futures.Future[None], count: int) -> None:
         self._whole = whole
@@ -60,7 +60,10 @@ class _Gather:
 
     def piece_done(self, piece: concurrent.futures.Future[None]) -> None:
         """A piece finished (a pool future's done callback)."""
-        error = concurrent.futures.CancelledError() if piece.cancelled() else piece.exception()
+        if piece.cancelled():  # the copy threads were stopped before it ran
+            error: BaseException | None = RuntimeError("the copy was cancelled: the sidecar is shutting down")
+        else:
+            error = piece.exception()
         self._settle(1, error)
 
     def give_up(self, count: int, error: BaseException) -> None:

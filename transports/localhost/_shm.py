@@ -111,6 +111,7 @@ class Pool:
         self._closed = False
         self._free_blocks: list[tuple[int, int]] = [(0, self.capacity)]
         self._populated = 0
+        self._trim_all = False  # see trim_all_next
         #: Sends waiting for room, in order: the slot size each needs and the future that gets it.
         self._waiters: list[tuple[int, asyncio.Future[Lease]]] = []
         self.used = 0
@@ -246,14 +247,14 @@ class Pool:
         for waiter, lease in granted:
             waiter.set_result(lease)
 
-    def note_populated(self) -> None:
-        """Count every page as populated: a peer page-locking its mapping faults the whole pool in.
+    def trim_all_next(self) -> None:
+        """Make the next :meth:`trim` free everything above the slots in use, up to the capacity.
 
-        The next :meth:`trim` then gives back everything above the slots in use, not just what
-        this process's own slots populated.
+        A peer page-locking its mapping faults the whole pool in, not just the pages this
+        process's slots populated (which :meth:`trim` otherwise frees).
         """
         with self._lock:
-            self._populated = self.capacity
+            self._trim_all = True
 
     def trim(self) -> int:
         """Give the populated pages above the highest slot in use back to the system.
@@ -268,14 +269,15 @@ class Pool:
             if self._region is None or not self._free_blocks:
                 return 0
             start, length = self._free_blocks[-1]
-            if start + length != self.capacity or start >= self._populated:
+            top = self.capacity if self._trim_all else self._populated
+            if start + length != self.capacity or start >= top:
                 return 0  # the top of the pool is in use, or nothing above the slots in use is populated
             try:
-                self._region.madvise(mmap.MADV_REMOVE, start, self._populated - start)
+                self._region.madvise(mmap.MADV_REMOVE, start, top - start)
             except OSError as exc:
                 logger.debug("could not give pool pages back: %s", exc)
                 return 0
-            released, self._populated = self._populated - start, start
+            released, self._populated, self._trim_all = top - start, min(self._populated, start), False
             return released
 
     def close(self) -> None:

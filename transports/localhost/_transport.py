@@ -326,11 +326,7 @@ class LocalhostTransport(Transport):
         job: concurrent.futures.Future[None],
     ) -> None:
         """A copy thread filled a fast-path frame's slot: announce the frame, or report the failed copy."""
-        error: BaseException | None
-        if job.cancelled():
-            error = RuntimeError("the copy was cancelled: the sidecar is shutting down")
-        else:
-            error = job.exception()
+        error = job.exception()  # a copy's future cannot be cancelled
         if error is None:
             link.post_threadsafe(Msg.SHM_FRAME, parts, what, done, lease)
             return
@@ -365,8 +361,8 @@ class LocalhostTransport(Transport):
             )
         self._links[dst] = link
         if link.welcome is not None and link.welcome.pins_pool:
-            # Page-locking its mapping faults in the whole pool: trims once it has left free it all.
-            self._pool.note_populated()
+            # Page-locking its mapping faults in the whole pool: the trim after it has left frees it all.
+            self._pool.trim_all_next()
         return link
 
     def _connect_done(self, dst: int, task: asyncio.Task[Link]) -> None:
