@@ -108,7 +108,8 @@ class LocalhostSettings(BaseSettings):
         ge=0,
         description="Once no send has taken a pool slot for this many seconds, the pool's pages above the slots "
         "still in use go back to the system (0: never); later sends populate them again. A pool that has staged "
-        "CUDA tensors, or that a peer receiving on a GPU reads, stays pinned and is never trimmed.",
+        "CUDA tensors stays pinned and is never trimmed; one that a peer receiving on a GPU reads is not trimmed "
+        "while that peer is connected.",
     )
     cuda_ipc: bool = Field(
         False,
@@ -169,7 +170,6 @@ class LocalhostTransport(Transport):
         self._pool = Pool(self.settings.pool_bytes)
         self._copier = Copier(self.settings.copy_threads or default_copy_threads())
         self._pinning: asyncio.Future[bool] | None = None
-        #: Whether a peer page-locked this pool (it receives on a GPU): then it is never trimmed.
         self._trim_timer: asyncio.TimerHandle | None = None
         self._links: dict[int, Link] = {}
         self._connecting: dict[int, asyncio.Task[Link]] = {}
@@ -377,10 +377,7 @@ class LocalhostTransport(Transport):
         Trimming would then part the pool's pages from the locked ones, and later frames would
         reach that receiver's GPU with old bytes. Once it is gone, the pool may shrink again.
         """
-        return any(
-            link.welcome is not None and link.welcome.pins_pool and link.channel.closed is None
-            for link in self._links.values()
-        )
+        return any(link.welcome is not None and link.welcome.pins_pool for link in self._links.values())
 
     def _link_closed(self, link: Link) -> None:
         if self._links.get(link.rank) is link:
