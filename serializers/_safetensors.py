@@ -17,6 +17,7 @@ zero-copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -169,24 +170,17 @@ def check_entry(where: str, entry: object, buf: Buffer, begin: int) -> TensorSpe
     return TensorSpec(dtype, shape, offsets[1])
 
 
+@functools.cache  # every received tensor asks; a refusal is not remembered
 def check_device(device: str) -> torch.device:
-    """The device received tensors land on (remembered per name: every received tensor asks).
+    """The device received tensors land on.
 
     Raises:
         FrameError: ``device`` is a CUDA device but this process has none.
     """
-    target = _DEVICES.get(device)
-    if target is None:
-        target = torch.device(device)
-        if target.type == "cuda" and not torch.cuda.is_available():
-            raise FrameError(
-                f"tensors are to land on {device} (SIDECAR_RECV_DEVICE) but this process has no CUDA device"
-            )
-        _DEVICES[device] = target
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise FrameError(f"tensors are to land on {device} (SIDECAR_RECV_DEVICE) but this process has no CUDA device")
     return target
-
-
-_DEVICES: dict[str, torch.device] = {}
 
 
 def load_tensor(where: str, spec: TensorSpec, buf: Buffer, target: torch.device) -> torch.Tensor:
