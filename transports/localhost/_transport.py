@@ -100,8 +100,9 @@ class LocalhostSettings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="Threads that share each large copy into shared memory; 0 picks a quarter of the usable CPUs "
-        "(2 to 8; 1 on a single CPU). One core rarely saturates a server's memory bandwidth.",
+        description="Threads that copy large frames into shared memory, one frame each, so that `send` returns "
+        "at once and the event loop keeps serving; 0 picks 2 (1 on a single CPU). Each buffer of 1 MiB or more is "
+        "copied by torch over its intra-op threads (`torch.set_num_threads`, `OMP_NUM_THREADS`).",
     )
     pool_trim_seconds: float = Field(
         30.0,
