@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -73,6 +74,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
 
 TOKEN = "localhost-test-token"
 WAIT = 20.0
+REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 # -- helpers run in peer processes ---------------------------------------------------------------
@@ -604,7 +606,7 @@ def test_a_failed_copy_fails_its_send_and_the_peer_drops_the_frame(
         own.send(0, "copy-hello", 1).result(WAIT)
         pool = transport(own)._pool
 
-        def broken(target: Any, source: Any) -> None:
+        def broken(target: Any, source: Any, **options: Any) -> None:
             raise OSError("the copy failed on purpose")
 
         monkeypatch.setattr(copy_module, "copy_piece", broken)
@@ -630,9 +632,9 @@ def test_shared_memory_frames_skip_the_loop_once_the_peer_has_the_pool(
         copied_by: list[tuple[int, str]] = []  # (piece size, thread) of every piece copied
         copy_piece = copy_module.copy_piece
 
-        def recorded(target: Any, source: Any) -> None:
+        def recorded(target: Any, source: Any, **options: Any) -> None:
             copied_by.append((source.size, threading.current_thread().name))
-            copy_piece(target, source)
+            copy_piece(target, source, **options)
 
         monkeypatch.setattr(copy_module, "copy_piece", recorded)
         sizes = {"medium-1": 256 << 10, "medium-2": 4 * MiB, "large-1": 4 * MiB + 4096, "large-2": 24 * MiB}
@@ -678,9 +680,9 @@ def test_copies_of_different_frames_run_at_the_same_time(monkeypatch: pytest.Mon
     copy_piece = copy_module.copy_piece
     both_started = threading.Barrier(2, timeout=WAIT)
 
-    def meet(target: Any, source: Any) -> None:
+    def meet(target: Any, source: Any, **options: Any) -> None:
         both_started.wait()  # breaks (and fails the copy) if the other copy never starts meanwhile
-        copy_piece(target, source)
+        copy_piece(target, source, **options)
 
     monkeypatch.setattr(copy_module, "copy_piece", meet)
     tensors = [random_bytes(2 * MiB, 80 + i) for i in range(2)]
@@ -701,11 +703,11 @@ def test_a_copy_that_fails_or_cannot_start_fails_its_future(monkeypatch: pytest.
     copy_piece = copy_module.copy_piece
     copied: list[int] = []
 
-    def second_fails(target: Any, source: Any) -> None:
+    def second_fails(target: Any, source: Any, **options: Any) -> None:
         copied.append(source.size)
         if len(copied) == 2:
             raise OSError("the second buffer failed on purpose")
-        copy_piece(target, source)
+        copy_piece(target, source, **options)
 
     monkeypatch.setattr(copy_module, "copy_piece", second_fails)
     buffers = [random_bytes(MiB, 1 + i).numpy().data for i in range(3)]
@@ -723,6 +725,75 @@ def test_a_copy_that_fails_or_cannot_start_fails_its_future(monkeypatch: pytest.
         after.result(WAIT)
 
 
+def test_a_copy_whose_thread_cannot_start_never_writes_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ThreadPoolExecutor.submit queues the work before it starts a thread: when the thread cannot
+    # start, submit raises with the copy queued all the same. The sender then frees the slot, so
+    # the copy must not run later, over whatever the slot holds by then.
+    copier = copy_module.Copier(1)
+    copy_piece = copy_module.copy_piece
+    gate = threading.Event()
+
+    def held(target: Any, source: Any, **options: Any) -> None:
+        gate.wait(WAIT)  # keeps the one copy thread busy until the slot has been reused
+        copy_piece(target, source, **options)
+
+    monkeypatch.setattr(copy_module, "copy_piece", held)
+    first = copier.submit(memoryview(bytearray(MiB)), [random_bytes(MiB, 90)], [0])
+    real_submit = copier._pool.submit
+
+    def queued_then_failed(*args: Any, **kwargs: Any) -> Any:
+        real_submit(*args, **kwargs)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(copier._pool, "submit", queued_then_failed)
+    slot = memoryview(bytearray(MiB))
+    abandoned = copier.submit(slot, [random_bytes(MiB, 91)], [0])
+    with pytest.raises(RuntimeError, match="can't start"):
+        abandoned.result(WAIT)
+    slot[:] = bytes(MiB)  # the slot's next frame
+    monkeypatch.setattr(copier._pool, "submit", real_submit)
+    gate.set()
+    first.result(WAIT)
+    copier.submit(memoryview(bytearray(16)), [b"x" * 16], [0]).result(WAIT)  # the queue has run dry
+    copier.close()
+    assert bytes(slot) == bytes(MiB), "the abandoned copy wrote into a slot already reused"
+
+
+def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
+    # GNU OpenMP (torch's CPU threads) hangs a forked child in the first parallel region of a thread
+    # that ran one in the parent: copies on callers' threads must not start OpenMP there.
+    script = tmp_path / "fork_copy.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import mmap, os, sys
+            import torch
+            from transports.localhost._copy import Copier
+
+            torch.ones(1 << 22).mul_(2)  # the main thread runs a parallel region, as users' code does
+            sources = [torch.full((2 << 20,), value, dtype=torch.uint8) for value in (7, 8, 9)]
+            slot = memoryview(mmap.mmap(-1, 4 << 20))
+            parent = Copier(2)
+            parent.copy(slot, [sources[0]], [0])  # a frame of 1 to 4 MiB, copied on the sending thread
+            parent.submit(slot, [sources[0]], [2 << 20]).result(30)
+            pid = os.fork()
+            if pid == 0:  # no torch op here: the main thread's own parallel regions would hang
+                child = Copier(2)
+                child.copy(slot, [sources[1]], [0])
+                child.submit(slot, [sources[2]], [2 << 20]).result(30)
+                os._exit(0 if (slot[0], slot[-1]) == (8, 9) else 3)
+            _, status = os.waitpid(pid, 0)
+            sys.exit(os.waitstatus_to_exitcode(status))
+            """
+        )
+    )
+    try:
+        result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung in its copy")
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_failed_copy_on_a_copy_thread_fails_its_send(
     env: dict[str, str], peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -736,7 +807,7 @@ def test_a_failed_copy_on_a_copy_thread_fails_its_send(
         copy_piece = copy_module.copy_piece
         copied: list[int] = []
 
-        def broken(target: Any, source: Any) -> None:
+        def broken(target: Any, source: Any, **options: Any) -> None:
             copied.append(source.size)
             raise OSError("the copy failed on purpose")
 

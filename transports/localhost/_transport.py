@@ -101,8 +101,9 @@ class LocalhostSettings(BaseSettings):
         ge=0,
         le=64,
         description="Threads that copy large frames into shared memory, one frame each, so that `send` returns "
-        "at once and the event loop keeps serving; 0 picks 2 (1 on a single CPU). Each buffer of 1 MiB or more is "
-        "copied by torch over its intra-op threads (`torch.set_num_threads`, `OMP_NUM_THREADS`).",
+        "at once and the event loop keeps serving; 0 picks 2 (1 on a single CPU). There each writable buffer of "
+        "1 MiB or more is copied by torch over its intra-op threads, as many as `torch.set_num_threads` (or "
+        "`OMP_NUM_THREADS`) gave when that copy thread first copied.",
     )
     pool_trim_seconds: float = Field(
         30.0,
