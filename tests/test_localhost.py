@@ -766,7 +766,7 @@ def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             """
-            import mmap, os, sys
+            import mmap, os, signal, sys
             import torch
             from transports.localhost._copy import Copier
 
@@ -778,20 +778,29 @@ def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
             parent.submit(slot, [sources[0]], [2 << 20]).result(30)
             pid = os.fork()
             if pid == 0:  # no torch op here: the main thread's own parallel regions would hang
+                signal.alarm(30)  # a hung child ends itself, not only the parent the test waits for
                 child = Copier(2)
                 child.copy(slot, [sources[1]], [0])
                 child.submit(slot, [sources[2]], [2 << 20]).result(30)
                 os._exit(0 if (slot[0], slot[-1]) == (8, 9) else 3)
             _, status = os.waitpid(pid, 0)
-            sys.exit(os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            print("the child hung (its alarm ended it)" if code == -signal.SIGALRM else f"the child exited {code}")
+            sys.exit(code != 0)
             """
         )
     )
     try:
-        result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, str(script)],
+            env={**os.environ, "PYTHONPATH": str(REPO)},  # the code under test, not an installed copy
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the forked child hung in its copy")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"{result.stdout.strip()}; {result.stderr}"
 
 
 def test_a_failed_copy_on_a_copy_thread_fails_its_send(

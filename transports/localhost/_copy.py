@@ -104,7 +104,7 @@ class Copier:
         job = _Job()
         try:
             self._pool.submit(self._fill, job, whole, slot, buffers, offsets)
-        except RuntimeError as exc:  # closed, or no thread could start (the copy may be queued all the same)
+        except Exception as exc:  # closed, or no thread could start (the copy may be queued all the same)
             if job.claim("abandoned"):  # else a copy thread has it and completes the future
                 whole.set_exception(exc)
         return whole
