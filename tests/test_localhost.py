@@ -790,10 +790,10 @@ def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
             """
         )
     )
-    try:
+    try:  # the code under test first on the path, not an installed copy
         result = subprocess.run(
             [sys.executable, str(script)],
-            env={**os.environ, "PYTHONPATH": str(REPO)},  # the code under test, not an installed copy
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
             capture_output=True,
             text=True,
             timeout=60,
