@@ -87,7 +87,6 @@ class Copier:
     """
 
     def __init__(self, threads: int) -> None:
-        self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sidecar-copy")
 
     def submit(
