@@ -99,7 +99,7 @@ class Link:
         on_closed: Callable[[Link], None],
     ) -> None:
         self.rank = rank
-        self.describe = f"rank {rank} at {address}"
+        self.describe = _describe(rank, address)
         self._endpoint = endpoint
         self._worker = endpoint.worker
         self._header_tag = tag_base | wire.HEADER
@@ -346,7 +346,7 @@ async def connect(
             one there is another rank, speaks another protocol version or refused the connection.
         AuthenticationError: The peer refused this sidecar's auth token, or did not prove it holds it.
     """
-    where = f"rank {rank} at {address}"
+    where = _describe(rank, address)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pause = _RETRY_FIRST
@@ -397,6 +397,11 @@ async def connect(
     return opening.link
 
 
+def _describe(rank: int, address: Address) -> str:
+    """How errors name the peer a connection goes to."""
+    return f"rank {rank} at {address}"
+
+
 #: The most of a peer's own words (a refusal's text) quoted in an error.
 _QUOTED = 500
 #: Listeners that close the connection at the hello tried before giving up (a peer restarting may, once).
@@ -417,7 +422,7 @@ class _Handshake:
     def __init__(self, endpoint: Endpoint, address: Address, rank: int, own_rank: int, token: str | None) -> None:
         self._endpoint = endpoint
         self._address = address
-        self._where = f"rank {rank} at {address}"
+        self._where = _describe(rank, address)
         self._rank = rank
         self._own_rank = own_rank
         self._token = token
