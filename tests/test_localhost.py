@@ -1267,29 +1267,42 @@ def test_descriptors_beyond_the_one_pool_close_the_connection_and_are_not_kept(p
     wait_until(lambda: not set(os.listdir("/proc/self/fd")) - before, "every descriptor that arrived is closed")
 
 
-def test_drain_wakes_when_another_thread_sent_what_it_waited_for(polled: _Polled) -> None:
-    # drain() saw a message a caller's thread had queued; that thread then sent all of it itself and
-    # told nobody, so drain() waited out its caller's timeout (closing a connection took 2 s more).
+def test_drain_wakes_when_a_polling_thread_sent_what_it_waited_for(polled: _Polled) -> None:
+    # drain() saw acknowledgements that a polling thread had queued while it parsed; that thread then
+    # sent them itself. Once, nobody told drain(), which waited out its caller's timeout (closing a
+    # connection took 2 s more).
     channel = polled.channel
-    queued, drain_waits = threading.Event(), threading.Event()
-    flush_here = channel._flush_here
-
-    def flush_after_drain_looked() -> None:
-        queued.set()
-        drain_waits.wait(WAIT)
-        time.sleep(0.05)  # drain() has looked at the queue by now
-        flush_here()
-
-    channel._flush_here = flush_after_drain_looked  # type: ignore[method-assign]
-    writer = threading.Thread(target=channel.write_threadsafe, args=(b"d" * 100,))
-    writer.start()
-    assert queued.wait(WAIT)
+    channel._corked = True  # as while a polling thread parses: its replies are queued, then flushed
+    channel.write(b"d" * 100)
+    channel._corked = False
     drained = asyncio.run_coroutine_threadsafe(channel.drain(), polled.loop)
-    drain_waits.set()
-    writer.join(WAIT)
+    wait_until(lambda: bool(channel._drain_waiters), "drain() waits for the queued bytes")
+    flusher = threading.Thread(target=channel._flush_here)
+    flusher.start()
+    flusher.join(WAIT)
     drained.result(1)  # before the fix: TimeoutError
     polled.theirs.settimeout(WAIT)
     assert polled.theirs.recv(4096) == b"d" * 100
+
+
+def test_a_message_the_socket_takes_only_in_part_is_finished_by_the_loop_in_order(polled: _Polled) -> None:
+    # A caller's thread sends straight to the socket; what a full socket does not take is queued,
+    # the loop sends the rest, and a message written meanwhile queues behind it, never inside it.
+    channel, theirs = polled.channel, polled.theirs
+    big = random_bytes(4 * MiB, 41).numpy().tobytes()
+    first = threading.Thread(target=channel.write_threadsafe, args=(big[:1000], memoryview(big)[1000:]))
+    first.start()
+    first.join(WAIT)
+    assert channel._out, "a 4 MiB message should not fit the socket at once"
+    second = threading.Thread(target=channel.write_threadsafe, args=(b"after",))
+    second.start()
+    second.join(WAIT)
+    theirs.settimeout(WAIT)
+    received = bytearray()
+    while len(received) < len(big) + len(b"after"):
+        received += theirs.recv(1 << 20)
+    assert bytes(received) == big + b"after"
+    wait_until(lambda: not channel._out, "the loop sent everything queued")
 
 
 def test_a_passed_descriptor_arrives_close_on_exec(polled: _Polled) -> None:

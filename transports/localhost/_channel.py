@@ -30,6 +30,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import socket
@@ -50,6 +51,8 @@ _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _INITIAL = 1 << 18
 _MIN_ROOM = 1 << 16
 _FLUSH_TIMEOUT = 2.0
+#: Buffers per ``sendmsg`` (the kernel takes at most ``IOV_MAX``, 1024).
+_MAX_PARTS = 64
 #: As a plain int: testing ``flags & socket.MSG_CTRUNC`` runs ``IntFlag`` code on every read.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: Descriptors passed with a message arrive close-on-exec: a child started by another thread of this
@@ -334,10 +337,13 @@ class Channel:
             BrokenPipeError: The channel is closed (the message names why).
         """
         with self.lock:
-            self._queue(parts, fds)
-            if self._corked or self._writing:
-                return
-            broke = self._send_queued()
+            if fds or self._corked or self._writing or self._out:
+                self._queue(parts, fds)
+                if self._corked or self._writing:
+                    return
+                broke = self._send_queued()
+            else:
+                broke = self._send_now(parts)
         self._after_flush(broke)
 
     def write_threadsafe(self, *parts: Bytes) -> None:
@@ -351,11 +357,14 @@ class Channel:
             BrokenPipeError: The channel is closed (the message names why).
         """
         with self.lock:
-            idle = not self._out
-            self._queue(parts, ())
-            if not idle:  # the loop flushes what is queued: it is corked, writing, or told to below
+            if self._out:  # the loop flushes what is queued: it is corked, writing, or told to by a writer
+                self._queue(parts, ())
                 return
-        self._flush_here()
+            broke = self._send_now(parts)
+            if broke is None and not self._out and not self._drain_waiters:
+                return
+        # The rest goes to the loop, which also wakes drain(): it may have seen an earlier message queued.
+        self._loop.call_soon_threadsafe(self._after_flush, broke)
 
     def _flush_here(self) -> None:
         """:meth:`_flush` on a thread other than the loop's: what the socket does not take goes to the loop."""
@@ -365,6 +374,38 @@ class Channel:
                 return
         # The rest goes to the loop, which also wakes drain(): it may have seen this message queued.
         self._loop.call_soon_threadsafe(self._after_flush, broke)
+
+    def _send_now(self, parts: Sequence[Bytes]) -> str | None:
+        """Send one message straight to the socket, with the lock held and nothing queued.
+
+        Cheaper than queueing first (the common case: the socket takes it all). What the socket
+        does not take is queued, for the caller to hand to the loop.
+
+        Returns:
+            Why the connection broke (nothing is queued then), or ``None``.
+
+        Raises:
+            BrokenPipeError: The channel is closed (the message names why).
+        """
+        if self.closed is not None:
+            raise BrokenPipeError(f"connection {self.name} is closed: {self.closed}")
+        if len(parts) > _MAX_PARTS:
+            self._queue(parts, ())
+            return self._send_queued()
+        try:
+            sent = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            return f"connection broke: {exc.strerror or exc}"
+        for index, part in enumerate(parts):
+            view = memoryview(part)
+            if sent < view.nbytes:  # the socket is full: queue the rest of the message
+                self._out.append((view.cast("B")[sent:], ()))
+                self._queue(parts[index + 1 :], ())
+                break
+            sent -= view.nbytes
+        return None
 
     def _queue(self, parts: Sequence[Bytes], fds: Sequence[int]) -> None:
         if self.closed is not None:
@@ -381,31 +422,32 @@ class Channel:
 
     def _send_queued(self) -> str | None:
         """Send what the socket takes now (with the lock held); the reason if the connection broke."""
-        while self._out:
-            views: list[memoryview] = []
-            fds: Sequence[int] = ()
-            for index, (view, view_fds) in enumerate(self._out):
-                if view_fds and index > 0:
+        out = self._out
+        while out:
+            first, fds = out[0]
+            views = [first]
+            # Descriptors go with the first byte of their message: a view that has some starts a new sendmsg.
+            for view, view_fds in itertools.islice(out, 1, _MAX_PARTS):
+                if view_fds:
                     break
-                fds = view_fds if index == 0 else fds
                 views.append(view)
-                if len(views) == 64:
-                    break
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             try:
-                sent = self.sock.sendmsg(views, ancillary)
+                if fds:
+                    sent = self.sock.sendmsg(views, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    sent = self.sock.sendmsg(views)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._out.clear()
+                out.clear()
                 return f"connection broke: {exc.strerror or exc}"
             while sent:
-                view, _ = self._out[0]
+                view = out[0][0]
                 if view.nbytes <= sent:
                     sent -= view.nbytes
-                    self._out.popleft()
+                    out.popleft()
                 else:
-                    self._out[0] = (view[sent:], ())
+                    out[0] = (view[sent:], ())
                     sent = 0
         return None
 
