@@ -1285,24 +1285,53 @@ def test_drain_wakes_when_a_polling_thread_sent_what_it_waited_for(polled: _Poll
     assert polled.theirs.recv(4096) == b"d" * 100
 
 
-def test_a_message_the_socket_takes_only_in_part_is_finished_by_the_loop_in_order(polled: _Polled) -> None:
-    # A caller's thread sends straight to the socket; what a full socket does not take is queued,
-    # the loop sends the rest, and a message written meanwhile queues behind it, never inside it.
+def _hold_loop(loop: asyncio.AbstractEventLoop) -> threading.Event:
+    """Keep ``loop`` busy until the returned event is set (it then flushes nothing meanwhile)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(WAIT)
+
+    loop.call_soon_threadsafe(hold)
+    assert holding.wait(WAIT)
+    return release
+
+
+def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    sock.settimeout(WAIT)
+    got = bytearray()
+    while len(got) < nbytes:
+        chunk = sock.recv(min(MiB, nbytes - len(got)))
+        assert chunk, "the channel closed the connection"
+        got += chunk
+    return bytes(got)
+
+
+def test_a_message_the_socket_takes_only_in_part_is_finished_before_the_next_one(polled: _Polled) -> None:
+    # A caller's thread sends straight to the socket; what a full socket does not take is queued
+    # and finished by the loop. A message written meanwhile goes behind it, even when the socket
+    # has room again by then.
     channel, theirs = polled.channel, polled.theirs
     big = random_bytes(4 * MiB, 41).numpy().tobytes()
-    first = threading.Thread(target=channel.write_threadsafe, args=(big[:1000], memoryview(big)[1000:]))
-    first.start()
-    first.join(WAIT)
-    assert channel._out, "a 4 MiB message should not fit the socket at once"
-    second = threading.Thread(target=channel.write_threadsafe, args=(b"after",))
-    second.start()
-    second.join(WAIT)
-    theirs.settimeout(WAIT)
-    received = bytearray()
-    while len(received) < len(big) + len(b"after"):
-        received += theirs.recv(1 << 20)
-    assert bytes(received) == big + b"after"
+    release = _hold_loop(polled.loop)
+    try:
+        channel.write_threadsafe(big[:1000], memoryview(big)[1000:])
+        assert channel._out, "a 4 MiB message should not fit the socket at once"
+        head = _recv_exactly(theirs, 128 << 10)  # room in the socket, while the loop cannot flush
+        channel.write_threadsafe(b"after")
+    finally:
+        release.set()
+    rest = _recv_exactly(theirs, len(big) + len(b"after") - len(head))
+    assert head + rest == big + b"after"
     wait_until(lambda: not channel._out, "the loop sent everything queued")
+
+
+def test_a_message_the_loop_writes_is_finished_when_the_socket_has_room(polled: _Polled) -> None:
+    channel = polled.channel
+    big = random_bytes(4 * MiB, 42).numpy().tobytes()
+    polled.loop.call_soon_threadsafe(lambda: channel.write(b"x" * 10, big))
+    assert _recv_exactly(polled.theirs, 10 + len(big)) == b"x" * 10 + big
 
 
 def test_a_passed_descriptor_arrives_close_on_exec(polled: _Polled) -> None:

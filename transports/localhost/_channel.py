@@ -12,9 +12,10 @@ Reading and writing are callbacks of the loop's selector (no task per connection
 message). While a read callback dispatches messages, writes are batched ("corked") and
 flushed together when it returns, so a burst of frames is acknowledged with one system call.
 ``write_threadsafe`` lets a caller's thread put a small message on the socket itself, without a hop
-through the loop: :attr:`Channel.lock` serialises it with the loop's writes (a message is queued and
-written whole under the lock, so messages never interleave and keep the order they were queued in),
-and it hands whatever the socket does not take at once to the loop to flush.
+through the loop: :attr:`Channel.lock` serialises it with the loop's writes. Under that lock a message
+goes straight to the socket when nothing is queued, and what the socket does not take is queued;
+otherwise the whole message is queued behind what is there. So messages never interleave and keep
+the order they were written in, and the loop flushes whatever is queued.
 
 Cancellation: nothing here awaits except :meth:`Channel.drain`; a message passed to :meth:`write` is
 always written whole or not at all (if the connection breaks), never half, so a cancelled caller
