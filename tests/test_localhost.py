@@ -1334,6 +1334,50 @@ def test_a_message_the_loop_writes_is_finished_when_the_socket_has_room(polled: 
     assert _recv_exactly(polled.theirs, 10 + len(big)) == b"x" * 10 + big
 
 
+def test_an_empty_part_after_a_partial_send_does_not_stall_the_connection(polled: _Polled) -> None:
+    # An empty part that is not a flat byte view (shape (0, 3)) cannot be cast to bytes; queueing
+    # the rest of a partly sent message once raised on it, left the rest queued with nobody told to
+    # flush it, and every later write waited behind it.
+    channel = polled.channel
+    big = random_bytes(4 * MiB, 43).numpy().tobytes()
+    empty = memoryview(torch.zeros((0, 3), dtype=torch.uint8).numpy())
+    writer = threading.Thread(target=channel.write_threadsafe, args=(big, empty, b"tail"))
+    writer.start()
+    writer.join(WAIT)
+    assert _recv_exactly(polled.theirs, len(big) + 4) == big + b"tail"
+
+
+def test_a_part_that_is_not_one_block_of_bytes_queues_nothing(polled: _Polled) -> None:
+    channel = polled.channel
+    strided = memoryview(torch.arange(16, dtype=torch.uint8).numpy())[::2]
+    with pytest.raises((TypeError, BufferError)):  # nothing queued: straight to the socket, refused whole
+        channel.write_threadsafe(b"head", strided)
+    release = _hold_loop(polled.loop)
+    try:
+        channel.write_threadsafe(b"x" * (4 * MiB))  # fills the socket: the next write queues
+        assert channel._out
+        queued = len(channel._out)
+        for write in (channel.write_threadsafe, channel.write):  # the second as on a polling thread
+            with pytest.raises((TypeError, BufferError)):
+                write(b"head", strided)
+            assert len(channel._out) == queued, "no part of the refused message may be queued"
+    finally:
+        release.set()
+    assert _recv_exactly(polled.theirs, 4 * MiB) == b"x" * (4 * MiB)
+    channel.write_threadsafe(b"after")  # the connection goes on
+    assert _recv_exactly(polled.theirs, 5) == b"after"
+
+
+def test_descriptors_go_with_the_first_byte_even_after_an_empty_part(polled: _Polled) -> None:
+    with tempfile.TemporaryFile() as passed:
+        _on_loop(polled.loop, lambda: polled.channel.write(b"", b"abc", fds=[passed.fileno()]))
+        polled.theirs.settimeout(WAIT)
+        data, ancdata, _, _ = polled.theirs.recvmsg(16, socket.CMSG_SPACE(array.array("i").itemsize))
+    assert data == b"abc"
+    assert [(level, kind) for level, kind, _ in ancdata] == [(socket.SOL_SOCKET, socket.SCM_RIGHTS)]
+    os.close(array.array("i", ancdata[0][2]).tolist()[0])
+
+
 def test_a_passed_descriptor_arrives_close_on_exec(polled: _Polled) -> None:
     # Until its owner took it, a received pool descriptor was inheritable: a child process started by
     # another thread meanwhile kept the peer's pool open.

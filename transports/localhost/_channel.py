@@ -400,21 +400,34 @@ class Channel:
         except OSError as exc:
             return f"connection broke: {exc.strerror or exc}"
         for index, part in enumerate(parts):
-            view = memoryview(part)
-            if sent < view.nbytes:  # the socket is full: queue the rest of the message
-                self._out.append((view.cast("B")[sent:], ()))
-                self._queue(parts[index + 1 :], ())
+            nbytes = memoryview(part).nbytes
+            if sent < nbytes:  # the socket is full: queue the rest of the message
+                self._queue(parts[index:], (), sent=sent)
                 break
-            sent -= view.nbytes
+            sent -= nbytes
         return None
 
-    def _queue(self, parts: Sequence[Bytes], fds: Sequence[int]) -> None:
+    def _queue(self, parts: Sequence[Bytes], fds: Sequence[int], *, sent: int = 0) -> None:
+        """Queue a message whole (nothing if a part is not a plain buffer), its descriptors with its first byte.
+
+        Args:
+            parts: The message's parts.
+            fds: Descriptors to pass with the message.
+            sent: Bytes at the start of ``parts`` that the socket already took (then ``fds`` is empty).
+
+        Raises:
+            BrokenPipeError: The channel is closed (the message names why).
+            TypeError: A part cannot be read as bytes (not C-contiguous).
+        """
         if self.closed is not None:
             raise BrokenPipeError(f"connection {self.name} is closed: {self.closed}")
-        for index, part in enumerate(parts):
-            view = memoryview(part).cast("B")
-            if view.nbytes:
-                self._out.append((view, fds if index == 0 else ()))
+        views = [view.cast("B") for part in parts if (view := memoryview(part)).nbytes]
+        if sent:
+            views[0] = views[0][sent:]
+        out = self._out
+        for view in views:
+            out.append((view, fds))
+            fds = ()
 
     def _flush(self) -> None:
         with self.lock:
