@@ -336,6 +336,7 @@ class Channel:
 
         Raises:
             BrokenPipeError: The channel is closed (the message names why).
+            TypeError, BufferError: A part is not one block of bytes; nothing of the message was sent.
         """
         with self.lock:
             if fds or self._corked or self._writing or self._out:
@@ -356,6 +357,7 @@ class Channel:
 
         Raises:
             BrokenPipeError: The channel is closed (the message names why).
+            TypeError, BufferError: A part is not one block of bytes; nothing of the message was sent.
         """
         with self.lock:
             if self._out:  # the loop flushes what is queued: it is corked, writing, or told to by a writer
@@ -387,6 +389,7 @@ class Channel:
 
         Raises:
             BrokenPipeError: The channel is closed (the message names why).
+            BufferError: A part is not one block of bytes (nothing was sent).
         """
         if self.closed is not None:
             raise BrokenPipeError(f"connection {self.name} is closed: {self.closed}")
