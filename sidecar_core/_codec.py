@@ -65,9 +65,16 @@ class Codec:
         """Encode ``obj`` into one frame, or into parts of at most ``max_part_bytes`` each.
 
         Raises:
-            SerializationError: No serializer accepts ``obj``.
+            SerializationError: No serializer accepts ``obj``, or its buffers are not contiguous.
         """
         name, enc = self.encode(obj, serializer)
+        for buf in enc.buffers:
+            # Transports send each buffer as one block of bytes; a strided one would fail there, less clearly.
+            if not (buf.c_contiguous if isinstance(buf, memoryview) else buf.is_contiguous()):
+                raise SerializationError(
+                    f"serializer {name!r} returned a buffer that is not one contiguous block of bytes; its encode "
+                    "must return C-contiguous memoryviews and tensors (tensor.contiguous())"
+                )
         layout = [buffer_nbytes(b) for b in enc.buffers]
         whole = Header(
             kind="data",

@@ -241,6 +241,34 @@ def test_safetensors_header_is_padded_to_eight_bytes() -> None:
 # -- tensor specifics -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "buffer",
+    [memoryview(bytes(range(16)))[::2], torch.arange(16, dtype=torch.uint8).reshape(4, 4).t()],
+    ids=["strided memoryview", "transposed tensor"],
+)
+def test_a_serializer_that_returns_a_strided_buffer_is_named(buffer: Buffer) -> None:
+    # Transports send every buffer as one block: a third-party serializer's strided buffer used to
+    # fail deep in a transport (BufferError or TypeError), after the send was already filed there.
+    class Strided:
+        NAME = "strided"
+        PRIORITY = 1
+
+        @staticmethod
+        def accepts(obj: object) -> bool:
+            return True
+
+        @staticmethod
+        def encode(obj: object) -> Encoded:
+            return Encoded(buffers=[buffer])
+
+        @staticmethod
+        def decode(meta: Any, buffers: Sequence[Buffer], device: str) -> object:
+            raise AssertionError("not reached")
+
+    with pytest.raises(SerializationError, match="serializer 'strided' returned a buffer that is not one contiguous"):
+        Codec([Strided]).frames("x", id="a", chunk_id=0, num_chunks=1, src=0, max_part_bytes=None)
+
+
 def test_zero_d_empty_and_non_contiguous_tensors() -> None:
     for t in (torch.tensor(7.5), torch.empty(0, 3, dtype=torch.bfloat16), torch.arange(12.0).reshape(3, 4).t()):
         for got in round_trips(t):
