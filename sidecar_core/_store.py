@@ -64,7 +64,7 @@ class _Assembly:
     first: Header
     dest: torch.Tensor
     parts: set[int] = field(default_factory=set)
-    #: The byte ranges ``(start, end)`` the parts so far filled, sorted; they never overlap.
+    #: The byte ranges ``(start, end)`` the parts so far filled or landing, sorted; they never overlap.
     spans: list[tuple[int, int]] = field(default_factory=list)
     covered: int = 0
 
@@ -124,6 +124,9 @@ class ReceiveStore:
         #: The chunk numbers held per id, so that an id's end looks at its own chunks only.
         self._held_chunks: defaultdict[str, set[int]] = defaultdict(set)
         self._assembling: dict[Key, _Assembly] = {}
+        #: Parts given memory by :meth:`part_landing` whose bytes are still arriving, by key, send and
+        #: part: the assembly they land in (which a later send of the same key may have replaced).
+        self._landing: dict[tuple[Key, int, int], _Assembly] = {}
         self._done: OrderedDict[Key, None] = OrderedDict()
         # Per-id facts, forgotten oldest first beyond DONE_MEMORY ids.
         self._ends: OrderedDict[str, int] = OrderedDict()
@@ -148,8 +151,7 @@ class ReceiveStore:
 
     def _deliver(self, frame: Frame, release: Release | None) -> None:
         h = frame.header
-        if self._closed:  # a transport still reading while the sidecar shuts down
-            raise SidecarClosedError(f"{h.describe()}: sidecar rank {self._rank} is shutting down; it was not stored")
+        self._check_open(h)
         if len(frame.buffers) != len(h.sizes):
             raise FrameError(f"{h.describe()}: header lists {len(h.sizes)} buffers, {len(frame.buffers)} arrived")
         if h.kind == "close":
@@ -159,6 +161,29 @@ class ReceiveStore:
             _call(release)
             return
         key = (h.id, h.chunk_id)
+        landed = self._landing.pop((key, h.message, h.part), None) if h.num_parts > 1 else None
+        self._check_new(key, h)
+        if h.num_parts == 1:
+            self._check_room(h, h.total_bytes)
+            value = self._codec.decode(h, frame.buffers, self._device)
+            self._note_sender(h)
+            self._hold(key, h, value, h.total_bytes, release)
+            return
+        self._add_part(key, frame, landed)
+        self._note_sender(h)
+        _call(release)  # the part was copied into the assembly
+
+    def _note_sender(self, h: Header) -> None:
+        """Remember who sends ``h.id`` (for a lost peer's receives); only for frames the store took."""
+        _remember(self._sources, h.id, h.src)
+        self._lost.pop(h.id, None)
+
+    def _check_open(self, h: Header) -> None:
+        if self._closed:  # a transport still reading while the sidecar shuts down
+            raise SidecarClosedError(f"{h.describe()}: sidecar rank {self._rank} is shutting down; it was not stored")
+
+    def _check_new(self, key: Key, h: Header) -> None:
+        """Refuse a chunk that is held, was marked done, or lies past its id's end."""
         if key in self._held or key in self._done:
             state = "is already held" if key in self._held else "was already marked done"
             raise DuplicateChunkError(
@@ -170,23 +195,27 @@ class ReceiveStore:
                 f"{h.describe()} is past the end of id {h.id!r}, which has {end} chunks on rank {self._rank} "
                 "(from close_stream or num_chunks); send chunks below the end, or close the stream later"
             )
-        if h.num_parts == 1:
-            self._check_room(h, h.total_bytes)
-            value = self._codec.decode(h, frame.buffers, self._device)
-            self._note_sender(h)
-            self._hold(key, h, value, h.total_bytes, release)
-            return
-        self._add_part(key, frame)
-        self._note_sender(h)
-        _call(release)  # the part was copied into the assembly
 
-    def _note_sender(self, h: Header) -> None:
-        """Remember who sends ``h.id`` (for a lost peer's receives); only for frames the store took."""
-        _remember(self._sources, h.id, h.src)
-        self._lost.pop(h.id, None)
+    def part_landing(self, header: Header, *, arriving: int = 0) -> torch.Tensor | None:
+        """Memory inside its message's assembly for a part to be received into (see :class:`sidecar_core.Inbox`)."""
+        with self._lock:
+            self._check_open(header)
+            if header.kind != "data" or header.num_parts == 1:
+                return None
+            key = (header.id, header.chunk_id)
+            self._check_new(key, header)
+            assembly = self._assembly_for(key, header, arriving)
+            self._claim(key, assembly, header)
+            self._landing[(key, header.message, header.part)] = assembly
+            return assembly.dest[header.offset : header.offset + header.frame_bytes]
 
-    def _add_part(self, key: Key, frame: Frame) -> None:
-        h = frame.header
+    def _assembly_for(self, key: Key, h: Header, arriving: int = 0) -> _Assembly:
+        """The assembly of ``h``'s message, made (and its bytes counted) at its first part.
+
+        Raises:
+            FrameError: ``h`` disagrees with the parts before it.
+            CapacityError: The message does not fit the bound.
+        """
         assembly = self._assembling.get(key)
         if assembly is not None and h.message != assembly.first.message and h.src == assembly.first.src:
             if h.part != 0:
@@ -199,10 +228,16 @@ class ReceiveStore:
             self._drop_assembly(key)
             assembly = None
         if assembly is None:
-            self._check_room(h, h.total_bytes)
+            self._check_room(h, h.total_bytes, arriving)
             import torch  # imported when first needed: importing sidecar_core stays light
 
-            dest = torch.empty(h.total_bytes, dtype=torch.uint8, device=self._land_device(h))
+            device = self._land_device(h)
+            try:
+                dest = torch.empty(h.total_bytes, dtype=torch.uint8, device=device)
+            except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
+                raise CapacityError(
+                    f"{h.describe()}: rank {self._rank} cannot allocate {h.total_bytes} bytes on {device}: {exc}"
+                ) from exc
             assembly = self._assembling[key] = _Assembly(h, dest)
             self.buffered_bytes += h.total_bytes
         first = assembly.first
@@ -218,21 +253,41 @@ class ReceiveStore:
                 f"{h.describe()}: part {h.part} from rank {h.src} disagrees with part {first.part} from rank "
                 f"{first.src} on layout, metadata or sender"
             )
-        if h.part in assembly.parts:
+        return assembly
+
+    def _claim(self, key: Key, assembly: _Assembly, h: Header) -> None:
+        """Take part ``h``'s bytes in the assembly: refused if the part came (or is landing) already, or overlaps."""
+        if h.part in assembly.parts or (key, h.message, h.part) in self._landing:
             raise FrameError(f"{h.describe()}: part {h.part} arrived twice")
         start, end = h.offset, h.offset + h.frame_bytes
         spans = assembly.spans
         at = bisect.bisect_left(spans, (start, end))
         if start < end and ((at > 0 and spans[at - 1][1] > start) or (at < len(spans) and spans[at][0] < end)):
             raise FrameError(f"{h.describe()}: part {h.part} (bytes {start} to {end}) overlaps another part")
-        pos = h.offset
-        for buf, size in zip(frame.buffers, h.sizes, strict=True):
-            assembly.dest[pos : pos + size].copy_(buffer_tensor(buf), non_blocking=False)
-            pos += size
-        assembly.parts.add(h.part)
         if start < end:  # an empty part covers nothing, and as a span it would hide its neighbours
             spans.insert(at, (start, end))
-            assembly.covered += end - start
+
+    def _add_part(self, key: Key, frame: Frame, landed: _Assembly | None) -> None:
+        """Join a part into its message; ``landed``: the assembly it was received into (see :meth:`part_landing`)."""
+        h = frame.header
+        assembly = landed
+        if assembly is None:
+            assembly = self._assembly_for(key, h)
+            self._claim(key, assembly, h)
+        elif self._assembling.get(key) is not assembly:  # its bytes were claimed when its memory was handed out
+            raise FrameError(
+                f"{h.describe()}: part {h.part} from rank {h.src} arrived after its send was given up (the sender "
+                "sent the message again, or its sender was lost)"
+            )
+        pos = h.offset
+        for buf, size in zip(frame.buffers, h.sizes, strict=True):
+            source, target = buffer_tensor(buf), assembly.dest[pos : pos + size]
+            if size and not _same_memory(source, target):  # a part received in place is there already
+                target.copy_(source, non_blocking=False)
+            pos += size
+        assembly.parts.add(h.part)
+        assembly.covered += h.frame_bytes
+        first = assembly.first
         if len(assembly.parts) < first.num_parts:
             return
         self._drop_assembly(key)  # complete, or refused: the message is counted as held, or not at all
@@ -251,11 +306,13 @@ class ReceiveStore:
     def _land_device(self, h: Header) -> str:
         return self._device if self._device.startswith("cuda") else "cpu"
 
-    def _check_room(self, h: Header, nbytes: int) -> None:
-        if self.buffered_bytes + nbytes > self._max_bytes:
+    def _check_room(self, h: Header, nbytes: int, arriving: int = 0) -> None:
+        held = self.buffered_bytes + arriving
+        if held + nbytes > self._max_bytes:
+            what = f"{held} held or arriving" if arriving else f"{held} held"
             raise CapacityError(
                 f"{h.describe()}: {nbytes} bytes would exceed SIDECAR_MAX_BUFFERED_BYTES="
-                f"{self._max_bytes} on rank {self._rank} ({self.buffered_bytes} held); the receiver "
+                f"{self._max_bytes} on rank {self._rank} ({what}); the receiver "
                 "must mark_done chunks it has consumed, or raise the bound"
             )
 
@@ -293,11 +350,6 @@ class ReceiveStore:
         for key in [k for k in self._assembling if k[0] == id and k[1] >= end]:
             self._drop_assembly(key)
 
-    def assembling(self, id: str, chunk_id: int) -> bool:
-        """Whether parts of ``(id, chunk_id)`` are being joined (see :meth:`sidecar_core.Inbox.assembling`)."""
-        with self._lock:
-            return (id, chunk_id) in self._assembling
-
     def peer_lost(self, rank: int, reason: str) -> None:
         """Fail receives that wait on ids last sent by ``rank`` (see :class:`sidecar_core.Inbox`)."""
         with self._lock:
@@ -306,6 +358,8 @@ class ReceiveStore:
     def _peer_lost(self, rank: int, reason: str) -> None:
         for key in [k for k in self._assembling if self._assembling[k].first.src == rank]:
             self._drop_assembly(key)
+        for part in [part for part, into in self._landing.items() if into.first.src == rank]:
+            del self._landing[part]  # its connection is gone: its bytes will not come
         ids = {id for id, src in self._sources.items() if src == rank}
         for id in ids:
             _remember(self._lost, id, f"rank {rank} was lost: {reason}")
@@ -441,6 +495,7 @@ class ReceiveStore:
     def _drop_assembly(self, key: Key) -> None:
         """Forget a message being joined and stop counting its bytes."""
         self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
+        # Parts still arriving into it stay in _landing: each is refused when it comes.
 
     def _release_on_loop(self, release: Release | None) -> None:
         """Run a frame's release on the loop thread (at once where the store has no loop)."""
@@ -465,6 +520,7 @@ class ReceiveStore:
             self._held.clear()
             self._held_chunks.clear()
             self._assembling.clear()
+            self._landing.clear()
             for (id, chunk_id), waiters in self._waiters.items():
                 for waiter in waiters:
                     settle_waiter(waiter, error=self.closed_error(id, chunk_id))
@@ -481,6 +537,11 @@ class ReceiveStore:
     def closed_error(self, id: str, chunk_id: int) -> SidecarClosedError:
         """The error for a receive of ``(id, chunk_id)`` that the sidecar's shutdown ended."""
         return SidecarClosedError(f"recv id={id!r} chunk={chunk_id}: sidecar rank {self._rank} was shut down")
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two flat byte tensors are the same memory (a part received in place)."""
+    return a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
 def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from sidecar_core._frame import Frame
+from sidecar_core._frame import Frame, Header
 
 if TYPE_CHECKING:
+    import torch
+
     from sidecar_core._codec import Codec
     from sidecar_core._settings import SidecarSettings
 
@@ -73,11 +75,28 @@ class Inbox(Protocol):
             CapacityError: Storing it would exceed ``SIDECAR_MAX_BUFFERED_BYTES``.
         """
 
-    def assembling(self, id: str, chunk_id: int) -> bool:
-        """Whether a message in parts is being joined under this key (its bytes are counted already).
+    def part_landing(self, header: Header, *, arriving: int = 0) -> torch.Tensor | None:
+        """Memory inside its message for a part of a message in parts to be received into.
 
-        Any thread. A transport that allocates a part's memory before delivering it counts that
-        memory against the bound only while this is ``False``: afterwards the whole message is.
+        Any thread. For a part (``header.num_parts > 1``) whose payload has not been received yet,
+        the core checks it as :meth:`deliver` would (duplicates, the id's end, agreement with the
+        parts before it, overlap), sets the whole message's memory aside at its first part
+        (counted against ``SIDECAR_MAX_BUFFERED_BYTES`` together with ``arriving``), and returns the
+        part's place in it: a flat uint8 tensor of ``header.frame_bytes`` bytes on the receiving
+        device. Receive the part's buffers into it, back to back in ``header.sizes`` order, and
+        :meth:`deliver` the frame with those views as its buffers: the core then takes the part
+        without a copy, and the part needs no memory of its own. If its bytes never come, the
+        connection is broken: report it with :meth:`peer_lost`. Returns ``None`` for any other
+        frame: allocate its memory yourself.
+
+        Args:
+            header: The validated header of a frame whose payload has not arrived yet.
+            arriving: Bytes the transport holds for other frames still arriving, counted with the
+                core's own when the message's memory is set aside.
+
+        Raises:
+            FrameError, DuplicateChunkError, CapacityError, SidecarClosedError: As :meth:`deliver`;
+                refuse the frame (drain its payload) and keep serving.
         """
 
     def peer_lost(self, rank: int, reason: str) -> None:

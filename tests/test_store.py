@@ -473,6 +473,96 @@ def test_mark_done_of_a_message_still_in_parts_frees_it_and_refuses_the_rest() -
     assert store.buffered_bytes == 0
 
 
+def land(store: ReceiveStore, piece: Frame) -> Frame:
+    """Receive ``piece`` the way a transport using ``part_landing`` does: into its place, then deliver that."""
+    place = store.part_landing(piece.header)
+    assert place is not None
+    views, pos = [], 0
+    for buf, size in zip(piece.buffers, piece.header.sizes, strict=True):
+        view = place[pos : pos + size]
+        view.copy_(torch.frombuffer(bytearray(buf), dtype=torch.uint8) if size else view)  # "the payload arrives"
+        views.append(view)
+        pos += size
+    return Frame(piece.header, views)
+
+
+def test_parts_received_in_place_are_joined_without_a_copy() -> None:
+    captured: list[Sequence[Buffer]] = []
+
+    class Capture(RawBytes):
+        @staticmethod
+        def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
+            captured.append(buffers)
+            return RawBytes.decode(meta, buffers, device)
+
+    store = ReceiveStore(Codec([Capture()]), rank=5, transport="memory", max_bytes=10, device="cpu")
+    pieces = frames(b"0123456789", id="placed", part=4)
+    assert store.part_landing(frames(b"whole", id="single")[0].header) is None, "only parts get a place"
+    landed = [land(store, piece) for piece in pieces]
+    assert store.buffered_bytes == 10, "the whole message was set aside at its first part"
+    with pytest.raises(CapacityError, match=r"id='other' chunk=0: 4 bytes would exceed .* \(10 held\)"):
+        store.part_landing(frames(b"abcd", id="other", part=2)[0].header)
+    with pytest.raises(CapacityError, match=r"\(7 held or arriving\)"):  # what the transport holds counts too
+        make_store(max_bytes=10).part_landing(pieces[0].header, arriving=7)
+    for piece in reversed(landed):
+        store.deliver(piece)
+    assert run(store.get("placed", 0, 1.0)) == b"0123456789"
+    ((joined,),) = captured
+    first = landed[0].buffers[0]
+    assert isinstance(joined, torch.Tensor)
+    assert isinstance(first, torch.Tensor)
+    assert joined.data_ptr() == first.data_ptr(), "the message is the memory its parts were received into"
+    assert store.buffered_bytes == 10
+
+
+def test_a_part_given_its_place_is_checked_then_and_refused_if_it_comes_twice() -> None:
+    store = make_store()
+    pieces = frames(b"0123456789", id="checked", part=4)
+    arriving = land(store, pieces[0])
+    with pytest.raises(FrameError, match="part 0 arrived twice"):
+        store.part_landing(pieces[0].header)
+    forged = msgspec.structs.replace(pieces[1].header, offset=2)
+    with pytest.raises(FrameError, match=r"part 1 \(bytes 2 to 6\) overlaps another part"):
+        store.part_landing(forged)
+    other = frames(b"abcdefghijkl", id="checked", part=4)[1]
+    with pytest.raises(FrameError, match="part 1 from rank 1 belongs to another send"):
+        store.part_landing(other.header)
+    store.mark_done("checked", 0)
+    with pytest.raises(DuplicateChunkError, match="was already marked done"):
+        store.part_landing(pieces[1].header)
+    with pytest.raises(DuplicateChunkError, match="was already marked done"):  # when its bytes come
+        store.deliver(arriving)
+    assert store._landing == {}
+    assert store.buffered_bytes == 0
+
+
+def test_a_part_landing_in_a_send_given_up_is_refused_and_the_new_send_goes_on() -> None:
+    # Headers come before payloads: a sender's new send of the key may start (dropping the old one's
+    # parts) while a part of the old send is still arriving into the old memory.
+    store = make_store()
+    old, new = frames(b"0123456789", part=4), frames(b"abcdefghij", part=4)
+    late = land(store, old[0])
+    fresh = land(store, new[0])
+    assert store.buffered_bytes == 10
+    with pytest.raises(FrameError, match="part 0 from rank 1 arrived after its send was given up"):
+        store.deliver(late)
+    store.deliver(fresh)
+    for piece in new[1:]:
+        store.deliver(land(store, piece))
+    assert store.peek("m", 0) == (True, b"abcdefghij")
+    assert store.buffered_bytes == 10
+    assert store._landing == {}
+
+
+def test_peer_lost_forgets_the_parts_still_arriving_from_it() -> None:
+    store = make_store()
+    land(store, frames(b"0123456789", id="cut", part=4)[0])
+    assert store.buffered_bytes == 10
+    store.peer_lost(1, "gone")
+    assert store.buffered_bytes == 0
+    assert store._landing == {}
+
+
 def test_a_header_nested_thousands_deep_is_a_frame_error() -> None:
     header = frames(b"x")[0].header
     deep = b"[" * 100_000 + b"]" * 100_000  # past any interpreter's recursion limit

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -430,57 +429,66 @@ def test_frames_still_arriving_count_against_the_memory_bound(
             sender.send(random_bytes(2 * MiB, 11), "arriving-2", 13).result(WAIT)
 
 
-def test_parts_still_arriving_count_against_the_memory_bound(
+def test_a_message_in_parts_is_set_aside_whole_at_its_first_part(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Until the store joins a message's parts (and counts the whole message), each part's memory
-    # counts as arriving; else first parts of many messages at once could take any amount.
+    # Parts are received in place, into the memory the store sets aside for the whole message when
+    # its first part's header comes: counted once, together with what frames still arriving hold.
     stalled: list[tuple[str, int]] = []
     refused: list[str] = []
     real_drain = Inbound._drain
 
     def stall(inbound: Inbound, seq: int, header: Header, landing: Any) -> None:
-        stalled.append((header.id, header.part))  # allocated, never received: as if still on its way
+        stalled.append((header.id, header.part))  # memory given, payload never received: still on its way
 
     def drain(inbound: Inbound, seq: int, header: Header, refusal: Exception) -> None:
         refused.append(str(refusal))
         real_drain(inbound, seq, header, refusal)
 
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + WAIT
+        while len(stalled) + len(refused) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     with (
-        local_sidecar(env, 16, max_buffered_bytes=3 * MiB),
+        local_sidecar(env, 16, max_buffered_bytes=4 * MiB) as receiver,
         local_sidecar(env, 17, chunk_size=MiB) as parts,
     ):
         parts.send(0, "before-parts", 16).result(WAIT)  # held: 1 byte
         monkeypatch.setattr(Inbound, "_receive", stall)
         monkeypatch.setattr(Inbound, "_drain", drain)
-        # A message's parts go one after another, so each of these has one part on its way. (The
-        # sender waits for their payloads to leave, which never happens here: only the receiver's
-        # side is checked.)
-        pending = [parts.send(random_bytes(2 * MiB, 12 + i), f"parts-{i}", 16) for i in (1, 2, 3)]
-        deadline = time.monotonic() + WAIT
-        while len(stalled) + len(refused) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(stalled) == 2
-        assert all(part == 0 for _, part in stalled)
-        assert len(refused) == 1
-        assert re.fullmatch(
-            r"id='parts-\d' chunk=0: 1048576 more bytes would exceed SIDECAR_MAX_BUFFERED_BYTES=3145728 on rank 16 "
-            r"\(2097153 held or arriving\).*",
-            refused[0],
-        )
+        pending = [parts.send(random_bytes(MiB, 11), "whole", 16)]  # one part: 1 MiB arriving
+        wait_for(1)
+        # A message's parts go one after another (each once the one before is acknowledged), so
+        # only the first part of each of these comes; the store sets the whole 2 MiB aside for it.
+        pending += [parts.send(random_bytes(2 * MiB, 12 + i), f"parts-{i}", 16) for i in (1, 2)]
+        wait_for(3)
+        assert stalled == [("whole", 0), ("parts-1", 0)]
+        assert refused == [
+            "id='parts-2' chunk=0: 2097152 bytes would exceed SIDECAR_MAX_BUFFERED_BYTES=4194304 on rank 16 "
+            "(3145729 held or arriving); the receiver must mark_done chunks it has consumed, or raise the bound"
+        ]
+        assert receiver._store.buffered_bytes == 2 * MiB + 1, "the first message in parts is set aside whole"
+        assert transport(receiver)._serve.arriving.bytes == MiB, "its part has no memory of its own"
     for future in pending:  # none was accepted: each fails, with its refusal or at shutdown
         assert isinstance(future.exception(WAIT), (PeerLostError, RemoteError))
 
 
-def test_a_message_in_parts_that_fits_the_bound_is_taken(env: dict[str, str]) -> None:
-    # The store sets aside the whole message at its first part; its parts must not count twice.
+def test_a_message_in_parts_that_fits_the_bound_is_taken_in_place(env: dict[str, str]) -> None:
+    # The store sets aside the whole message at its first part; its parts must not count twice,
+    # and they are received straight into it (no host block of their own, which the pool would keep).
     data = random_bytes(5 * MiB // 2, 12)
     with (
         local_sidecar(env, 14, max_buffered_bytes=3 * MiB) as receiver,
         local_sidecar(env, 15, chunk_size=MiB) as parts,
     ):
         parts.send(data, "in-parts", 14).result(WAIT)
-        assert digest(receiver.recv_sync("in-parts", timeout=WAIT)) == digest(data)
+        joined = receiver.recv_sync("in-parts", timeout=WAIT)
+        assert digest(joined) == digest(data)
+        assert transport(receiver)._pool.idle_bytes == 0, "no part took a block of the host pool"
+        assert transport(receiver)._serve.arriving.bytes == 0
+        receiver.mark_done_sync("in-parts")
+        assert receiver._store.buffered_bytes == 0
 
 
 def test_malformed_header_is_refused_and_the_listener_keeps_serving(sender: Sidecar, peer: PeerProcess) -> None:

@@ -158,6 +158,28 @@ def test_cuda_parts_assemble_on_the_gpu(gpu_peer: PeerProcess) -> None:
     assert got["digest"] == digest(data)
 
 
+def test_host_parts_land_in_place_on_a_gpu_receiver(gpu_peer: PeerProcess) -> None:
+    # Each part is received straight into the message's GPU memory (UCX copies host to device).
+    data = pattern(10 * MiB + 3, 7, "cpu")
+    with Sidecar(SidecarConfig(sidecar_rank=4, settings={"chunk_size": 1 * MiB})) as chunker:
+        chunker.send(data, "host-parts-gpu", 1).result(WAIT)
+    got = gpu_peer.call(peer_recv, "host-parts-gpu")
+    assert got["device"] == "cuda:0"
+    assert got["digest"] == digest(data)
+
+
+def test_cuda_parts_land_in_place_on_a_host_receiver(env: dict[str, str]) -> None:
+    data = pattern(10 * MiB + 3, 8, "cuda:0")
+    with (
+        peer_on(env, 2, "cpu") as host_peer,
+        Sidecar(SidecarConfig(sidecar_rank=4, settings={"chunk_size": 1 * MiB})) as chunker,
+    ):
+        chunker.send(data, "gpu-parts-host", 2).result(WAIT)
+        got = host_peer.call(peer_recv, "gpu-parts-host")
+    assert got["device"] == "cpu"
+    assert got["digest"] == digest(data)
+
+
 def test_gpu0_to_gpu1(env: dict[str, str], sender: Sidecar) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"no CUDA device to receive on: needs 2 CUDA devices, found {torch.cuda.device_count()}")

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox
+from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox, SidecarError
 from transports.ucx import _wire as wire
 from transports.ucx._endpoint import Endpoint, describe_error
 from transports.ucx._link import wait_cuda_idle
@@ -249,7 +249,7 @@ class Inbound:
             return
         try:
             landing = self._allocate(header)
-        except CapacityError as refusal:
+        except SidecarError as refusal:  # too large, or a part the inbox refuses: the sender raises it
             self._drain(seq, header, refusal)
             self._read_header()
             return
@@ -276,12 +276,13 @@ class Inbound:
     def _allocate(self, header: Header) -> _Landing:
         """The memory a frame's payload lands in, counted as arriving against the memory bound.
 
-        A part of a message counts only until the store joins its message: from then on the store
-        counts the whole message, and counting its parts again would refuse messages that fit.
+        A part of a message in parts lands in place, in the memory the inbox sets aside for its
+        whole message (counted there).
 
         Raises:
             CapacityError: The frame is over ``SIDECAR_MAX_BUFFERED_BYTES``, or its memory cannot be
                 allocated.
+            SidecarError: The inbox refuses the part (see :meth:`sidecar_core.Inbox.part_landing`).
         """
         options = self._options
         if header.total_bytes > options.max_bytes:
@@ -289,10 +290,12 @@ class Inbound:
                 f"{header.describe()}: {header.total_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
                 f"{options.max_bytes} on rank {options.rank}; raise the bound or send smaller chunks"
             )
-        joined = header.num_parts > 1 and options.inbox.assembling(header.id, header.chunk_id)
-        arriving = 0 if joined else header.frame_bytes
+        if header.num_parts > 1:
+            place = options.inbox.part_landing(header, arriving=options.arriving.bytes)
+            if place is not None:
+                return _Landing(place, None, 0)
         held = options.inbox.buffered_bytes + options.arriving.bytes
-        if arriving and held + arriving > options.max_bytes:
+        if held + header.frame_bytes > options.max_bytes:
             raise CapacityError(
                 f"{header.describe()}: {header.frame_bytes} more bytes would exceed SIDECAR_MAX_BUFFERED_BYTES="
                 f"{options.max_bytes} on rank {options.rank} ({held} held or arriving); the receiver must "
@@ -309,8 +312,8 @@ class Inbound:
                 f"{header.describe()}: rank {options.rank} cannot allocate {header.frame_bytes} bytes "
                 f"on {device}: {exc}"
             ) from exc
-        self._count_arriving(arriving)
-        return _Landing(dest, block, arriving)
+        self._count_arriving(header.frame_bytes)
+        return _Landing(dest, block, header.frame_bytes)
 
     def _count_arriving(self, nbytes: int) -> None:
         """Count ``nbytes`` more (or, negative, fewer) as arriving on this connection."""
