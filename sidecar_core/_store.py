@@ -67,6 +67,11 @@ class _Assembly:
     #: The byte ranges ``(start, end)`` the parts so far filled or landing, sorted; they never overlap.
     spans: list[tuple[int, int]] = field(default_factory=list)
     covered: int = 0
+    #: Parts given memory here by :meth:`ReceiveStore.part_landing` whose bytes have not come yet.
+    landing: int = 0
+    #: Given up (replaced, marked done, past the end, its sender lost) while parts were still landing:
+    #: its memory stays counted until the last of them comes or its connection is lost.
+    dropped: bool = False
 
 
 def settle_waiter(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
@@ -161,7 +166,7 @@ class ReceiveStore:
             _call(release)
             return
         key = (h.id, h.chunk_id)
-        landed = self._landing.pop((key, h.message, h.part), None) if h.num_parts > 1 else None
+        landed = self._take_landing(key, frame)
         self._check_new(key, h)
         if h.num_parts == 1:
             self._check_room(h, h.total_bytes)
@@ -171,7 +176,35 @@ class ReceiveStore:
             return
         self._add_part(key, frame, landed)
         self._note_sender(h)
-        _call(release)  # the part was copied into the assembly
+        _call(release)  # the part is in the assembly (copied there, or received there)
+
+    def _take_landing(self, key: Key, frame: Frame) -> _Assembly | None:
+        """The assembly a part was received into (see :meth:`part_landing`), or ``None``.
+
+        Only a frame whose buffers are the memory handed out counts: any other frame with the same
+        header is a second copy of the part, and is joined (or refused) as if no memory had been given.
+        """
+        h = frame.header
+        if h.num_parts == 1:
+            return None
+        slot = (key, h.message, h.part)
+        assembly = self._landing.get(slot)
+        if assembly is None or len(frame.buffers) != len(h.sizes):
+            return None
+        pos = h.offset
+        for buf, size in zip(frame.buffers, h.sizes, strict=True):
+            if size and not _same_memory(buffer_tensor(buf), assembly.dest[pos : pos + size]):
+                return None
+            pos += size
+        self._forget_landing(slot)
+        return assembly
+
+    def _forget_landing(self, slot: tuple[Key, int, int]) -> None:
+        """A part's bytes came, or will not: stop waiting for them (and let a dropped message's memory go)."""
+        assembly = self._landing.pop(slot)
+        assembly.landing -= 1
+        if assembly.dropped and not assembly.landing:
+            self.buffered_bytes -= assembly.first.total_bytes
 
     def _note_sender(self, h: Header) -> None:
         """Remember who sends ``h.id`` (for a lost peer's receives); only for frames the store took."""
@@ -207,6 +240,7 @@ class ReceiveStore:
             assembly = self._assembly_for(key, header, arriving)
             self._claim(key, assembly, header)
             self._landing[(key, header.message, header.part)] = assembly
+            assembly.landing += 1
             return assembly.dest[header.offset : header.offset + header.frame_bytes]
 
     def _assembly_for(self, key: Key, h: Header, arriving: int = 0) -> _Assembly:
@@ -358,8 +392,8 @@ class ReceiveStore:
     def _peer_lost(self, rank: int, reason: str) -> None:
         for key in [k for k in self._assembling if self._assembling[k].first.src == rank]:
             self._drop_assembly(key)
-        for part in [part for part, into in self._landing.items() if into.first.src == rank]:
-            del self._landing[part]  # its connection is gone: its bytes will not come
+        for slot in [slot for slot, into in self._landing.items() if into.first.src == rank]:
+            self._forget_landing(slot)  # its connection is gone: its bytes will not come
         ids = {id for id, src in self._sources.items() if src == rank}
         for id in ids:
             _remember(self._lost, id, f"rank {rank} was lost: {reason}")
@@ -493,9 +527,12 @@ class ReceiveStore:
         return held
 
     def _drop_assembly(self, key: Key) -> None:
-        """Forget a message being joined and stop counting its bytes."""
-        self.buffered_bytes -= self._assembling.pop(key).first.total_bytes
-        # Parts still arriving into it stay in _landing: each is refused when it comes.
+        """Forget a message being joined and stop counting its bytes (once no part still lands in it)."""
+        assembly = self._assembling.pop(key)
+        if assembly.landing:  # parts still arrive into its memory: each is refused when it comes
+            assembly.dropped = True
+        else:
+            self.buffered_bytes -= assembly.first.total_bytes
 
     def _release_on_loop(self, release: Release | None) -> None:
         """Run a frame's release on the loop thread (at once where the store has no loop)."""

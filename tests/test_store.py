@@ -486,7 +486,7 @@ def land(store: ReceiveStore, piece: Frame) -> Frame:
     return Frame(piece.header, views)
 
 
-def test_parts_received_in_place_are_joined_without_a_copy() -> None:
+def test_parts_received_in_place_are_joined_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     captured: list[Sequence[Buffer]] = []
 
     class Capture(RawBytes):
@@ -504,8 +504,17 @@ def test_parts_received_in_place_are_joined_without_a_copy() -> None:
         store.part_landing(frames(b"abcd", id="other", part=2)[0].header)
     with pytest.raises(CapacityError, match=r"\(7 held or arriving\)"):  # what the transport holds counts too
         make_store(max_bytes=10).part_landing(pieces[0].header, arriving=7)
+    copies: list[int] = []
+    real_copy = torch.Tensor.copy_
+
+    def counting_copy(self: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        copies.append(src.numel())
+        return real_copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
     for piece in reversed(landed):
         store.deliver(piece)
+    assert copies == [], "no part was copied"
     assert run(store.get("placed", 0, 1.0)) == b"0123456789"
     ((joined,),) = captured
     first = landed[0].buffers[0]
@@ -513,6 +522,10 @@ def test_parts_received_in_place_are_joined_without_a_copy() -> None:
     assert isinstance(first, torch.Tensor)
     assert joined.data_ptr() == first.data_ptr(), "the message is the memory its parts were received into"
     assert store.buffered_bytes == 10
+    store.mark_done("placed", 0)
+    for piece in frames(b"abcdefghij", id="copied", part=4):  # parts delivered from memory of their own
+        store.deliver(piece)
+    assert copies == [4, 4, 2]
 
 
 def test_a_part_given_its_place_is_checked_then_and_refused_if_it_comes_twice() -> None:
@@ -536,6 +549,45 @@ def test_a_part_given_its_place_is_checked_then_and_refused_if_it_comes_twice() 
     assert store.buffered_bytes == 0
 
 
+def test_a_second_copy_of_a_part_given_its_place_is_refused() -> None:
+    # Only the frame received into the memory handed out is that part: another copy of it (a peer
+    # sending the part twice) must not complete the message while the real bytes are still landing
+    # in it, or they would land in a value a receiver already holds.
+    store = make_store()
+    pieces = frames(b"0123456789", id="twice", part=4)
+    arriving = land(store, pieces[0])
+    with pytest.raises(FrameError, match="part 0 arrived twice"):
+        store.deliver(pieces[0])
+    with pytest.raises(FrameError, match="header lists 1 buffers, 0 arrived"):
+        store.deliver(Frame(pieces[0].header, []))
+    store.deliver(arriving)
+    for piece in pieces[1:]:
+        store.deliver(piece)
+    assert store.peek("twice", 0) == (True, b"0123456789")
+    assert store._landing == {}
+
+
+def test_a_message_given_up_stays_counted_while_its_parts_still_land() -> None:
+    store = make_store()
+    pieces = frames(b"0123456789", id="dropped", part=4)
+    store.deliver(land(store, pieces[0]))
+    arriving = land(store, pieces[1])
+    store.mark_done("dropped", 0)
+    assert store.buffered_bytes == 10, "part 1 is still being received into its memory"
+    with pytest.raises(DuplicateChunkError, match="was already marked done"):
+        store.deliver(arriving)
+    assert store.buffered_bytes == 0
+    assert store._landing == {}
+    # A stream's end before the chunk drops it the same way; so does losing its sender.
+    land(store, frames(b"abcdefghij", id="cut", chunk_id=1, num_chunks=None, part=4)[0])
+    store.deliver(close_frame("cut", 1))
+    assert store._assembling == {}
+    assert store.buffered_bytes == 10
+    store.peer_lost(1, "gone")
+    assert store.buffered_bytes == 0
+    assert store._landing == {}
+
+
 def test_a_part_landing_in_a_send_given_up_is_refused_and_the_new_send_goes_on() -> None:
     # Headers come before payloads: a sender's new send of the key may start (dropping the old one's
     # parts) while a part of the old send is still arriving into the old memory.
@@ -543,9 +595,10 @@ def test_a_part_landing_in_a_send_given_up_is_refused_and_the_new_send_goes_on()
     old, new = frames(b"0123456789", part=4), frames(b"abcdefghij", part=4)
     late = land(store, old[0])
     fresh = land(store, new[0])
-    assert store.buffered_bytes == 10
+    assert store.buffered_bytes == 20, "the first send's memory is counted until its part has landed"
     with pytest.raises(FrameError, match="part 0 from rank 1 arrived after its send was given up"):
         store.deliver(late)
+    assert store.buffered_bytes == 10
     store.deliver(fresh)
     for piece in new[1:]:
         store.deliver(land(store, piece))

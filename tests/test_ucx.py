@@ -491,6 +491,25 @@ def test_a_message_in_parts_that_fits_the_bound_is_taken_in_place(env: dict[str,
         assert receiver._store.buffered_bytes == 0
 
 
+def test_a_part_the_store_refuses_is_drained_and_the_connection_keeps_serving(env: dict[str, str]) -> None:
+    with (
+        local_sidecar(env, 18) as receiver,
+        local_sidecar(env, 19, chunk_size=MiB) as parts,
+    ):
+        parts.send(1, "done-already", 18).result(WAIT)
+        assert receiver.recv_sync("done-already", timeout=WAIT) == 1
+        receiver.mark_done_sync("done-already")
+        link = transport(parts)._links[18]
+        refused = r"DuplicateChunkError: id='done-already' chunk=0 was already marked done"
+        with pytest.raises(RemoteError, match=refused):
+            parts.send(random_bytes(3 * MiB, 13), "done-already", 18).result(WAIT)  # refused at its first part
+        data = random_bytes(3 * MiB, 14)
+        parts.send(data, "after-refusal", 18).result(WAIT)
+        assert transport(parts)._links[18] is link, "the refused part's payload was drained: the link still works"
+        assert digest(receiver.recv_sync("after-refusal", timeout=WAIT)) == digest(data)
+        assert receiver._store.buffered_bytes == 3 * MiB
+
+
 def test_malformed_header_is_refused_and_the_listener_keeps_serving(sender: Sidecar, peer: PeerProcess) -> None:
     bad = Header(kind="data", id="bad", chunk_id=0, num_chunks=1, src=0, serializer="tensor", layout=[4], sizes=[4])
     msgspec.structs.force_setattr(bad, "chunk_id", 5)  # a header this sidecar would never build

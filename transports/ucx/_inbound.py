@@ -4,14 +4,17 @@ After the handshake, header messages are read one after another, each receive po
 completion callback of the one before (no task per message). For each, the connection
 validates the header, allocates the frame's memory (CPU, or the GPU named by
 ``SIDECAR_RECV_DEVICE`` for CUDA frames), posts the payload receives straight into it, and posts the
-next header receive, all in the same callback (so payload receives keep header order). The last
-payload receive to complete hands the frame to the inbox and sends the acknowledgement (or the
-inbox's refusal, which the sender raises as ``RemoteError``). Only CUDA memory whose device still
-has work queued waits for it in a task first. A small host payload that rode inline in its header
-message is copied out of the reused header buffer and delivered at once. A frame refused before
-allocation (too large) has its payload drained without being stored. Host buffers of 1 MiB and
-more come from :class:`~transports.ucx._pool.HostPool` and go back to it when the inbox releases
-them.
+next header receive, all in the same callback (so payload receives keep header order). A part of a
+message in parts lands instead in the memory the inbox sets aside for the whole message
+(:meth:`sidecar_core.Inbox.part_landing`), on the inbox's device whatever the sender's (with a
+CUDA receive device, UCX copies host parts straight to the GPU). The last payload receive to
+complete hands the frame to the inbox and sends the acknowledgement (or the inbox's refusal, which
+the sender raises as ``RemoteError``). Only CUDA memory whose device still has work queued waits
+for it in a task first. A small host payload that rode inline in its header message is copied out
+of the reused header buffer and delivered at once. A frame refused before its memory is given (too
+large, or a part the inbox refuses) has its payload drained without being stored. Host buffers of
+1 MiB and more for frames that are not parts come from :class:`~transports.ucx._pool.HostPool` and
+go back to it when the inbox releases them.
 
 Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` closes the endpoint (which ends
 the header and payload receives) and cancels the tasks; frames not yet delivered are dropped
