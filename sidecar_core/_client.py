@@ -19,8 +19,10 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,6 +36,18 @@ from sidecar_core._store import ReceiveStore, Waiter, settle_waiter
 from sidecar_core._transport import Transport, TransportContext
 
 logger = logging.getLogger("sidecar")
+
+#: Every Sidecar made in this process, so that a forked child can mark them all as its parent's.
+_made: weakref.WeakSet[Sidecar] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has the parent's sidecars without their threads, sharing their connections."""
+    for sidecar in list(_made):
+        sidecar._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 T = TypeVar("T")
 Ranks = int | Sequence[int] | Sequence[Sequence[int]]
@@ -319,6 +333,8 @@ class Sidecar:
         self.codec = Codec(self._registry.load_serializers())
         self._hooks = self._registry.manager.hook
         self._closed = False
+        self._pid = os.getpid()
+        self._forked = False  # set in a forked child: see _after_fork_in_child
         self._shutting_down = threading.Lock()  # one shutdown at a time; the others wait for it
         self._loop_thread = _LoopThread(f"sidecar-{self.sidecar_rank}")
         self._store = ReceiveStore(
@@ -344,6 +360,7 @@ class Sidecar:
         self._deadlines = _SendDeadlines(self._loop_thread, self.settings.send_timeout)
         limits = [x for x in (self.settings.chunk_size, self._transport.max_part_bytes) if x is not None]
         self._max_part_bytes = min(limits) if limits else None
+        _made.add(self)
 
     async def _start(self, transport_cls: type[Transport]) -> Transport:
         ctx = TransportContext(
@@ -391,7 +408,7 @@ class Sidecar:
         Raises:
             ValueError: Bad destination ranks or chunk numbers.
             SerializationError: No serializer accepts ``data``.
-            SidecarClosedError: The sidecar was shut down.
+            SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         self._check_open()
         ranks = self._destinations(dst_sidecar_ranks)
@@ -427,7 +444,7 @@ class Sidecar:
 
         Raises:
             ValueError: Bad destination ranks or a negative ``num_chunks``.
-            SidecarClosedError: The sidecar was shut down.
+            SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         self._check_open()
         ranks = self._destinations(dst_sidecar_ranks)
@@ -646,7 +663,7 @@ class Sidecar:
             RecvTimeoutError: Nothing arrived in time (the message names id, chunk, transport, peer).
             AlreadyDoneError: The chunk was released with :meth:`mark_done`.
             PeerLostError: The peer sending this id disconnected before sending the chunk.
-            SidecarClosedError: The sidecar was shut down.
+            SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
         waiter = self._waiter(id, chunk_id, timeout)
@@ -708,7 +725,7 @@ class Sidecar:
         call: copy what you want to keep first. Marking an unknown chunk does nothing.
 
         Raises:
-            SidecarClosedError: The sidecar was shut down.
+            SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         self.mark_done_sync(id, chunk_id)
 
@@ -716,7 +733,7 @@ class Sidecar:
         """Form of :meth:`mark_done` for synchronous code (it never waits for the event loop).
 
         Raises:
-            SidecarClosedError: The sidecar was shut down.
+            SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         self._check_open()
         self._store.mark_done(id, chunk_id)
@@ -724,6 +741,12 @@ class Sidecar:
     # -- life cycle ---------------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        if self._forked:
+            raise SidecarClosedError(
+                f"sidecar rank {self.sidecar_rank} belongs to process {self._pid}; this forked child (pid "
+                f"{os.getpid()}) shares that process's connections and has none of its threads. Create a new "
+                "Sidecar in the child, with a rank of its own, or start children with the 'spawn' method"
+            )
         if self._closed:
             raise SidecarClosedError(f"sidecar rank {self.sidecar_rank} was shut down; create a new Sidecar")
 
@@ -735,12 +758,17 @@ class Sidecar:
     def shutdown_sync(self) -> None:
         """Stop the transport, release received memory and stop the loop thread. Idempotent.
 
-        Several threads may call it at once: one shuts down, the others return once it is done.
+        Several threads may call it at once: one shuts down, the others return once it is done. In a
+        forked child it only marks the parent's sidecar closed here: the connections, sockets and
+        memory it shares with the parent stay the parent's.
 
         Raises:
             RuntimeError: Called on the sidecar's own thread (in a send future's callback, say),
                 which cannot wait for itself to stop; use ``await shutdown()`` elsewhere.
         """
+        if self._forked:  # its lock may have been held by a parent's thread at the fork
+            self._closed = True
+            return
         self._loop_thread.check_not_on_loop()
         with self._shutting_down:
             if self._closed:

@@ -17,6 +17,7 @@ import gc
 import hashlib
 import mmap
 import os
+import re
 import shutil
 import signal
 import socket
@@ -801,6 +802,73 @@ def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the forked child hung in its copy")
     assert result.returncode == 0, f"{result.stdout.strip()}; {result.stderr}"
+
+
+def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # A forked child has the parent's sidecar without its threads, sharing its connections: using it
+    # hung (or wrote into the parent's connection); shutting it down could close the parent's socket.
+    script = tmp_path / "fork_sidecar.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys
+            from sidecar_core import Sidecar, SidecarClosedError, SidecarConfig
+
+            a, b = Sidecar(SidecarConfig(sidecar_rank=40)), Sidecar(SidecarConfig(sidecar_rank=41))
+            a.send(1, "before", 41).result(10)
+            assert b.recv_sync("before") == 1
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # only the sidecar's calls, os.write and os._exit here
+                signal.alarm(20)  # a hung child ends itself
+                said = []
+                for call in (lambda: a.send(2, "from-child", 41), lambda: b.recv_sync("before"),
+                             lambda: b.mark_done_sync("before")):
+                    try:
+                        call()
+                        said.append("no error")
+                    except SidecarClosedError as exc:
+                        said.append(str(exc))
+                a.shutdown_sync()  # must leave the parent's connections and socket alone
+                b.shutdown_sync()
+                os.write(write, "\\n".join(said).encode())
+                os._exit(0)
+            os.close(write)
+            _, status = os.waitpid(pid, 0)
+            with os.fdopen(read) as pipe:
+                print(pipe.read())
+            code = os.waitstatus_to_exitcode(status)
+            assert code == 0, "the child hung (its alarm ended it)" if code == -signal.SIGALRM else f"exit {code}"
+            a.send(3, "after", 41).result(10)  # the parent's sidecars still work, both ways
+            b.send(4, "back", 40).result(10)
+            assert (b.recv_sync("after"), a.recv_sync("back")) == (3, 4)
+            a.shutdown_sync()
+            b.shutdown_sync()
+            """
+        )
+    )
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    try:
+        result = subprocess.run(
+            [sys.executable, str(script)],
+            env={**os.environ, **env, "PYTHONPATH": path},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child or its parent hung")
+    assert result.returncode == 0, result.stderr
+    said = result.stdout.strip().splitlines()
+    assert len(said) == 3
+    for line in said:
+        assert re.fullmatch(
+            r"sidecar rank 4[01] belongs to process \d+; this forked child \(pid \d+\) shares that process's "
+            r"connections and has none of its threads\. Create a new Sidecar in the child, .*",
+            line,
+        ), line
 
 
 def test_a_failed_copy_on_a_copy_thread_fails_its_send(
