@@ -93,6 +93,20 @@ def make_store(max_bytes: int = 1 << 20, on_recv: Callable[[Header, int], None] 
     return ReceiveStore(CODEC, rank=5, transport="memory", max_bytes=max_bytes, device="cpu", on_recv=on_recv)
 
 
+def capturing_store(max_bytes: int = 1 << 20) -> tuple[ReceiveStore, list[Sequence[Buffer]]]:
+    """A store whose raw-bytes serializer records the buffers each message was decoded from."""
+    captured: list[Sequence[Buffer]] = []
+
+    class Capture(RawBytes):
+        @staticmethod
+        def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
+            captured.append(buffers)
+            return RawBytes.decode(meta, buffers, device)
+
+    store = ReceiveStore(Codec([Capture()]), rank=5, transport="memory", max_bytes=max_bytes, device="cpu")
+    return store, captured
+
+
 def frames(
     obj: object, id: str = "m", chunk_id: int = 0, num_chunks: int | None = 1, src: int = 1, part: int | None = None
 ) -> list[Frame]:
@@ -487,15 +501,7 @@ def land(store: ReceiveStore, piece: Frame) -> Frame:
 
 
 def test_parts_received_in_place_are_joined_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    captured: list[Sequence[Buffer]] = []
-
-    class Capture(RawBytes):
-        @staticmethod
-        def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
-            captured.append(buffers)
-            return RawBytes.decode(meta, buffers, device)
-
-    store = ReceiveStore(Codec([Capture()]), rank=5, transport="memory", max_bytes=10, device="cpu")
+    store, captured = capturing_store(max_bytes=10)
     pieces = frames(b"0123456789", id="placed", part=4)
     assert store.part_landing(frames(b"whole", id="single")[0].header) is None, "only parts get a place"
     landed = [land(store, piece) for piece in pieces]
@@ -662,15 +668,7 @@ def test_on_recv_reports_whole_messages() -> None:
 
 
 def test_parts_land_as_uint8_tensors() -> None:
-    captured: list[Sequence[Buffer]] = []
-
-    class Capture(RawBytes):
-        @staticmethod
-        def decode(meta: Mapping[str, Any], buffers: Sequence[Buffer], device: str) -> object:
-            captured.append(buffers)
-            return RawBytes.decode(meta, buffers, device)
-
-    store = ReceiveStore(Codec([Capture()]), rank=0, transport="memory", max_bytes=1 << 20, device="cpu")
+    store, captured = capturing_store()
     for piece in frames(b"0123456789", part=3):
         store.deliver(piece)
     (buffers,) = captured

@@ -149,21 +149,13 @@ def test_host_tensor_to_a_gpu_receiver(sender: Sidecar, gpu_peer: PeerProcess) -
     assert got["digest"] == digest(data)
 
 
-def test_cuda_parts_assemble_on_the_gpu(gpu_peer: PeerProcess) -> None:
-    data = pattern(10 * MiB + 3, 5, "cuda:0")
+@pytest.mark.parametrize("source", ["cuda:0", "cpu"])
+def test_parts_assemble_on_the_gpu(gpu_peer: PeerProcess, source: str) -> None:
+    # Each part is received straight into the message's GPU memory (from the host, UCX copies it there).
+    data = pattern(10 * MiB + 3, 5, source)
     with Sidecar(SidecarConfig(sidecar_rank=4, settings={"chunk_size": 1 * MiB})) as chunker:
-        chunker.send(data, "gpu-parts", 1).result(WAIT)
-    got = gpu_peer.call(peer_recv, "gpu-parts")
-    assert got["device"] == "cuda:0"
-    assert got["digest"] == digest(data)
-
-
-def test_host_parts_land_in_place_on_a_gpu_receiver(gpu_peer: PeerProcess) -> None:
-    # Each part is received straight into the message's GPU memory (UCX copies host to device).
-    data = pattern(10 * MiB + 3, 7, "cpu")
-    with Sidecar(SidecarConfig(sidecar_rank=4, settings={"chunk_size": 1 * MiB})) as chunker:
-        chunker.send(data, "host-parts-gpu", 1).result(WAIT)
-    got = gpu_peer.call(peer_recv, "host-parts-gpu")
+        chunker.send(data, f"parts-from-{source}", 1).result(WAIT)
+    got = gpu_peer.call(peer_recv, f"parts-from-{source}")
     assert got["device"] == "cuda:0"
     assert got["digest"] == digest(data)
 
