@@ -39,12 +39,22 @@ logger = logging.getLogger("sidecar")
 
 #: Every Sidecar made in this process, so that a forked child can mark them all as its parent's.
 _made: weakref.WeakSet[Sidecar] = weakref.WeakSet()
+#: How many forks lie between this process and the one that imported the package.
+_generation = 0
 
 
 def _after_fork_in_child() -> None:
     """A forked child has the parent's sidecars without their threads, sharing their connections."""
+    global _generation
+    _generation += 1
     for sidecar in list(_made):
         sidecar._forked = True
+        if sidecar._closed:  # its transport let go of everything; numbers it held may be another's now
+            continue
+        try:
+            sidecar._transport.after_fork()
+        except Exception:  # a plugin's bug must not break the child; the parent's connections stay as they are
+            logger.exception("%s transport: closing what a forked child inherited failed", sidecar.transport_name)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -133,6 +143,10 @@ def _check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an int, got {value!r:.80}")
 
 
+#: States of a ``concurrent.futures.Future`` whose outcome is in.
+_SETTLED = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
+
+
 class SendFuture(concurrent.futures.Future[T]):
     """The future ``send`` and ``close_stream`` return.
 
@@ -148,6 +162,7 @@ class SendFuture(concurrent.futures.Future[T]):
         self.has_callbacks = False
         #: Reads the transport on the waiting thread until the outcome is in (``None``: nothing to read).
         self.poll: Callable[[Callable[[], bool]], None] | None = None
+        self._generation = _generation
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         """Call ``fn(future)`` once it is done, on the sidecar's thread (at once, here, if it is done already)."""
@@ -155,16 +170,39 @@ class SendFuture(concurrent.futures.Future[T]):
         super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> T:
-        """Wait for completion; raise the send's error if it failed (see ``Sidecar.send``)."""
+        """Wait for completion; raise the send's error if it failed (see ``Sidecar.send``).
+
+        Raises:
+            SidecarClosedError: This is a forked child, and the send its parent started is not done.
+        """
         self._retrieved = True
+        self._check_process()
         self._poll_first()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """Wait for completion and return the send's error, or ``None``."""
+        """Wait for completion and return the send's error, or ``None``.
+
+        Raises:
+            SidecarClosedError: This is a forked child, and the send its parent started is not done.
+        """
         self._retrieved = True
+        self._check_process()
         self._poll_first()
         return super().exception(timeout)
+
+    def _check_process(self) -> None:
+        """Refuse to wait, in a forked child, for a send its parent started: only the parent can finish it.
+
+        Waiting would never end, and reading the parent's connections for the outcome would take
+        messages meant for the parent. The state is read without the future's lock, which a parent's
+        thread may have held at the fork.
+        """
+        if self._generation != _generation and self._state not in _SETTLED:
+            raise SidecarClosedError(
+                f"{self._what} was started by the process that forked this one; this child (pid {os.getpid()}) "
+                "cannot wait for it, only that process can"
+            )
 
     def _poll_first(self) -> None:
         """Let the transport read the acknowledgement on this thread before it sleeps (as ``recv_sync`` does)."""

@@ -306,6 +306,8 @@ class ReceiveStore:
         h = frame.header
         assembly = landed
         if assembly is None:
+            if (key, h.message, h.part) in self._landing:  # a second copy: must not start (or drop) any send
+                raise FrameError(f"{h.describe()}: part {h.part} arrived twice")
             assembly = self._assembly_for(key, h)
             self._claim(key, assembly, h)
         elif self._assembling.get(key) is not assembly:  # its bytes were claimed when its memory was handed out

@@ -191,6 +191,17 @@ class Transport(abc.ABC):
         """
         return False
 
+    def after_fork(self) -> None:  # noqa: B027 - optional hook
+        """Optional: this process is a forked child, and this transport is its parent's.
+
+        Called on the child's only thread, right after the fork. Close this process's copies of
+        the connections, listeners and lock files, and do nothing else: send nothing, remove no
+        file, touch no shared memory; the parent goes on using them. A live child that kept its
+        copies would keep the parent's connections open after the parent has gone, so that its
+        peers would not see it leave, and its rank could not be served again. Must not block or
+        raise. The default does nothing.
+        """
+
     def poll_while_waiting(self, ready: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
         """Optional: a thread is about to wait for a chunk or an acknowledgement; read on that thread a while.
 

@@ -814,18 +814,20 @@ def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
         textwrap.dedent(
             """
             import os, signal, sys
-            from sidecar_core import Sidecar, SidecarClosedError, SidecarConfig
+            from sidecar_core import PeerUnreachableError, Sidecar, SidecarClosedError, SidecarConfig
 
             a, b = Sidecar(SidecarConfig(sidecar_rank=40)), Sidecar(SidecarConfig(sidecar_rank=41))
-            a.send(1, "before", 41).result(10)
+            done = a.send(1, "before", 41)
+            done.result(10)
             assert b.recv_sync("before") == 1
+            pending = a.send(5, "to-nobody", 43)  # still connecting at the fork (SIDECAR_CONNECT_TIMEOUT=1)
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # only the sidecar's calls, os.write and os._exit here
                 signal.alarm(20)  # a hung child ends itself
-                said = []
+                said = [] if done.result(0) is None else ["a send done at the fork has lost its outcome"]
                 for call in (lambda: a.send(2, "from-child", 41), lambda: b.recv_sync("before"),
-                             lambda: b.mark_done_sync("before")):
+                             lambda: b.mark_done_sync("before"), lambda: pending.result(5)):
                     try:
                         call()
                         said.append("no error")
@@ -841,6 +843,7 @@ def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
                 print(pipe.read())
             code = os.waitstatus_to_exitcode(status)
             assert code == 0, "the child hung (its alarm ended it)" if code == -signal.SIGALRM else f"exit {code}"
+            assert isinstance(pending.exception(10), PeerUnreachableError)  # the parent's own outcome
             a.send(3, "after", 41).result(10)  # the parent's sidecars still work, both ways
             b.send(4, "back", 40).result(10)
             assert (b.recv_sync("after"), a.recv_sync("back")) == (3, 4)
@@ -862,13 +865,67 @@ def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
         pytest.fail("the forked child or its parent hung")
     assert result.returncode == 0, result.stderr
     said = result.stdout.strip().splitlines()
-    assert len(said) == 3
-    for line in said:
+    assert len(said) == 4
+    for line in said[:3]:
         assert re.fullmatch(
             r"sidecar rank 4[01] belongs to process \d+; this forked child \(pid \d+\) shares that process's "
             r"connections and has none of its threads\. Create a new Sidecar in the child, .*",
             line,
         ), line
+    # Waiting would read the parent's connections, taking its acknowledgements and frames.
+    assert re.fullmatch(
+        r"send id='to-nobody' chunk=0 was started by the process that forked this one; this child \(pid \d+\) "
+        r"cannot wait for it, only that process can",
+        said[3],
+    ), said[3]
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_rank(env: dict[str, str], tmp_path: Path) -> None:
+    # A child keeps copies of its parent's descriptors; the sidecar closes the child's copies of the
+    # rank's lock, listener and connections, so that once the parent dies its rank can be served again
+    # and its peers see it gone, while the child lives on.
+    script = tmp_path / "forking_owner.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            from sidecar_core import Sidecar, SidecarConfig
+
+            owner = Sidecar(SidecarConfig(sidecar_rank=50))
+            owner.send("hi", "owner-hello", 51).result(10)  # a connection out, and one in from rank 51
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)  # a long-lived child (a worker), killed by the test
+                os._exit(0)
+            print(pid, flush=True)
+            time.sleep(60)  # killed by the test
+            """
+        )
+    )
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    with local_sidecar(env, 51) as other:
+        owner = subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**os.environ, **env, "PYTHONPATH": path},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        child = 0
+        try:
+            assert owner.stdout is not None
+            child = int(owner.stdout.readline())
+            assert other.recv_sync("owner-hello", timeout=WAIT) == "hi"
+            other.send("back", "to-owner", 50).result(WAIT)  # connected to the owner both ways
+            owner.kill()
+            owner.wait(WAIT)
+            with local_sidecar(env, 50) as again:  # the dead owner's rank can be served again
+                other.send("new", "to-new-owner", 50).result(WAIT)
+                assert again.recv_sync("to-new-owner", timeout=WAIT) == "new"
+        finally:
+            owner.kill()
+            if child:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
 
 
 def test_a_failed_copy_on_a_copy_thread_fails_its_send(

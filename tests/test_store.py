@@ -602,6 +602,8 @@ def test_a_part_landing_in_a_send_given_up_is_refused_and_the_new_send_goes_on()
     late = land(store, old[0])
     fresh = land(store, new[0])
     assert store.buffered_bytes == 20, "the first send's memory is counted until its part has landed"
+    with pytest.raises(FrameError, match="part 0 arrived twice"):  # another copy of it: the new send stays
+        store.deliver(old[0])
     with pytest.raises(FrameError, match="part 0 from rank 1 arrived after its send was given up"):
         store.deliver(late)
     assert store.buffered_bytes == 10

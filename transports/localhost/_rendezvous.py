@@ -159,6 +159,7 @@ class RankClaim:
                 "each process its own SIDECAR_RANK, or stop the other sidecar first"
             )
         self._lock_fd = fd
+        self._closed = False
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -178,8 +179,18 @@ class RankClaim:
             os.close(fd)
             raise
 
+    def close_copies(self) -> None:
+        """In a forked child: close its copies of the listening socket and the lock (the parent keeps both)."""
+        if self._closed:  # the number may belong to another file by now
+            return
+        self._closed = True
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
     def release(self) -> None:
         """Stop listening and remove the socket and lock files."""
+        self._closed = True
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

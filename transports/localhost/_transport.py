@@ -222,6 +222,13 @@ class LocalhostTransport(Transport):
                 logger.error("rank %d dropped a connection it could not set up: %s", self.ctx.rank, exc)
                 sock.close()
 
+    def after_fork(self) -> None:
+        """Close this forked child's copies of the parent's sockets and rank lock (see :class:`Transport`)."""
+        if self._claim is not None:
+            self._claim.close_copies()
+        for channel in [link.channel for link in self._links.values()] + [i.channel for i in self._incoming]:
+            channel.sock.close()
+
     def describe_peer(self, rank: int) -> str:
         """``rank N at <socket path>``."""
         return f"rank {rank} at {socket_path(self._dir, rank)}"
