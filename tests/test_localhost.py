@@ -36,6 +36,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from _forking import forking_owner, owner_script
 
 import transports.localhost._copy as copy_module
 from sidecar_core import (
@@ -880,52 +881,22 @@ def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
     ), said[3]
 
 
-def test_a_forked_child_does_not_keep_its_dead_parents_rank(env: dict[str, str], tmp_path: Path) -> None:
+def test_a_forked_child_does_not_keep_its_dead_parents_rank(env: dict[str, str]) -> None:
     # A child keeps copies of its parent's descriptors; the sidecar closes the child's copies of the
     # rank's lock, listener and connections, so that once the parent dies its rank can be served again
     # and its peers see it gone, while the child lives on.
-    script = tmp_path / "forking_owner.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os, sys, time
-            from sidecar_core import Sidecar, SidecarConfig
-
-            owner = Sidecar(SidecarConfig(sidecar_rank=50))
-            owner.send("hi", "owner-hello", 51).result(10)  # a connection out, and one in from rank 51
-            pid = os.fork()
-            if pid == 0:
-                time.sleep(60)  # a long-lived child (a worker), killed by the test
-                os._exit(0)
-            print(pid, flush=True)
-            time.sleep(60)  # killed by the test
-            """
-        )
-    )
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    with local_sidecar(env, 51) as other:
-        owner = subprocess.Popen(
-            [sys.executable, str(script)],
-            env={**os.environ, **env, "PYTHONPATH": path},
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        child = 0
-        try:
-            assert owner.stdout is not None
-            child = int(owner.stdout.readline())
-            assert other.recv_sync("owner-hello", timeout=WAIT) == "hi"
-            other.send("back", "to-owner", 50).result(WAIT)  # connected to the owner both ways
-            owner.kill()
-            owner.wait(WAIT)
-            with local_sidecar(env, 50) as again:  # the dead owner's rank can be served again
-                other.send("new", "to-new-owner", 50).result(WAIT)
-                assert again.recv_sync("to-new-owner", timeout=WAIT) == "new"
-        finally:
-            owner.kill()
-            if child:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
+    run_env = {**os.environ, **env, "PYTHONPATH": path}
+    with (
+        local_sidecar(env, 51) as other,
+        forking_owner([sys.executable, "-c", owner_script(50, 51)], run_env, REPO, WAIT) as kill_owner,
+    ):
+        assert other.recv_sync("owner-hello", timeout=WAIT) == "hi"
+        other.send("back", "to-owner", 50).result(WAIT)  # connected to the owner both ways
+        kill_owner()
+        with local_sidecar(env, 50) as again:  # the dead owner's rank can be served again
+            other.send("new", "to-new-owner", 50).result(WAIT)
+            assert again.recv_sync("to-new-owner", timeout=WAIT) == "new"
 
 
 def test_a_failed_copy_on_a_copy_thread_fails_its_send(

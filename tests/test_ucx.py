@@ -10,7 +10,6 @@ GPU paths are in ``tests/test_ucx_gpu.py``; two simulated hosts in ``tests/test_
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import os
 import signal
@@ -27,6 +26,7 @@ from typing import Any, cast
 import msgspec
 import pytest
 import torch
+from _forking import forking_owner, owner_script
 
 import transports.ucx._inbound as inbound_module
 import transports.ucx._transport as ucx_transport_module
@@ -849,43 +849,19 @@ def test_refused_attempts_while_a_peer_starts_print_nothing_unless_asked(
         assert not refusals, f"ucxx printed errors for refused attempts: {refusals}"
 
 
-_FORKING_OWNER = """
-import os, time
-from sidecar_core import Sidecar, SidecarConfig
-owner = Sidecar(SidecarConfig(sidecar_rank=2))
-owner.send("hi", "owner-hello", 3).result(20)
-pid = os.fork()
-if pid == 0:
-    time.sleep(60)  # a long-lived child (a worker), killed by the test
-    os._exit(0)
-print(pid, flush=True)
-time.sleep(60)  # killed by the test
-"""
-
-
 def test_a_forked_child_does_not_keep_its_dead_parents_port(env: dict[str, str]) -> None:
     # The child inherits copies of UCX's sockets; the transport blanks out the ones on the rank's
     # port at the fork, so that once the parent dies a new sidecar of its rank can listen there.
     run_env = {**os.environ, **env, "SIDECAR_BASE_PORT": str(free_base_port())}
-    with local_sidecar(run_env, 3) as other:
-        owner = subprocess.Popen(
-            [sys.executable, "-c", _FORKING_OWNER], cwd=REPO, env=run_env, stdout=subprocess.PIPE, text=True
-        )
-        child = 0
-        try:
-            assert owner.stdout is not None
-            child = int(owner.stdout.readline())
-            assert other.recv_sync("owner-hello", timeout=WAIT) == "hi"
-            owner.kill()
-            owner.wait(WAIT)
-            with local_sidecar(run_env, 2) as again:  # the dead owner's port is free again
-                other.send("new", "to-new-owner", 2).result(WAIT)
-                assert again.recv_sync("to-new-owner", timeout=WAIT) == "new"
-        finally:
-            owner.kill()
-            if child:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
+    with (
+        local_sidecar(run_env, 3) as other,
+        forking_owner([sys.executable, "-c", owner_script(2, 3)], run_env, REPO, WAIT) as kill_owner,
+    ):
+        assert other.recv_sync("owner-hello", timeout=WAIT) == "hi"
+        kill_owner()
+        with local_sidecar(run_env, 2) as again:  # the dead owner's port is free again
+            other.send("new", "to-new-owner", 2).result(WAIT)
+            assert again.recv_sync("to-new-owner", timeout=WAIT) == "new"
 
 
 def test_explicit_peer_map(env: dict[str, str], base_port: int) -> None:
