@@ -46,9 +46,8 @@ _generation = 0
 def _after_fork_in_child() -> None:
     """A forked child has the parent's sidecars without their threads, sharing their connections."""
     global _generation
-    _generation += 1
+    _generation += 1  # every sidecar and send future made before now is the parent's
     for sidecar in list(_made):
-        sidecar._forked = True
         if sidecar._closed:  # its transport let go of everything; numbers it held may be another's now
             continue
         try:
@@ -372,7 +371,7 @@ class Sidecar:
         self._hooks = self._registry.manager.hook
         self._closed = False
         self._pid = os.getpid()
-        self._forked = False  # set in a forked child: see _after_fork_in_child
+        self._generation = _generation
         self._shutting_down = threading.Lock()  # one shutdown at a time; the others wait for it
         self._loop_thread = _LoopThread(f"sidecar-{self.sidecar_rank}")
         self._store = ReceiveStore(
@@ -777,6 +776,11 @@ class Sidecar:
         self._store.mark_done(id, chunk_id)
 
     # -- life cycle ---------------------------------------------------------------------------
+
+    @property
+    def _forked(self) -> bool:
+        """Whether this process is a forked child of the one that made this sidecar."""
+        return self._generation != _generation
 
     def _check_open(self) -> None:
         if self._forked:

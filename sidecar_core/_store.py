@@ -68,10 +68,8 @@ class _Assembly:
     spans: list[tuple[int, int]] = field(default_factory=list)
     covered: int = 0
     #: Parts given memory here by :meth:`ReceiveStore.part_landing` whose bytes have not come yet.
+    #: A message given up meanwhile stays counted until the last of them comes or its sender is lost.
     landing: int = 0
-    #: Given up (replaced, marked done, past the end, its sender lost) while parts were still landing:
-    #: its memory stays counted until the last of them comes or its connection is lost.
-    dropped: bool = False
 
 
 def settle_waiter(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
@@ -203,7 +201,7 @@ class ReceiveStore:
         """A part's bytes came, or will not: stop waiting for them (and let a dropped message's memory go)."""
         assembly = self._landing.pop(slot)
         assembly.landing -= 1
-        if assembly.dropped and not assembly.landing:
+        if not assembly.landing and self._assembling.get(slot[0]) is not assembly:  # given up: let it go now
             self.buffered_bytes -= assembly.first.total_bytes
 
     def _note_sender(self, h: Header) -> None:
@@ -531,9 +529,7 @@ class ReceiveStore:
     def _drop_assembly(self, key: Key) -> None:
         """Forget a message being joined and stop counting its bytes (once no part still lands in it)."""
         assembly = self._assembling.pop(key)
-        if assembly.landing:  # parts still arrive into its memory: each is refused when it comes
-            assembly.dropped = True
-        else:
+        if not assembly.landing:  # else parts still arrive into its memory: the last one lets it go
             self.buffered_bytes -= assembly.first.total_bytes
 
     def _release_on_loop(self, release: Release | None) -> None:
