@@ -299,7 +299,7 @@ def test_a_malformed_acknowledgement_fails_its_send_at_once(
         sender.send(0, "before-bad-ack", 6).result(WAIT)
 
         def unknown_status(inbound: Inbound, seq: int, refusal: BaseException | None, *, closing: bool = False) -> None:
-            inbound._require().send(wire.ACK.pack(seq, 9, 0), inbound._ack_tag)
+            inbound._require().post(wire.ACK.pack(seq, 9, 0), inbound._ack_tag)
 
         monkeypatch.setattr(Inbound, "_ack", unknown_status)
         start = time.monotonic()

@@ -38,7 +38,7 @@ import torch
 from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox, SidecarError
 from transports.ucx import _wire as wire
 from transports.ucx._endpoint import Endpoint, describe_error
-from transports.ucx._link import wait_cuda_idle
+from transports.ucx._link import cuda_idle, wait_cuda_idle
 from transports.ucx._pool import HostPool
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class Inbound:
             self._drain(seq, header, refusal)
             self._read_header()
             return
-        if landing.dest.is_cuda and not torch.cuda.default_stream(landing.dest.device).query():
+        if landing.dest.is_cuda and not cuda_idle(landing.dest.device):
             self._spawn(self._receive_when_idle(seq, header, landing))
         else:
             self._receive(seq, header, landing)
@@ -427,7 +427,7 @@ class Inbound:
         """Submit the acknowledgement of frame ``seq`` (the worker keeps it until it is sent)."""
         problem = None if refusal is None else wire.problem_of(refusal)
         with contextlib.suppress(ConnectionError):  # a broken connection is reported by on_broken
-            self._require().send(wire.ack_message(seq, problem, closing=closing), self._ack_tag)
+            self._require().post(wire.ack_message(seq, problem, closing=closing), self._ack_tag)
 
     # -- closing ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ broken connection does the same.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -59,6 +60,17 @@ def cuda_devices(buffers: Sequence[Buffer]) -> set[torch.device]:
     return {buf.device for buf in buffers if isinstance(buf, torch.Tensor) and buf.is_cuda}
 
 
+@functools.cache
+def _default_stream(device: torch.device) -> torch.cuda.Stream:
+    """The legacy default stream of ``device`` (made once: torch builds a new object per call)."""
+    return torch.cuda.default_stream(device)
+
+
+def cuda_idle(device: torch.device) -> bool:
+    """Whether the legacy default stream of ``device`` has no work queued."""
+    return _default_stream(device).query()
+
+
 async def wait_cuda_idle(buffers: Sequence[Buffer]) -> None:
     """Wait until work queued on the legacy default stream of the buffers' devices is done.
 
@@ -67,9 +79,8 @@ async def wait_cuda_idle(buffers: Sequence[Buffer]) -> None:
     be synchronized by the caller before ``send``.
     """
     for device in cuda_devices(buffers):
-        stream = torch.cuda.default_stream(device)
-        if not stream.query():
-            await asyncio.get_running_loop().run_in_executor(None, stream.synchronize)
+        if not cuda_idle(device):
+            await asyncio.get_running_loop().run_in_executor(None, _default_stream(device).synchronize)
 
 
 def _inline(buffers: Sequence[Buffer]) -> list[memoryview] | None:
@@ -221,7 +232,7 @@ class Link:
         loop), and once the link is closed (the transport closes its links before its loop stops).
         """
         buffers = [buf for buf in frame.buffers if buffer_nbytes(buf)]
-        if self.closed or not all(torch.cuda.default_stream(device).query() for device in cuda_devices(buffers)):
+        if self.closed or not all(cuda_idle(device) for device in cuda_devices(buffers)):
             return False
         seq = next(self._seqs)
         messages = self._messages(seq, frame, buffers)

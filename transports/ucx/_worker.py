@@ -102,6 +102,10 @@ def _ucxx_log_level() -> Iterator[None]:
         os.environ.pop("UCXX_LOG_LEVEL", None)
 
 
+def _ignore(error: Exception | None) -> None:
+    """The completion callback of a request whose outcome nobody waits for."""
+
+
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -210,6 +214,17 @@ class UcxWorker:
             self.loop.call_soon(on_done, self._outcome(request))
         else:
             self._add(request, on_done, busy, keep)
+
+    def keep_until_done(self, request: Any, keep: object) -> None:
+        """Keep ``keep`` (the buffer ``request`` reads) alive until ``request`` completes; report nothing.
+
+        For sends whose failure the endpoint's close callback reports (a failed request breaks its
+        connection). A request that completed already costs nothing more. Loop thread.
+        """
+        if self.threaded:
+            self.track(request, keep, busy=False)
+        elif not request.completed:
+            self._add(request, _ignore, False, keep)
 
     def watch_from_thread(
         self, request: Any, keep: object, on_done: Callable[[Exception | None], None], *, busy: bool
