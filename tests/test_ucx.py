@@ -923,3 +923,34 @@ def test_a_refusal_always_fits_the_senders_ack_buffer(text: str) -> None:
     assert parsed is not None
     assert parsed.error == "ValueError"
     assert text.startswith(parsed.message)
+
+
+def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
+    # benchmarks/ucx_steps.py wraps the transport's receive path: it must still find every step.
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ucx_steps.py", "cpu", str(64 << 10), "10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ucx, 65536 bytes on cpu, p50 of 8 transfers:"
+    assert [line.split(" us  ", 1)[1] for line in lines[1:-1]] == [
+        "send() returned",
+        "rank 1's loop takes the header",
+        "the payload's receive is posted",
+        "the payload arrived: the store takes it",
+        "recv_sync() returned",
+        "first and last byte checked",
+        "mark_done() returned",
+        "send() of the int returned",
+        "rank 0's loop takes the int's header",
+        "the store takes the int",
+        "recv_sync() returned",
+        "mark_done() and the tensor's result() returned",
+    ]
+    total, what = lines[-1].split(" us  ", 1)
+    assert what.startswith("in all (")
+    assert float(total) > 0
