@@ -67,7 +67,7 @@ def _default_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def cuda_idle(device: torch.device) -> bool:
-    """Whether the legacy default stream of ``device`` has no work queued."""
+    """Whether the legacy default stream of ``device`` (with its index, as a tensor's device has) has no work queued."""
     return _default_stream(device).query()
 
 

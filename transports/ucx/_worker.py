@@ -216,10 +216,15 @@ class UcxWorker:
             self._add(request, on_done, busy, keep)
 
     def keep_until_done(self, request: Any, keep: object) -> None:
-        """Keep ``keep`` (the buffer ``request`` reads) alive until ``request`` completes; report nothing.
+        """Keep ``keep`` alive until ``request`` completes, and report nothing (loop thread).
 
-        For sends whose failure the endpoint's close callback reports (a failed request breaks its
-        connection). A request that completed already costs nothing more. Loop thread.
+        For sends of host memory whose failure the endpoint's close callback reports (a failed
+        request breaks its connection). In the ``blocking`` and ``polling`` modes a request that
+        completed already costs nothing more; the thread modes track it as :meth:`track` does.
+
+        Args:
+            request: A submitted ``UCXRequest``.
+            keep: The buffer the request reads.
         """
         if self.threaded:
             self.track(request, keep, busy=False)
