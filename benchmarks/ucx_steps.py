@@ -53,21 +53,19 @@ STEPS = [
 ]
 
 
-def _stamping() -> dict[str, list[float]]:
-    """Stamp the transport's receive steps (the wrapped methods' names are the stamps)."""
+def _stamp_receive_path(stamp: Callable[[str], None]) -> None:
+    """Make the transport's receive steps call ``stamp`` (``header``, ``posted``, ``deliver``)."""
     from transports.ucx._inbound import Inbound
 
-    stamps: dict[str, list[float]] = {}
-
-    def wrap(name: str, stamp: str, *, after: bool = False) -> None:
+    def wrap(name: str, step: str, *, after: bool = False) -> None:
         method: Callable[..., Any] = getattr(Inbound, name)
 
         def stamped(*args: Any, **kwargs: Any) -> Any:
             if not after:
-                stamps.setdefault(stamp, []).append(time.perf_counter())
+                stamp(step)
             result = method(*args, **kwargs)
             if after:
-                stamps.setdefault(stamp, []).append(time.perf_counter())
+                stamp(step)
             return result
 
         setattr(Inbound, name, stamped)
@@ -75,7 +73,6 @@ def _stamping() -> dict[str, list[float]]:
     wrap("_take_header", "header")
     wrap("_receive", "posted", after=True)
     wrap("_deliver", "deliver")
-    return stamps
 
 
 def _side(rank: int, env: dict[str, str], device: str, nbytes: int, count: int, out: Any) -> None:
@@ -88,10 +85,12 @@ def _side(rank: int, env: dict[str, str], device: str, nbytes: int, count: int, 
 
     if device != "cpu":
         torch.cuda.set_device(torch.device(device))
-    stamps = _stamping()
+    stamps: dict[str, list[float]] = {}
 
     def stamp(name: str) -> None:
         stamps.setdefault(name, []).append(time.perf_counter())
+
+    _stamp_receive_path(stamp)
 
     def sync() -> None:
         if device != "cpu":
