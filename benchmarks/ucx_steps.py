@@ -1,10 +1,12 @@
-"""Where one transfer's time goes over the ucx transport: p50 of each step, stamped in both processes.
+"""Where one transfer's time goes over the ucx transport and over raw ucxx: p50 of each step, stamped in both processes.
 
 Rank 0 sends a tensor, rank 1 receives it, checks its first and last byte, marks it done and sends
 back an int; rank 0 receives that (the loop of ``sidecar bench``). Both processes stamp each step
 with ``time.perf_counter`` (one clock on one host), the transport's internal steps through
-wrappers around its receive path, so a step between the processes is the time from one stamp to
-the next::
+wrappers around its send and receive paths, so a step between the processes is the time from one
+stamp to the next. The same loop runs first over raw ucxx (the benchmark's ``ucxx`` peer: a tagged
+send into a buffer the receiver posted ahead, an 8-byte tagged message back), so that each of the
+transport's steps can be held against what raw ucxx spends on the same part of the transfer::
 
     python benchmarks/ucx_steps.py [DEVICE] [BYTES] [TRANSFERS]    # e.g. cuda:0 1073741824 40
 
@@ -12,7 +14,7 @@ the next::
 (default 1 MiB) must be over 8 KiB, so that the payload travels apart from its header, and is
 sent as one frame (``SIDECAR_CHUNK_SIZE`` is ignored). The first fifth of the transfers warm up
 and are not counted. Other settings come from the environment as usual
-(``SIDECAR_UCX__PROGRESS_MODE``, ``UCX_*``).
+(``SIDECAR_UCX__PROGRESS_MODE``, which raw ucxx uses too, ``UCX_*``).
 
 A step from one process to the other may come out negative: a frame's header often reaches the
 peer's loop before ``send()`` has returned on the sending thread. Each step is its own median, so
@@ -35,9 +37,10 @@ from typing import Any
 #: Seconds any one wait may take before the run is given up.
 WAIT = 60.0
 
-#: The steps in the order they happen: (process, stamp, what ends there).
+#: The transport's steps in the order they happen: (process, stamp, what ends there).
 STEPS = [
     ("send", "send", "rank 0 calls send()"),
+    ("send", "submitted", "the header and the payload are submitted"),
     ("send", "sent", "send() returned"),
     ("recv", "header", "rank 1's loop takes the header"),
     ("recv", "posted", "the payload's receive is posted"),
@@ -52,27 +55,42 @@ STEPS = [
     ("send", "end", "mark_done() and the tensor's result() returned"),
 ]
 
+#: Raw ucxx's steps (the benchmark's ``ucxx`` peer), in the same form.
+RAW_STEPS = [
+    ("send", "send", "rank 0 calls send()"),
+    ("recv", "received", "the tensor arrived: recv() returned"),
+    ("recv", "checked", "first and last byte checked"),
+    ("recv", "acked", "send() of the int returned"),
+    ("send", "received", "rank 0's recv() of the int returned"),
+]
 
-def _stamp_receive_path(stamp: Callable[[str], None]) -> None:
-    """Make the transport's receive steps call ``stamp`` (``header``, ``posted``, ``deliver``)."""
+
+def _stamp_transport(stamp: Callable[[str], None]) -> None:
+    """Make the transport's steps call ``stamp`` (``submitted``, ``header``, ``posted``, ``deliver``)."""
+    from transports.ucx._endpoint import Endpoint
     from transports.ucx._inbound import Inbound
 
-    def wrap(name: str, step: str, *, after: bool = False) -> None:
-        method: Callable[..., Any] = getattr(Inbound, name)
+    def wrap(
+        owner: type, name: str, step: str, *, after: bool = False, when: Callable[..., bool] | None = None
+    ) -> None:
+        method: Callable[..., Any] = getattr(owner, name)
 
         def stamped(*args: Any, **kwargs: Any) -> Any:
-            if not after:
+            counts = when is None or when(*args, **kwargs)
+            if counts and not after:
                 stamp(step)
             result = method(*args, **kwargs)
-            if after:
+            if counts and after:
                 stamp(step)
             return result
 
-        setattr(Inbound, name, stamped)
+        setattr(owner, name, stamped)
 
-    wrap("_take_header", "header")
-    wrap("_receive", "posted", after=True)
-    wrap("_deliver", "deliver")
+    # A frame with its payload apart (acknowledgements and ints go as one message).
+    wrap(Endpoint, "submit", "submitted", after=True, when=lambda _self, messages: len(messages) > 1)
+    wrap(Inbound, "_take_header", "header")
+    wrap(Inbound, "_receive", "posted", after=True)
+    wrap(Inbound, "_deliver", "deliver")
 
 
 def _side(rank: int, env: dict[str, str], device: str, nbytes: int, count: int, out: Any) -> None:
@@ -90,7 +108,7 @@ def _side(rank: int, env: dict[str, str], device: str, nbytes: int, count: int, 
     def stamp(name: str) -> None:
         stamps.setdefault(name, []).append(time.perf_counter())
 
-    _stamp_receive_path(stamp)
+    _stamp_transport(stamp)
 
     def sync() -> None:
         if device != "cpu":
@@ -144,6 +162,60 @@ def _side(rank: int, env: dict[str, str], device: str, nbytes: int, count: int, 
     out.put((rank, stamps))
 
 
+def _raw_side(rank: int, env: dict[str, str], device: str, nbytes: int, count: int, addresses: Any, out: Any) -> None:
+    """The same transfers over raw ucxx (the benchmark's ``ucxx`` peer); puts its stamps on ``out``."""
+    os.environ.update(env)
+    import torch
+
+    from sidecar_core._bench._ucxx import UcxxEndpoint
+    from transports.ucx import UcxSettings
+
+    where = torch.device(device)
+    if where.type == "cuda":  # the CUDA context first, as the benchmark's workers make it
+        torch.cuda.set_device(where)
+        torch.empty(1, device=where)
+    stamps: dict[str, list[float]] = {}
+
+    def stamp(name: str) -> None:
+        stamps.setdefault(name, []).append(time.perf_counter())
+
+    setup = {"progress_mode": UcxSettings().progress_mode}
+    endpoint = UcxxEndpoint("send" if rank == 0 else "recv", setup, where)
+    try:
+        if rank == 1:
+            addresses.put(endpoint.address())
+            endpoint.connect({})
+        else:
+            endpoint.connect(addresses.get(timeout=WAIT))
+        for i in range(count):
+            value = i % 250 + 1
+            if rank == 0:
+                tensor = torch.full((nbytes,), value, dtype=torch.uint8, device=where)
+                if where.type == "cuda":
+                    torch.cuda.synchronize()
+                stamp("send")
+                endpoint.send_tensor(tensor)
+                ack = endpoint.recv_ack()
+                stamp("received")
+                assert ack == i, f"acknowledgement {ack} for transfer {i}"
+            else:
+                got = endpoint.recv_tensor(nbytes)
+                stamp("received")
+                if where.type == "cuda":
+                    torch.cuda.synchronize()
+                assert (int(got[0]), int(got[-1])) == (value, value), f"transfer {i} arrived wrong"
+                stamp("checked")
+                endpoint.send_ack(i)
+                stamp("acked")
+        out.put((rank, stamps))
+        if rank == 1:  # the sender may still be reading the last int: close after it has
+            addresses.get(timeout=WAIT)
+        else:
+            addresses.put("done")
+    finally:
+        endpoint.close()
+
+
 def _collect(out: Any, sides: list[Any]) -> dict[int, dict[str, list[float]]]:
     """Both sides' stamps, or exit once a side has died without giving them."""
     stamps: dict[int, dict[str, list[float]]] = {}
@@ -158,8 +230,43 @@ def _collect(out: Any, sides: list[Any]) -> dict[int, dict[str, list[float]]]:
     return stamps
 
 
+def _run(target: Callable[..., None], *args: Any) -> dict[int, dict[str, list[float]]]:
+    """Run ``target(rank, *args, out)`` for ranks 1 and 0 in spawned processes; return their stamps."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    extra = (ctx.Queue(),) if target is _raw_side else ()
+    sides = [ctx.Process(target=target, args=(rank, *args, *extra, out)) for rank in (1, 0)]
+    for process in sides:
+        process.start()
+    try:
+        return _collect(out, sides)
+    finally:
+        for process in sides:
+            process.join(WAIT)
+            if process.is_alive():
+                process.kill()
+
+
+def _report(
+    title: str, steps: list[tuple[str, str, str]], stamps: dict[int, dict[str, list[float]]], count: int, nbytes: int
+) -> float:
+    """Print the p50 of each step and of the whole transfer; return the latter (seconds)."""
+    for side, name, what in steps:
+        got = len(stamps[0 if side == "send" else 1].get(name, []))
+        if got != count:
+            sys.exit(f"{title}: stamped {got} of {count} transfers at '{what}': the transport has changed")
+    skip = count // 5
+    rows = [stamps[0 if side == "send" else 1][name][skip:] for side, name, _ in steps]
+    print(f"{title}, {nbytes} bytes, p50 of {count - skip} transfers:")
+    for (_, _, what), before, after in zip(steps[1:], rows[:-1], rows[1:], strict=True):
+        print(f"  {statistics.median(b - a for a, b in zip(before, after, strict=True)) * 1e6:8.1f} us  {what}")
+    total = statistics.median(b - a for a, b in zip(rows[0], rows[-1], strict=True))
+    print(f"  {total * 1e6:8.1f} us  in all ({nbytes / total / 1e9:.2f} GB/s)")
+    return total
+
+
 def main() -> None:
-    """Run both sides and print the p50 of each step."""
+    """Run the transfers over raw ucxx, then over the transport, and print the p50 of each step."""
     from transports.ucx import UcxTransport
 
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
@@ -169,29 +276,9 @@ def main() -> None:
         sys.exit("BYTES must be over 8 KiB: smaller payloads ride inside the header message")
     with tempfile.TemporaryDirectory() as workdir:
         env = {"SIDECAR_TRANSPORT": "ucx", **UcxTransport.test_environment(Path(workdir))}
-        ctx = multiprocessing.get_context("spawn")
-        out = ctx.Queue()
-        sides = [ctx.Process(target=_side, args=(rank, env, device, nbytes, count, out)) for rank in (1, 0)]
-        for process in sides:
-            process.start()
-        try:
-            stamps = _collect(out, sides)
-        finally:
-            for process in sides:
-                process.join(WAIT)
-                if process.is_alive():
-                    process.kill()
-    skip = count // 5
-    for side, name, what in STEPS:
-        got = len(stamps[0 if side == "send" else 1].get(name, []))
-        if got != count:
-            sys.exit(f"stamped {got} of {count} transfers at '{what}': the transport's receive path has changed")
-    rows = [stamps[0 if side == "send" else 1][name][skip:] for side, name, _ in STEPS]
-    print(f"ucx, {nbytes} bytes on {device}, p50 of {count - skip} transfers:")
-    for (_, _, what), before, after in zip(STEPS[1:], rows[:-1], rows[1:], strict=True):
-        print(f"  {statistics.median(b - a for a, b in zip(before, after, strict=True)) * 1e6:8.1f} us  {what}")
-    total = statistics.median(b - a for a, b in zip(rows[0], rows[-1], strict=True))
-    print(f"  {total * 1e6:8.1f} us  in all ({nbytes / total / 1e9:.2f} GB/s)")
+        raw = _report(f"raw ucxx on {device}", RAW_STEPS, _run(_raw_side, env, device, nbytes, count), count, nbytes)
+        ucx = _report(f"ucx on {device}", STEPS, _run(_side, env, device, nbytes, count), count, nbytes)
+    print(f"ucx/raw ucxx: {raw / ucx:.2f}x")
 
 
 if __name__ == "__main__":

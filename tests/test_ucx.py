@@ -926,18 +926,28 @@ def test_a_refusal_always_fits_the_senders_ack_buffer(text: str) -> None:
 
 
 def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
-    # benchmarks/ucx_steps.py wraps the transport's receive path: it must still find every step.
+    # benchmarks/ucx_steps.py wraps the transport's send and receive paths: it must still find
+    # every step, over raw ucxx and over the transport.
     done = subprocess.run(
         [sys.executable, "benchmarks/ucx_steps.py", "cpu", str(64 << 10), "10"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "ucx, 65536 bytes on cpu, p50 of 8 transfers:"
-    assert [line.split(" us  ", 1)[1] for line in lines[1:-1]] == [
+    raw, ucx, ratio = lines[:6], lines[6:-1], lines[-1]
+    assert raw[0] == "raw ucxx on cpu, 65536 bytes, p50 of 8 transfers:"
+    assert [line.split(" us  ", 1)[1] for line in raw[1:-1]] == [
+        "the tensor arrived: recv() returned",
+        "first and last byte checked",
+        "send() of the int returned",
+        "rank 0's recv() of the int returned",
+    ]
+    assert ucx[0] == "ucx on cpu, 65536 bytes, p50 of 8 transfers:"
+    assert [line.split(" us  ", 1)[1] for line in ucx[1:-1]] == [
+        "the header and the payload are submitted",
         "send() returned",
         "rank 1's loop takes the header",
         "the payload's receive is posted",
@@ -951,6 +961,13 @@ def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
         "recv_sync() returned",
         "mark_done() and the tensor's result() returned",
     ]
-    total, what = lines[-1].split(" us  ", 1)
-    assert what.startswith("in all (")
-    assert float(total) > 0
+    totals = []
+    for table in (raw, ucx):
+        total, what = table[-1].split(" us  ", 1)
+        assert what.startswith("in all (")
+        totals.append(float(total))
+    assert min(totals) > 0
+    assert ratio.startswith("ucx/raw ucxx: ")
+    assert ratio.endswith("x")
+    # Printed from the unrounded totals: agrees with the printed ones to within their rounding.
+    assert abs(float(ratio[len("ucx/raw ucxx: ") : -1]) - totals[0] / totals[1]) <= 0.01
