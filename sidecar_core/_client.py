@@ -142,6 +142,13 @@ def _check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an int, got {value!r:.80}")
 
 
+def _check_key(id: object, chunk_id: object) -> None:
+    """Raises ValueError unless ``(id, chunk_id)`` can name a chunk that a peer sends (as ``send`` checks)."""
+    _check_id(id)
+    if type(chunk_id) is not int or chunk_id < 0:
+        raise ValueError(f"chunk_id must be an int >= 0, got {chunk_id!r:.80}")
+
+
 #: States of a ``concurrent.futures.Future`` whose outcome is in.
 _SETTLED = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
@@ -445,6 +452,7 @@ class Sidecar:
         Raises:
             ValueError: Bad destination ranks or chunk numbers.
             SerializationError: No serializer accepts ``data``.
+            FrameError: ``data`` would need a frame header over the 1 MiB limit (too much metadata).
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         self._check_open()
@@ -649,6 +657,20 @@ class Sidecar:
 
     # -- receiving ----------------------------------------------------------------------------
 
+    def _recv_timeout(self, timeout: float | None) -> float:
+        """A receive's timeout in seconds: ``timeout``, or ``SIDECAR_RECV_TIMEOUT`` for ``None``.
+
+        Raises:
+            ValueError: ``timeout`` is not a number of seconds >= 0.
+        """
+        if timeout is None:
+            return self.settings.recv_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:  # NaN fails >= 0
+            raise ValueError(
+                f"timeout must be a number of seconds >= 0, or None for SIDECAR_RECV_TIMEOUT; got {timeout!r:.80}"
+            )
+        return min(timeout, threading.TIMEOUT_MAX)
+
     def _waiter(self, id: str, chunk_id: int, timeout: float) -> Waiter:
         """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
 
@@ -656,6 +678,7 @@ class Sidecar:
         to look for it for up to ``timeout`` seconds.
         """
         self._check_open()
+        _check_key(id, chunk_id)
         waiter: Waiter = concurrent.futures.Future()
         if self._pulls:
             found, value = self._store.peek(id, chunk_id)
@@ -701,8 +724,10 @@ class Sidecar:
             AlreadyDoneError: The chunk was released with :meth:`mark_done`.
             PeerLostError: The peer sending this id disconnected before sending the chunk.
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
+            ValueError: ``id`` is not a str of 1 to 1024 characters, ``chunk_id`` not an int >= 0, or
+                ``timeout`` not a number >= 0 (``send`` takes the same ids and chunks).
         """
-        timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+        timeout = self._recv_timeout(timeout)
         waiter = self._waiter(id, chunk_id, timeout)
         if waiter.done():  # held already: no wait (wrap_future would report it only a loop turn later)
             return waiter.result()
@@ -723,7 +748,7 @@ class Sidecar:
         guide's "Performance").
         """
         self._loop_thread.check_not_on_loop()
-        timeout = self.settings.recv_timeout if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+        timeout = self._recv_timeout(timeout)
         waiter = self._waiter(id, chunk_id, timeout)
         if self._polls and not waiter.done():
             self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above
@@ -744,6 +769,7 @@ class Sidecar:
         Raises:
             RecvTimeoutError: A chunk did not arrive within the receive timeout.
             PeerLostError: The sender disconnected mid-stream.
+            ValueError: ``id`` or ``start`` is not one a chunk can have (see :meth:`recv`).
         """
         chunk_id = start
         while True:
@@ -763,6 +789,7 @@ class Sidecar:
 
         Raises:
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
+            ValueError: ``id`` or ``chunk_id`` is not one a chunk can have (see :meth:`recv`).
         """
         self.mark_done_sync(id, chunk_id)
 
@@ -771,8 +798,10 @@ class Sidecar:
 
         Raises:
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
+            ValueError: ``id`` or ``chunk_id`` is not one a chunk can have (see :meth:`recv`).
         """
         self._check_open()
+        _check_key(id, chunk_id)
         self._store.mark_done(id, chunk_id)
 
     # -- life cycle ---------------------------------------------------------------------------

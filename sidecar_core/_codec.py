@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from msgspec.structs import replace
 
 from sidecar_core._errors import FrameError, SerializationError
-from sidecar_core._frame import Buffer, Frame, Header, buffer_nbytes
+from sidecar_core._frame import Buffer, Frame, Header, buffer_nbytes, check_header_size
 from sidecar_core._serializer import Encoded, Serializer
 
 
@@ -65,15 +65,24 @@ class Codec:
         """Encode ``obj`` into one frame, or into parts of at most ``max_part_bytes`` each.
 
         Raises:
-            SerializationError: No serializer accepts ``obj``, or its buffers are not contiguous.
+            SerializationError: No serializer accepts ``obj``, or its buffers are not flat, contiguous bytes.
+            FrameError: A frame's header would exceed ``MAX_HEADER_BYTES`` (too much metadata).
         """
         name, enc = self.encode(obj, serializer)
         for buf in enc.buffers:
-            # Transports send each buffer as one block of bytes; a strided one would fail there, less clearly.
-            if not (buf.c_contiguous if isinstance(buf, memoryview) else buf.is_contiguous()):
+            # Transports send each buffer as one block of bytes, and parts cut them by byte: a strided
+            # buffer would fail there, and a tensor of wider elements would be cut in the wrong places.
+            if isinstance(buf, memoryview):
+                flat = buf.c_contiguous
+            else:
+                import torch  # loaded already: the buffer is a tensor
+
+                flat = buf.dtype == torch.uint8 and buf.dim() == 1 and buf.is_contiguous()
+            if not flat:
                 raise SerializationError(
-                    f"serializer {name!r} returned a buffer that is not one contiguous block of bytes; its encode "
-                    "must return C-contiguous memoryviews and tensors (tensor.contiguous())"
+                    f"serializer {name!r} returned a buffer that is not one flat block of bytes; its encode "
+                    "must return C-contiguous memoryviews and flat torch.uint8 tensors (tensor.contiguous().view(-1)"
+                    ".view(torch.uint8))"
                 )
         layout = [buffer_nbytes(b) for b in enc.buffers]
         whole = Header(
@@ -89,13 +98,17 @@ class Codec:
             sizes=layout,
         )
         if max_part_bytes is None or whole.total_bytes <= max_part_bytes:
-            return [Frame(whole, list(enc.buffers))]
-        pieces = list(_split(enc.buffers, layout, max_part_bytes))
-        message = secrets.randbits(63)  # tells this send's parts from another send's of the same chunk
-        return [
-            Frame(replace(whole, part=i, num_parts=len(pieces), offset=offset, sizes=sizes, message=message), bufs)
-            for i, (offset, sizes, bufs) in enumerate(pieces)
-        ]
+            frames = [Frame(whole, list(enc.buffers))]
+        else:
+            pieces = list(_split(enc.buffers, layout, max_part_bytes))
+            message = secrets.randbits(63)  # tells this send's parts from another send's of the same chunk
+            frames = [
+                Frame(replace(whole, part=i, num_parts=len(pieces), offset=offset, sizes=sizes, message=message), bufs)
+                for i, (offset, sizes, bufs) in enumerate(pieces)
+            ]
+        for frame in frames:  # refused here, not by the receiver (a transport's header buffer may not hold it)
+            check_header_size(frame.header)
+        return frames
 
     def decode(self, header: Header, buffers: Sequence[Buffer], device: str) -> object:
         """Rebuild the object of a complete message.

@@ -50,11 +50,12 @@ class SerializationError(SidecarError, TypeError):
 
 
 class FrameError(SidecarError, ValueError):
-    """A frame that arrived is malformed or inconsistent (sizes, dtype, shape, id).
+    """A frame is malformed or inconsistent (sizes, dtype, shape, id), or too large to send.
 
-    The frame is rejected and the sender's ``send`` future raises :class:`RemoteError`; the
-    receiving sidecar keeps serving. This usually means mismatched sidecar versions or a peer that
-    is not a sidecar.
+    A frame that arrived is rejected and the sender's ``send`` future raises :class:`RemoteError`;
+    the receiving sidecar keeps serving. This usually means mismatched sidecar versions or a peer
+    that is not a sidecar. ``send`` raises it itself for an object whose frame header would exceed
+    the receivers' limit: send fewer tensors per message, or less serializer metadata.
     """
 
 

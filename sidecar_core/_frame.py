@@ -150,6 +150,38 @@ def buffer_tensor(buf: Buffer) -> torch.Tensor:
     return tensor
 
 
+def check_sender(header: Header, rank: int) -> None:
+    """Refuse an arrived frame whose header names another sender than the rank its connection proved.
+
+    The store files a frame under ``header.src`` (whose loss fails its receives and frees its parts),
+    so a frame must not speak for another rank.
+
+    Raises:
+        FrameError: ``header.src`` is not ``rank``.
+    """
+    if header.src != rank:
+        raise FrameError(
+            f"{header.describe()}: its header says it comes from rank {header.src}, but it came over the "
+            f"connection from rank {rank}; a sidecar sends its own rank"
+        )
+
+
+def check_header_size(header: Header) -> None:
+    """Refuse a header to be sent that a receiver would refuse for its size.
+
+    Raises:
+        FrameError: Its JSON is over ``MAX_HEADER_BYTES`` (the message says how to fix that).
+    """
+    length = len(_ENCODER.encode(header))
+    if length > MAX_HEADER_BYTES:
+        meta = len(_ENCODER.encode(header.meta))
+        raise FrameError(
+            f"{header.describe()}: its frame header would be {length} bytes, over the {MAX_HEADER_BYTES}-byte "
+            f"limit ({meta} of them the metadata of serializer {header.serializer!r}); send fewer tensors per "
+            "message, or less metadata"
+        )
+
+
 def encode_header(header: Header) -> bytes:
     """Return the wire prefix and JSON header of a frame (payload buffers follow it)."""
     body = _ENCODER.encode(header)

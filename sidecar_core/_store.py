@@ -218,7 +218,8 @@ class ReceiveStore:
         if key in self._held or key in self._done:
             state = "is already held" if key in self._held else "was already marked done"
             raise DuplicateChunkError(
-                f"{h.describe()} {state} on rank {self._rank}; use a fresh id or mark_done it before resending"
+                f"{h.describe()} {state} on rank {self._rank}; send it under a fresh id (a chunk is refused while "
+                f"it is held, and after mark_done for the last {DONE_MEMORY} chunks released)"
             )
         end = self._ends.get(h.id)
         if end is not None and h.chunk_id >= end:
@@ -351,19 +352,24 @@ class ReceiveStore:
             )
 
     def _hold(self, key: Key, h: Header, value: object, nbytes: int, release: Release | None) -> None:
+        """Store a complete chunk and wake its receivers.
+
+        Once stored, the chunk is the store's: nothing after that may raise to :meth:`deliver`, whose
+        caller would then release memory a receive may already hold (a failure is logged).
+        """
         held = self._held[key] = _Held(value, nbytes, h.src, release)
         self._held_chunks[key[0]].add(key[1])
         self.buffered_bytes += nbytes
-        if h.num_chunks is not None:
-            self._set_end(h.id, h.num_chunks)
-        for waiter in self._waiters.pop(key, []):
-            held.handed = True
-            settle_waiter(waiter, value)
-        if self._on_recv is not None:
-            try:
+        try:
+            if h.num_chunks is not None:
+                self._set_end(h.id, h.num_chunks)
+            for waiter in self._waiters.pop(key, []):
+                held.handed = True
+                settle_waiter(waiter, value)
+            if self._on_recv is not None:
                 self._on_recv(h, nbytes)
-            except Exception:  # the chunk is stored: the caller must not release or refuse it now
-                logger.exception("the on_recv callback failed for %s", h.describe())
+        except Exception:  # the chunk is stored: the caller must not release or refuse it now
+            logger.exception("handing out %s failed after it was stored", h.describe())
 
     def _set_end(self, id: str, num_chunks: int) -> None:
         # The smallest end wins: a pull-based transport may learn the end one missing chunk at a time.

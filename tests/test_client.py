@@ -269,6 +269,38 @@ def test_bad_ids_and_chunk_numbers_are_value_errors(
     b.mark_done_sync("x-ok")
 
 
+@pytest.mark.parametrize(
+    ("key", "timeout", "message"),
+    [
+        (("", 0), None, "id must be a str of 1 to 1024 characters, got ''"),
+        ((7, 0), None, "id must be a str of 1 to 1024 characters, got 7"),
+        (("x", None), None, "chunk_id must be an int >= 0, got None"),
+        (("x", "1"), None, "chunk_id must be an int >= 0, got '1'"),
+        (("x", True), None, "chunk_id must be an int >= 0, got True"),
+        (("x", -1), None, "chunk_id must be an int >= 0, got -1"),
+        (("x", 0), float("nan"), "timeout must be a number of seconds >= 0, or None for SIDECAR_RECV_TIMEOUT; got nan"),
+        (("x", 0), -1.0, "got -1.0"),
+        (("x", 0), "5", "got '5'"),
+    ],
+)
+def test_bad_receive_arguments_are_value_errors(
+    pair: tuple[Sidecar, Sidecar], key: tuple[Any, Any], timeout: Any, message: str
+) -> None:
+    """Refused before the store files anything: a waiter filed under a chunk_id of None once made the
+    next delivery of that id fail after the chunk was stored, and release memory the store still held."""
+    a, b = pair
+    with pytest.raises(ValueError, match=re.escape(message)):
+        b.recv_sync(*key, timeout=timeout)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        asyncio.run(b.recv(*key, timeout=timeout))
+    if timeout is None:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            b.mark_done_sync(*key)
+    a.send(torch.arange(3), "x", 1).result(WAIT)  # the sidecar goes on, and so does the id
+    assert torch.equal(b.recv_sync("x", timeout=WAIT), torch.arange(3))
+    b.mark_done_sync("x")
+
+
 def test_stream_chunk_ids_are_unbounded_and_close_needs_a_count(pair: tuple[Sidecar, Sidecar]) -> None:
     a, b = pair
     a.send(b"far", "far", 1, chunk_id=100, stream=True).result(WAIT)
@@ -354,7 +386,7 @@ def test_duplicate_chunk_error_is_the_receivers_reason(pair: tuple[Sidecar, Side
     with pytest.raises(RemoteError) as info:
         a.send(1, "again", 1).result(WAIT)
     assert DuplicateChunkError.__name__ not in str(info.value)  # the reason, not the class, travels
-    assert "use a fresh id or mark_done it before resending" in str(info.value)
+    assert "send it under a fresh id" in str(info.value)
 
 
 def test_calls_from_many_threads(pair: tuple[Sidecar, Sidecar]) -> None:

@@ -26,8 +26,9 @@ from sidecar_core import (
     PeerLostError,
     RecvTimeoutError,
     SidecarClosedError,
+    check_sender,
 )
-from sidecar_core._frame import decode_header
+from sidecar_core._frame import MAX_HEADER_BYTES, decode_header
 from sidecar_core._store import ReceiveStore
 
 
@@ -186,6 +187,49 @@ def test_an_on_recv_callback_that_raises_leaves_the_chunk_stored_and_released_on
         assert releases.calls == {"kept": 1}
 
     asyncio.run(main())
+
+
+def test_a_failure_after_a_chunk_is_stored_does_not_release_it() -> None:
+    # A waiter filed under a key that cannot be compared with the chunk numbers (the client refuses
+    # such keys now) made handing out a chunk raise after it was stored: deliver then released the
+    # memory of a chunk the store still held and would hand out.
+    async def main() -> None:
+        releases = Releases()
+        store = make_store()
+        odd: concurrent.futures.Future[object] = concurrent.futures.Future()
+        store.add_waiter("kept", None, odd)  # type: ignore[arg-type]
+        store.deliver(frames(b"abc", id="kept")[0], releases("kept"))  # logs; does not raise
+        assert releases.calls == {}
+        assert await store.get("kept", 0, 1.0) == b"abc"
+        store.mark_done("kept", 0)
+        assert releases.calls == {"kept": 1}
+
+    asyncio.run(main())
+
+
+def test_a_frame_whose_header_is_too_large_is_refused_when_sent() -> None:
+    # Receivers refuse headers over MAX_HEADER_BYTES; ucx could not even take the header message
+    # (the connection broke). The sender now raises before anything is sent.
+    class Wordy(RawBytes):
+        NAME = "wordy"
+
+        @staticmethod
+        def encode(obj: bytes) -> Encoded:
+            return Encoded(meta={"n": len(obj), "notes": "x" * MAX_HEADER_BYTES}, buffers=[memoryview(obj)])
+
+    codec = Codec([Wordy()])
+    with pytest.raises(FrameError, match=r"id='big' chunk=0: its frame header would be \d+ bytes, over the 1048576"):
+        codec.frames(b"abc", id="big", chunk_id=0, num_chunks=1, src=0, max_part_bytes=None)
+    with pytest.raises(FrameError, match="metadata of serializer 'wordy'"):
+        codec.frames(b"abcdef", id="big", chunk_id=0, num_chunks=1, src=0, max_part_bytes=2)
+    assert len(frames(b"x" * (1 << 10), part=None)[0].header.meta) == 1  # an ordinary header passes
+
+
+def test_a_frame_must_come_from_the_rank_its_connection_proved() -> None:
+    header = frames(b"abc", src=3)[0].header
+    check_sender(header, 3)
+    with pytest.raises(FrameError, match="says it comes from rank 3, but it came over the connection from rank 4"):
+        check_sender(header, 4)
 
 
 def test_a_receive_that_starts_after_close_fails_at_once() -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar_core import AuthenticationError, Buffer, Frame, Header, Inbox, SidecarClosedError
+from sidecar_core import AuthenticationError, Buffer, Frame, FrameError, Header, Inbox, SidecarClosedError, check_sender
 from transports.localhost._channel import Channel
 from transports.localhost._protocol import (
     SENDER_MESSAGES,
@@ -298,6 +298,13 @@ class Incoming:
         self._deliver(seq, Frame(header, moved), None)
 
     def _deliver(self, seq: int, frame: Frame, release: Callable[[], None] | None) -> None:
+        try:
+            check_sender(frame.header, -1 if self.rank is None else self.rank)  # frames come after the hello
+        except FrameError as exc:
+            if release is not None:
+                release()
+            self._nack(seq, exc)
+            return
         try:
             self._inbox.deliver(frame, release)
         except Exception as exc:

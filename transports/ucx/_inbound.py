@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox, SidecarError
+from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox, SidecarError, check_sender
 from transports.ucx import _wire as wire
 from transports.ucx._endpoint import Endpoint, describe_error
 from transports.ucx._link import cuda_idle, wait_cuda_idle
@@ -245,6 +245,15 @@ class Inbound:
             logger.warning("ucx: malformed frame header from %s: %s", self._who(), exc)
             self._ack(seq, exc, closing=True)
             self._spawn(self._close_after_linger(f"malformed frame header: {exc}"))
+            return
+        try:
+            check_sender(header, -1 if self.rank is None else self.rank)  # headers come after the handshake
+        except FrameError as refusal:
+            if inline is None:
+                self._drain(seq, header, refusal)
+            else:
+                self._ack(seq, refusal)
+            self._read_header()
             return
         if inline is not None:
             self._deliver(seq, header, _split(memoryview(bytearray(inline)), header.sizes), None)

@@ -39,6 +39,7 @@ from sidecar_core import (
     RemoteError,
     Transport,
     TransportContext,
+    check_sender,
     decode_header,
     encode_header,
     header_length,
@@ -170,8 +171,7 @@ class ExampleTcpTransport(Transport):
         prefix = await reader.readexactly(PREFIX.size)
         try:
             header = decode_header(await reader.readexactly(header_length(prefix)))
-            if header.src != rank:
-                raise FrameError(f"{header.describe()}: header says src={header.src} but rank {rank} sent it")
+            check_sender(header, rank)
             if header.frame_bytes > self.ctx.settings.max_buffered_bytes:
                 raise CapacityError(
                     f"{header.describe()}: a {header.frame_bytes}-byte frame exceeds SIDECAR_MAX_BUFFERED_BYTES="
