@@ -47,7 +47,7 @@ from sidecar_core._hooks import hookimpl, hookspec
 from sidecar_core._plugins import PluginEntry, Registry, build_registry, get_registry
 from sidecar_core._serializer import Encoded, Serializer
 from sidecar_core._settings import SidecarSettings, load_settings
-from sidecar_core._transport import Inbox, Transport, TransportContext, settle
+from sidecar_core._transport import Inbox, PartRoutes, Transport, TransportContext, settle
 
 __version__ = "0.1.0"
 
@@ -63,6 +63,7 @@ __all__ = [
     "FrameError",
     "Header",
     "Inbox",
+    "PartRoutes",
     "PeerLostError",
     "PeerUnreachableError",
     "PluginEntry",

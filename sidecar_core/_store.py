@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -407,6 +407,18 @@ class ReceiveStore:
             error = self._lost_error(key)
             for waiter in self._waiters.pop(key):
                 settle_waiter(waiter, error=error)
+
+    def parts_lost(self, rank: int, messages: Collection[int]) -> None:
+        """Drop the unfinished messages in parts ``messages`` from ``rank`` (see :class:`sidecar_core.Inbox`)."""
+        with self._lock:
+            for key in [
+                k for k, into in self._assembling.items() if into.first.src == rank and into.first.message in messages
+            ]:
+                self._drop_assembly(key)
+            for slot in [
+                slot for slot, into in self._landing.items() if into.first.src == rank and slot[1] in messages
+            ]:
+                self._forget_landing(slot)
 
     def _lost_error(self, key: Key) -> PeerLostError:
         return PeerLostError(

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from sidecar_core._errors import PeerLostError
 from sidecar_core._frame import Frame, Header
 
 if TYPE_CHECKING:
@@ -51,6 +53,50 @@ def settle(future: asyncio.Future[None], error: Exception | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+class PartRoutes:
+    """Keeps every part of a message to one destination on the connection its first part took.
+
+    For transports that reconnect on their own. A message in parts split over two connections can be
+    lost although every part was acknowledged: once the receiver hears that the first connection
+    broke, it drops the unfinished messages of that sender, and the parts that then come over the
+    new connection can never complete the message. With this, a later part whose first part went over
+    another connection fails with :class:`PeerLostError` instead, and the sender sends the message
+    again. Loop thread only; the core sends a message's parts in order, one after another.
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[tuple[int, int], object] = {}
+
+    @contextlib.contextmanager
+    def route(self, dst: int, header: Header, connection: object) -> Iterator[None]:
+        """Send one frame of a message to ``dst`` over ``connection`` inside this block.
+
+        Raises:
+            PeerLostError: ``header`` is a later part of a message whose first part went over
+                another connection (the receiver has dropped, or will drop, the parts before it).
+        """
+        if header.num_parts == 1:
+            yield
+            return
+        key = (dst, header.message)
+        if header.part == 0:
+            self._first[key] = connection
+        elif self._first.get(key) is not connection:
+            self._first.pop(key, None)
+            raise PeerLostError(
+                f"the connection to rank {dst} broke between the parts of {header.describe()} (before part "
+                f"{header.part} of {header.num_parts}); the receiver drops the parts that came over it: send the "
+                "message again"
+            )
+        try:
+            yield
+        except BaseException:
+            self._first.pop(key, None)
+            raise
+        if header.part == header.num_parts - 1:
+            del self._first[key]
 
 
 class Inbox(Protocol):
@@ -100,7 +146,20 @@ class Inbox(Protocol):
         """
 
     def peer_lost(self, rank: int, reason: str) -> None:
-        """Tell the core that the connection from ``rank`` broke; waiting receives fail fast."""
+        """Tell the core that the connection from ``rank`` broke; waiting receives fail fast.
+
+        The core drops every unfinished message in parts from ``rank``. Where ``rank`` is still
+        connected over a newer connection, call :meth:`parts_lost` instead.
+        """
+
+    def parts_lost(self, rank: int, messages: Collection[int]) -> None:
+        """Tell the core that the messages in parts ``messages`` (``header.message``) from ``rank`` will not complete.
+
+        For a connection that broke while ``rank`` is still connected over a newer one (its receives
+        go on): only the messages whose parts came over the broken connection are dropped, with the
+        memory set aside for parts still landing there. Their sender's sends have failed (see
+        :class:`PartRoutes`).
+        """
 
 
 @dataclass(frozen=True, slots=True)

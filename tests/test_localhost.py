@@ -549,6 +549,7 @@ def test_a_frame_naming_another_sender_is_refused_and_the_connection_stays(
     lh = transport(sender)
     sender.send(0, f"before-impostor-{nbytes}", 1).result(WAIT)
     link = lh._links[1]
+    used = lh._pool.used  # what the peer still holds from earlier tests
     (frame,) = sender.codec.frames(
         random_bytes(nbytes, 12), id=f"impostor-{nbytes}", chunk_id=0, num_chunks=1, src=3, max_part_bytes=None
     )
@@ -557,7 +558,32 @@ def test_a_frame_naming_another_sender_is_refused_and_the_connection_stays(
     sender.send(7, f"after-impostor-{nbytes}", 1).result(WAIT)
     assert lh._links[1] is link
     assert peer.call(peer_recv_values, [f"before-impostor-{nbytes}", f"after-impostor-{nbytes}"]) == [0, 7]
-    assert lh._pool.used == 0, "the refused frame's slot went back to the pool"
+    wait_until(lambda: lh._pool.used == used, "the refused frame's slot went back to the pool")
+
+
+async def _break_link(link: Any) -> None:
+    link.channel.close("the connection broke")
+
+
+def test_a_message_in_parts_is_not_continued_over_a_new_connection(env: dict[str, str], sender: Sidecar) -> None:
+    # Continued over a new connection, the message's later parts would be acknowledged while the
+    # receiver drops the parts that came over the broken one: a send reported done for a message the
+    # receiver never completes.
+    lh = transport(sender)
+    data = random_bytes(4 * MiB, 16)
+    with local_sidecar(env, 13) as receiver:
+        first, second = sender.codec.frames(data, id="split", chunk_id=0, num_chunks=1, src=0, max_part_bytes=2 * MiB)
+        sender._loop_thread.call(lh.send(13, first))
+        sender._loop_thread.call(_break_link(lh._links[13]))
+        with pytest.raises(
+            PeerLostError, match=r"rank 13 broke between the parts of id='split' chunk=0 .*send the message"
+        ):
+            sender._loop_thread.call(lh.send(13, second))
+        for frame in sender.codec.frames(data, id="split", chunk_id=0, num_chunks=1, src=0, max_part_bytes=2 * MiB):
+            sender._loop_thread.call(lh.send(13, frame))  # sent again in full, at once, over the new connection
+        assert _digest(receiver.recv_sync("split", timeout=WAIT)) == _digest(data)
+        receiver.mark_done_sync("split")
+        wait_until(lambda: receiver._store.buffered_bytes == 0, "nothing of the first send stays counted")
 
 
 def test_many_small_messages(sender: Sidecar, peer: PeerProcess) -> None:

@@ -23,6 +23,7 @@ from sidecar_core import (
     Frame,
     FrameError,
     Header,
+    PartRoutes,
     PeerLostError,
     RecvTimeoutError,
     SidecarClosedError,
@@ -230,6 +231,55 @@ def test_a_frame_must_come_from_the_rank_its_connection_proved() -> None:
     check_sender(header, 3)
     with pytest.raises(FrameError, match="says it comes from rank 3, but it came over the connection from rank 4"):
         check_sender(header, 4)
+
+
+def test_parts_lost_drops_only_those_messages_and_fails_no_receive() -> None:
+    # A connection from rank 1 broke while rank 1 is connected over a newer one: the message whose
+    # parts came over the broken connection is dropped (with the memory set aside for its part still
+    # landing), the one coming over the new connection goes on, and receives keep waiting.
+    async def main() -> None:
+        store = make_store()
+        old = frames(b"a" * 8, id="old", part=4)
+        new = frames(b"b" * 8, id="new", part=4)
+        waiting = asyncio.create_task(store.get("new", 0, 5.0))
+        store.deliver(old[0])
+        landing = store.part_landing(old[1].header)
+        assert landing is not None
+        store.deliver(new[0])
+        assert store.buffered_bytes == 16
+        store.parts_lost(1, {old[0].header.message})
+        assert store.buffered_bytes == 8, "the old message and its landing memory are let go"
+        store.deliver(new[1])
+        assert await waiting == b"b" * 8
+        store.parts_lost(2, {new[0].header.message})  # another sender's: nothing of rank 1 goes
+        assert await store.get("new", 0, 1.0) == b"b" * 8
+
+    run(main())
+
+
+def test_part_routes_keep_a_message_on_the_connection_of_its_first_part() -> None:
+    routes = PartRoutes()
+    first, second = object(), object()
+    parts = [frame.header for frame in frames(b"c" * 12, id="routed", part=4)]
+    with routes.route(1, parts[0], first):
+        pass
+    broke = r"connection to rank 1 broke between the parts of id='routed' chunk=0 "
+    with pytest.raises(PeerLostError, match=broke), routes.route(1, parts[1], second):
+        raise AssertionError("not sent over a new connection")
+    with pytest.raises(PeerLostError), routes.route(1, parts[2], first):  # the message is given up
+        pass
+    # Sent again in full (a new message), over the new connection; a failed part forgets its message.
+    again = [frame.header for frame in frames(b"c" * 12, id="routed", part=4)]
+    for header in again:
+        with routes.route(1, header, second):
+            pass
+    assert not routes._first, "a message is forgotten once its last part went"
+    with pytest.raises(RuntimeError), routes.route(2, again[0], first):
+        raise RuntimeError("the first part failed")
+    assert not routes._first
+    with routes.route(3, frames(b"single")[0].header, first):  # one frame: no route to keep
+        pass
+    assert not routes._first
 
 
 def test_a_receive_that_starts_after_close_fails_at_once() -> None:

@@ -80,6 +80,8 @@ class ServeOptions:
     recv_device: str
     cuda_ipc: bool
     hello_timeout: float
+    #: The transport's open connections in: a rank still connected over another one is not lost.
+    connections: set[Incoming]
 
 
 class Incoming:
@@ -110,6 +112,8 @@ class Incoming:
         self._pool: PeerPool | None = None
         self._staged: dict[int, _Staged] = {}
         self._pinned: bool | None = None  # whether the peer's pool is page-locked here (None: not tried)
+        #: Messages in parts (``header.message``) whose parts came over this connection, until the last did.
+        self._parts: set[int] = set()
         self.shutting_down = False
         self.channel = Channel(
             sock,
@@ -305,6 +309,12 @@ class Incoming:
                 release()
             self._nack(seq, exc)
             return
+        header = frame.header
+        if header.num_parts > 1:
+            if header.part == header.num_parts - 1:
+                self._parts.discard(header.message)  # nothing of the message comes here after its last part
+            else:
+                self._parts.add(header.message)
         try:
             self._inbox.deliver(frame, release)
         except Exception as exc:
@@ -347,7 +357,15 @@ class Incoming:
             self._pool.close()
             self._pool = None  # views the store still holds keep the mapping; it goes with the last one
         if self.rank is not None and not self.shutting_down:
-            self._inbox.peer_lost(self.rank, f"its connection to rank {self._options.rank} closed ({reason})")
+            if any(
+                other is not self and other.rank == self.rank and other.channel.closed is None
+                for other in self._options.connections
+            ):
+                # The peer connected again: only what came over this connection is lost, and the
+                # peer's sends of it have failed.
+                self._inbox.parts_lost(self.rank, self._parts)
+            else:
+                self._inbox.peer_lost(self.rank, f"its connection to rank {self._options.rank} closed ({reason})")
         self._on_closed(self)
 
     async def close(self) -> None:

@@ -42,7 +42,16 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sidecar_core import Buffer, Frame, PeerLostError, Transport, TransportContext, encode_header, load_settings
+from sidecar_core import (
+    Buffer,
+    Frame,
+    PartRoutes,
+    PeerLostError,
+    Transport,
+    TransportContext,
+    encode_header,
+    load_settings,
+)
 from sidecar_core._settings import env_name
 from transports.localhost._copy import Copier, default_copy_threads
 from transports.localhost._incoming import Incoming, ServeOptions
@@ -174,6 +183,7 @@ class LocalhostTransport(Transport):
         self._pinning: asyncio.Future[bool] | None = None
         self._trim_timer: asyncio.TimerHandle | None = None
         self._links: dict[int, Link] = {}
+        self._routes = PartRoutes()
         self._connecting: dict[int, asyncio.Task[Link]] = {}
         self._incoming: set[Incoming] = set()
         self._shared: dict[int, _Shared] = {}
@@ -208,6 +218,7 @@ class LocalhostTransport(Transport):
             recv_device=self.ctx.settings.recv_device,
             cuda_ipc=self.settings.cuda_ipc,
             hello_timeout=self.ctx.settings.connect_timeout,
+            connections=self._incoming,
         )
         while True:
             try:
@@ -240,7 +251,8 @@ class LocalhostTransport(Transport):
 
         Raises:
             PeerUnreachableError: Nothing listens on ``dst``'s socket within the connect timeout.
-            PeerLostError: The connection broke before ``dst`` acknowledged.
+            PeerLostError: The connection broke before ``dst`` acknowledged, or between two parts of a
+                message (see :class:`sidecar_core.PartRoutes`).
             RemoteError: ``dst`` refused the frame; its reason is in the message.
             AuthenticationError: ``dst`` refused this sidecar's auth token.
             CapacityError: The pool stayed full for the whole send timeout.
@@ -248,6 +260,11 @@ class LocalhostTransport(Transport):
         loop = self.ctx.loop
         deadline = loop.time() + self.ctx.settings.send_timeout * _POOL_WAIT_SHARE
         link = await self._link(dst)
+        with self._routes.route(dst, frame.header, link):
+            await self._send_on(link, frame, deadline)
+
+    async def _send_on(self, link: Link, frame: Frame, deadline: float) -> None:
+        """Send ``frame`` over ``link`` and wait for its acknowledgement (see :meth:`send`)."""
         header = frame.header
         what = header.describe()
         on_gpu = [not isinstance(b, memoryview) and b.is_cuda for b in frame.buffers]

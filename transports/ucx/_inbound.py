@@ -110,6 +110,8 @@ class ServeOptions:
     handshake_timeout: float
     pool: HostPool
     arriving: Arriving
+    #: The transport's open connections in: a rank still connected over another one is not lost.
+    connections: set[Inbound]
 
 
 class Inbound:
@@ -129,6 +131,8 @@ class Inbound:
         self.rank: int | None = None
         self._ack_tag = 0
         self._arriving = 0  # this connection's share of options.arriving
+        #: Messages in parts (``header.message``) whose parts come over this connection, until the last is delivered.
+        self._parts: set[int] = set()
         self.closed = False
 
     def attach(self, endpoint: Endpoint) -> None:
@@ -255,6 +259,8 @@ class Inbound:
                 self._ack(seq, refusal)
             self._read_header()
             return
+        if header.num_parts > 1:
+            self._parts.add(header.message)
         if inline is not None:
             self._deliver(seq, header, _split(memoryview(bytearray(inline)), header.sizes), None)
             self._read_header()
@@ -405,7 +411,13 @@ class Inbound:
             self._options.inbox.deliver(Frame(header, list(buffers)), release)
         except Exception as exc:  # FrameError, DuplicateChunkError, CapacityError: the sender raises it
             refusal = exc
+        self._last_part_done(header)
         self._ack(seq, refusal)
+
+    def _last_part_done(self, header: Header) -> None:
+        """Forget a message in parts once its last part is through (nothing of it lands here any more)."""
+        if header.part == header.num_parts - 1:
+            self._parts.discard(header.message)
 
     def _drain(self, seq: int, header: Header, refusal: Exception) -> None:
         """Consume the payload of a refused frame, then acknowledge it with the refusal.
@@ -417,6 +429,7 @@ class Inbound:
         """
         endpoint = self._require()
         messages = sum(1 for size in header.sizes if size)
+        self._last_part_done(header)  # refused: nothing of it lands
 
         def drained(outcomes: list[Exception | None]) -> None:
             if all(error is None or endpoint.truncated(error) for error in outcomes):
@@ -457,7 +470,12 @@ class Inbound:
             if task is not current:
                 task.cancel()
         if lost and self.rank is not None:
-            self._options.inbox.peer_lost(self.rank, reason)
+            if any(other.rank == self.rank and not other.closed for other in self._options.connections):
+                # The peer connected again (it reconnects on its own): only what came over this
+                # connection is lost, and the peer's sends of it have failed.
+                self._options.inbox.parts_lost(self.rank, self._parts)
+            else:
+                self._options.inbox.peer_lost(self.rank, reason)
         self._on_closed(self)
 
     def close(self) -> None:

@@ -33,7 +33,15 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sidecar_core import Frame, PeerUnreachableError, SettingsError, Transport, TransportContext, load_settings
+from sidecar_core import (
+    Frame,
+    PartRoutes,
+    PeerUnreachableError,
+    SettingsError,
+    Transport,
+    TransportContext,
+    load_settings,
+)
 from transports.ucx import _wire as wire
 from transports.ucx._addressing import Addressing, free_base_port
 from transports.ucx._endpoint import Endpoint, describe_error
@@ -127,6 +135,7 @@ class UcxTransport(Transport):
         self._worker: UcxWorker | None = None
         self._listener: Any = None
         self._links: dict[int, Link] = {}
+        self._routes = PartRoutes()
         self._connecting: dict[int, asyncio.Task[Link]] = {}
         self._inbound: set[Inbound] = set()
         self._pool = HostPool(self.options.host_pool_bytes)
@@ -173,6 +182,7 @@ class UcxTransport(Transport):
             handshake_timeout=self.ctx.settings.connect_timeout,
             pool=self._pool,
             arriving=Arriving(),
+            connections=self._inbound,
         )
         try:
             self._listener = worker.api.UCXListener.create(
@@ -245,14 +255,16 @@ class UcxTransport(Transport):
 
         Raises:
             PeerUnreachableError: ``dst`` cannot be connected to within ``SIDECAR_CONNECT_TIMEOUT``.
-            PeerLostError: The connection broke before ``dst`` acknowledged.
+            PeerLostError: The connection broke before ``dst`` acknowledged, or between two parts of a
+                message (see :class:`sidecar_core.PartRoutes`).
             RemoteError: ``dst``'s inbox refused the frame.
             AuthenticationError: ``dst`` refused this sidecar's auth token.
         """
         link = self._links.get(dst)
         if link is None or link.closed:
             link = await self._link(dst)
-        await link.send(frame)
+        with self._routes.route(dst, frame.header, link):
+            await link.send(frame)
 
     def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
         """Send ``frame`` to an open connection from the calling thread (see :meth:`Link.send_nowait`).
