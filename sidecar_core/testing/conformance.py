@@ -325,6 +325,28 @@ class TransportConformance:
         assert (status, kind) == ("error", "RecvTimeoutError"), "the rejected frame must not be stored"
 
     @needs_peer
+    @pytest.mark.parametrize("nbytes", [16, 2 << 20], ids=["small", "large"])
+    def test_a_frame_naming_another_sender_is_refused(self, sidecar_deployment: Deployment, nbytes: int) -> None:
+        """A frame whose header names another rank than its connection's fails the sender; later data is unharmed.
+
+        The receiver files a frame under the rank in its header, whose loss fails receives of its ids
+        and drops its parts: a peer may not speak for another rank (``sidecar_core.check_sender``).
+        """
+        dep = sidecar_deployment
+        peer = dep.peer(1)  # started before anything is sent to it
+        impostor, later = new_id("impostor"), new_id("after-impostor")
+        (frame,) = dep.sidecar.codec.frames(
+            bytes(nbytes), id=impostor, chunk_id=0, num_chunks=1, src=3, max_part_bytes=None
+        )
+        sidecar = dep.sidecar
+        with pytest.raises(RemoteError, match="says it comes from rank 3, but it came over the connection from rank 0"):
+            sidecar._loop_thread.call(sidecar._transport.send(1, frame))
+        sidecar.send(payload("dict"), later, 1).result(WAIT)
+        assert peer.call(ops.recv, later) == expected("dict")
+        status, kind, _ = peer.call(ops.outcome, impostor, 0, 0.3)
+        assert (status, kind) == ("error", "RecvTimeoutError"), "the refused frame must not be stored"
+
+    @needs_peer
     def test_peer_lost_mid_stream(self, sidecar_deployment: Deployment) -> None:
         """A sender killed mid-stream fails the waiting recv with PeerLostError; others go on."""
         dep = sidecar_deployment

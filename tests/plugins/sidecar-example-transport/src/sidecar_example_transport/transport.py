@@ -171,7 +171,6 @@ class ExampleTcpTransport(Transport):
         prefix = await reader.readexactly(PREFIX.size)
         try:
             header = decode_header(await reader.readexactly(header_length(prefix)))
-            check_sender(header, rank)
             if header.frame_bytes > self.ctx.settings.max_buffered_bytes:
                 raise CapacityError(
                     f"{header.describe()}: a {header.frame_bytes}-byte frame exceeds SIDECAR_MAX_BUFFERED_BYTES="
@@ -183,6 +182,7 @@ class ExampleTcpTransport(Transport):
             return False
         buffers: list[Buffer] = [memoryview(await reader.readexactly(size)) for size in header.sizes]
         try:
+            check_sender(header, rank)  # after its payload: the stream stays in step, the connection serves on
             self.ctx.inbox.deliver(Frame(header, buffers))
         except (FrameError, DuplicateChunkError, CapacityError) as exc:
             await _ack(writer, REJECTED, str(exc))
