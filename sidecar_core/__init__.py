@@ -47,12 +47,13 @@ from sidecar_core._hooks import hookimpl, hookspec
 from sidecar_core._plugins import PluginEntry, Registry, build_registry, get_registry
 from sidecar_core._serializer import Encoded, Serializer
 from sidecar_core._settings import SidecarSettings, load_settings
-from sidecar_core._transport import Inbox, PartRoutes, Transport, TransportContext, settle
+from sidecar_core._transport import ArrivingParts, Inbox, PartRoutes, Transport, TransportContext, settle
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyDoneError",
+    "ArrivingParts",
     "AuthenticationError",
     "Buffer",
     "CapacityError",

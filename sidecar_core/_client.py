@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import numbers
 import os
 import threading
 import time
@@ -665,7 +666,7 @@ class Sidecar:
         """
         if timeout is None:
             return self.settings.recv_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:  # NaN fails >= 0
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:  # NaN fails >= 0
             raise ValueError(
                 f"timeout must be a number of seconds >= 0, or None for SIDECAR_RECV_TIMEOUT; got {timeout!r:.80}"
             )

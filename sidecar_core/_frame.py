@@ -172,7 +172,10 @@ def check_header_size(header: Header) -> None:
     Raises:
         FrameError: Its JSON is over ``MAX_HEADER_BYTES`` (the message says how to fix that).
     """
-    length = len(_ENCODER.encode(header))
+    try:
+        length = len(_ENCODER.encode(header))
+    except UnicodeEncodeError:  # an id that is not valid UTF-8: only a storage transport (mock-file) takes it
+        return
     if length > MAX_HEADER_BYTES:
         meta = len(_ENCODER.encode(header.meta))
         raise FrameError(

@@ -360,16 +360,19 @@ class ReceiveStore:
         held = self._held[key] = _Held(value, nbytes, h.src, release)
         self._held_chunks[key[0]].add(key[1])
         self.buffered_bytes += nbytes
+        for waiter in self._waiters.pop(key, []):
+            held.handed = True
+            settle_waiter(waiter, value)
         try:
             if h.num_chunks is not None:
                 self._set_end(h.id, h.num_chunks)
-            for waiter in self._waiters.pop(key, []):
-                held.handed = True
-                settle_waiter(waiter, value)
-            if self._on_recv is not None:
-                self._on_recv(h, nbytes)
         except Exception:  # the chunk is stored: the caller must not release or refuse it now
-            logger.exception("handing out %s failed after it was stored", h.describe())
+            logger.exception("recording the end of id %r failed after %s was stored", h.id, h.describe())
+        if self._on_recv is not None:
+            try:
+                self._on_recv(h, nbytes)
+            except Exception:
+                logger.exception("the on_recv callback failed for %s", h.describe())
 
     def _set_end(self, id: str, num_chunks: int) -> None:
         # The smallest end wins: a pull-based transport may learn the end one missing chunk at a time.

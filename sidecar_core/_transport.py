@@ -26,10 +26,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from sidecar_core._errors import PeerLostError
 from sidecar_core._frame import Frame, Header
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
     from sidecar_core._codec import Codec
     from sidecar_core._settings import SidecarSettings
+
+#: A transport's connection object (compared by identity).
+C = TypeVar("C")
 
 
 def settle(future: asyncio.Future[None], error: Exception | None) -> None:
@@ -60,7 +63,7 @@ class PartRoutes:
 
     For transports that reconnect on their own. A message in parts split over two connections can be
     lost although every part was acknowledged: once the receiver hears that the first connection
-    broke, it drops the unfinished messages of that sender, and the parts that then come over the
+    broke, it drops the unfinished messages that came over it, and the parts that then come over the
     new connection can never complete the message. With this, a later part whose first part went over
     another connection fails with :class:`PeerLostError` instead, and the sender sends the message
     again. Loop thread only; the core sends a message's parts in order, one after another.
@@ -69,34 +72,63 @@ class PartRoutes:
     def __init__(self) -> None:
         self._first: dict[tuple[int, int], object] = {}
 
-    @contextlib.contextmanager
-    def route(self, dst: int, header: Header, connection: object) -> Iterator[None]:
-        """Send one frame of a message to ``dst`` over ``connection`` inside this block.
+    @contextlib.asynccontextmanager
+    async def route(self, dst: int, header: Header, connect: Callable[[], Awaitable[C]]) -> AsyncIterator[C]:
+        """Get the connection to ``dst`` with ``connect()`` and send one frame of a message over it inside this block.
+
+        A message's route is forgotten after its last part, or once one of its parts fails (getting
+        the connection included).
 
         Raises:
             PeerLostError: ``header`` is a later part of a message whose first part went over
                 another connection (the receiver has dropped, or will drop, the parts before it).
+            Exception: What ``connect()`` or the block raised.
         """
-        if header.num_parts == 1:
-            yield
-            return
         key = (dst, header.message)
-        if header.part == 0:
-            self._first[key] = connection
-        elif self._first.get(key) is not connection:
-            self._first.pop(key, None)
-            raise PeerLostError(
-                f"the connection to rank {dst} broke between the parts of {header.describe()} (before part "
-                f"{header.part} of {header.num_parts}); the receiver drops the parts that came over it: send the "
-                "message again"
-            )
         try:
-            yield
+            connection = await connect()
+            if header.num_parts > 1 and header.part == 0:
+                self._first[key] = connection
+            elif header.num_parts > 1 and self._first.get(key) is not connection:
+                raise PeerLostError(
+                    f"the connection to rank {dst} broke between the parts of {header.describe()} (before part "
+                    f"{header.part} of {header.num_parts}); the receiver drops the parts that came over it: send "
+                    "the message again"
+                )
+            yield connection
         except BaseException:
             self._first.pop(key, None)
             raise
         if header.part == header.num_parts - 1:
-            del self._first[key]
+            self._first.pop(key, None)
+
+
+class ArrivingParts:
+    """The messages in parts coming over one connection in (receiving side; loop thread only).
+
+    What :meth:`Inbox.parts_lost` needs when the connection breaks while its peer is connected over
+    another one. A part the inbox refuses fails its message's send, so the parts of that message
+    that came before it are dropped at once rather than left counted until someone ``mark_done``s it.
+    """
+
+    def __init__(self) -> None:
+        #: ``header.message`` of each message in parts with a part here and its last part not yet taken.
+        self.messages: set[int] = set()
+
+    def arrived(self, header: Header) -> None:
+        """A frame's header came over the connection (its payload may still be arriving)."""
+        if header.num_parts > 1:
+            self.messages.add(header.message)
+
+    def taken(self, header: Header, inbox: Inbox, *, refused: bool) -> None:
+        """The frame was delivered (``refused``: or refused, by the inbox or the transport)."""
+        if header.num_parts == 1:
+            return
+        if refused:
+            self.messages.discard(header.message)
+            inbox.parts_lost(header.src, (header.message,))
+        elif header.part == header.num_parts - 1:
+            self.messages.discard(header.message)
 
 
 class Inbox(Protocol):

@@ -57,6 +57,7 @@ from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.localhost import LocalhostTransport
 from transports.localhost._channel import Channel
+from transports.localhost._incoming import Incoming
 from transports.localhost._link import Link
 from transports.localhost._protocol import (
     ENVELOPE,
@@ -540,7 +541,7 @@ def test_large_tensor_arrives_exactly_as_a_zero_copy_view(sender: Sidecar, peer:
     assert got["in_pool"], "the received tensor must be a view of the sender's shared-memory pool"
 
 
-async def _break_link(link: Any) -> None:
+async def _break_link(link: Link) -> None:
     link.channel.close("the connection broke")
 
 
@@ -563,6 +564,49 @@ def test_a_message_in_parts_is_not_continued_over_a_new_connection(env: dict[str
         assert _digest(receiver.recv_sync("split", timeout=WAIT)) == _digest(data)
         receiver.mark_done_sync("split")
         wait_until(lambda: receiver._store.buffered_bytes == 0, "nothing of the first send stays counted")
+
+
+def test_a_connection_found_broken_late_loses_only_what_came_over_it(
+    env: dict[str, str], sender: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver may handle the break of an old connection only after the sender connected again
+    # and sent parts of another message: those parts, and receives waiting on the sender, must survive.
+    heard: list[tuple[Incoming, str]] = []
+    close_now = Incoming._on_close
+
+    def close_later(incoming: Incoming, reason: str) -> None:
+        if not heard and incoming.rank == 0:
+            heard.append((incoming, reason))
+        else:
+            close_now(incoming, reason)
+
+    monkeypatch.setattr(Incoming, "_on_close", close_later)  # before the connection: its channel keeps the method
+    lh = transport(sender)
+    old_data, new_data = random_bytes(4 * MiB, 17), random_bytes(4 * MiB, 18)
+    with local_sidecar(env, 14) as receiver, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sender.send(0, "stream-14", 14, chunk_id=0, stream=True).result(WAIT)
+        waiting = pool.submit(receiver.recv_sync, "stream-14", 1, WAIT)  # on a rank-0 id: lost if rank 0 were
+        old = sender.codec.frames(old_data, id="old-14", chunk_id=0, num_chunks=1, src=0, max_part_bytes=2 * MiB)
+        sender._loop_thread.call(lh.send(14, old[0]))
+        sender._loop_thread.call(_break_link(lh._links[14]))
+        wait_until(lambda: heard, "the receiver heard that the first connection broke")
+        new = sender.codec.frames(new_data, id="new-14", chunk_id=0, num_chunks=1, src=0, max_part_bytes=2 * MiB)
+        sender._loop_thread.call(lh.send(14, new[0]))  # over a new connection
+        assert len(transport(receiver)._incoming) == 2
+
+        async def handle_the_break_now() -> None:
+            close_now(*heard[0])
+
+        receiver._loop_thread.call(handle_the_break_now())
+        sender._loop_thread.call(lh.send(14, new[1]))
+        assert _digest(receiver.recv_sync("new-14", timeout=WAIT)) == _digest(new_data)
+        assert not waiting.done(), "rank 0 is still connected: its receives go on"
+        sender.send(1, "stream-14", 14, chunk_id=1, stream=True).result(WAIT)
+        assert waiting.result(WAIT) == 1
+        receiver.mark_done_sync("new-14")
+        for chunk in (0, 1):
+            receiver.mark_done_sync("stream-14", chunk)
+        wait_until(lambda: receiver._store.buffered_bytes == 0, "the old message's part was let go")
 
 
 def test_many_small_messages(sender: Sidecar, peer: PeerProcess) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from sidecar_core import (
     AlreadyDoneError,
+    ArrivingParts,
     Buffer,
     CapacityError,
     Codec,
@@ -25,6 +26,7 @@ from sidecar_core import (
     Header,
     PartRoutes,
     PeerLostError,
+    PeerUnreachableError,
     RecvTimeoutError,
     SidecarClosedError,
     check_sender,
@@ -249,10 +251,10 @@ def test_parts_lost_drops_only_those_messages_and_fails_no_receive() -> None:
         assert store.buffered_bytes == 16
         store.parts_lost(1, {old[0].header.message})
         assert store.buffered_bytes == 8, "the old message and its landing memory are let go"
+        store.parts_lost(2, {new[0].header.message})  # another sender's message: nothing of rank 1 goes
+        assert store.buffered_bytes == 8
         store.deliver(new[1])
         assert await waiting == b"b" * 8
-        store.parts_lost(2, {new[0].header.message})  # another sender's: nothing of rank 1 goes
-        assert await store.get("new", 0, 1.0) == b"b" * 8
 
     run(main())
 
@@ -260,26 +262,68 @@ def test_parts_lost_drops_only_those_messages_and_fails_no_receive() -> None:
 def test_part_routes_keep_a_message_on_the_connection_of_its_first_part() -> None:
     routes = PartRoutes()
     first, second = object(), object()
-    parts = [frame.header for frame in frames(b"c" * 12, id="routed", part=4)]
-    with routes.route(1, parts[0], first):
-        pass
-    broke = r"connection to rank 1 broke between the parts of id='routed' chunk=0 "
-    with pytest.raises(PeerLostError, match=broke), routes.route(1, parts[1], second):
-        raise AssertionError("not sent over a new connection")
-    with pytest.raises(PeerLostError), routes.route(1, parts[2], first):  # the message is given up
-        pass
-    # Sent again in full (a new message), over the new connection; a failed part forgets its message.
-    again = [frame.header for frame in frames(b"c" * 12, id="routed", part=4)]
-    for header in again:
-        with routes.route(1, header, second):
+
+    async def on(connection: object) -> object:
+        return connection
+
+    async def unreachable() -> object:
+        raise PeerUnreachableError("rank 1 does not answer")
+
+    async def main() -> None:
+        parts = [frame.header for frame in frames(b"c" * 12, id="routed", part=4)]
+        async with routes.route(1, parts[0], lambda: on(first)) as got:
+            assert got is first
+        broke = r"connection to rank 1 broke between the parts of id='routed' chunk=0 "
+        with pytest.raises(PeerLostError, match=broke):
+            async with routes.route(1, parts[1], lambda: on(second)):
+                raise AssertionError("not sent over a new connection")
+        with pytest.raises(PeerLostError):  # the message is given up
+            async with routes.route(1, parts[2], lambda: on(first)):
+                pass
+        # Sent again in full (a new message), over the new connection.
+        again = [frame.header for frame in frames(b"c" * 12, id="routed", part=4)]
+        for header in again:
+            async with routes.route(1, header, lambda: on(second)):
+                pass
+        assert not routes._first, "a message is forgotten once its last part went"
+        # A part that fails, or whose connection cannot be made, forgets its message.
+        async with routes.route(2, again[0], lambda: on(first)):
             pass
-    assert not routes._first, "a message is forgotten once its last part went"
-    with pytest.raises(RuntimeError), routes.route(2, again[0], first):
-        raise RuntimeError("the first part failed")
-    assert not routes._first
-    with routes.route(3, frames(b"single")[0].header, first):  # one frame: no route to keep
-        pass
-    assert not routes._first
+        with pytest.raises(PeerUnreachableError):
+            async with routes.route(2, again[1], unreachable):
+                pass
+        with pytest.raises(RuntimeError):
+            async with routes.route(3, again[0], lambda: on(first)):
+                raise RuntimeError("the first part failed")
+        async with routes.route(4, frames(b"single")[0].header, lambda: on(first)):  # one frame: nothing kept
+            pass
+        assert not routes._first
+
+    run(main())
+
+
+def test_a_refused_part_drops_its_message_at_once() -> None:
+    # Its send fails, so nothing more of the message comes: what came before stays counted no longer.
+    store = make_store()
+    parts = ArrivingParts()
+    message = frames(b"d" * 12, id="refused-part", part=4)
+    for frame in (message[0], message[1], message[1]):  # the second copy of part 1 is refused
+        parts.arrived(frame.header)
+        try:
+            store.deliver(frame)
+        except FrameError:
+            parts.taken(frame.header, store, refused=True)
+        else:
+            parts.taken(frame.header, store, refused=False)
+    assert store.buffered_bytes == 0
+    assert not parts.messages
+    whole = frames(b"e" * 12, id="whole", part=4)
+    for frame in whole:
+        parts.arrived(frame.header)
+        store.deliver(frame)
+        parts.taken(frame.header, store, refused=False)
+    assert not parts.messages, "forgotten after its last part"
+    assert store.buffered_bytes == 12
 
 
 def test_a_receive_that_starts_after_close_fails_at_once() -> None:

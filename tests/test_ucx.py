@@ -533,16 +533,16 @@ def test_a_message_in_parts_is_not_continued_over_a_new_connection(env: dict[str
     # receiver never completes.
     ucx = transport(sender)
     data = random_bytes(64 << 10, 13)
-    with local_sidecar(env, 11) as receiver:
+    with local_sidecar(env, 8) as receiver:
         first, second = sender.codec.frames(data, id="split", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
-        sender._loop_thread.call(ucx.send(11, first))
-        sender._loop_thread.call(_close_link(ucx._links[11]))
+        sender._loop_thread.call(ucx.send(8, first))
+        sender._loop_thread.call(_close_link(ucx._links[8]))
         with pytest.raises(
-            PeerLostError, match=r"rank 11 broke between the parts of id='split' chunk=0 .*send the message"
+            PeerLostError, match=r"rank 8 broke between the parts of id='split' chunk=0 .*send the message"
         ):
-            sender._loop_thread.call(ucx.send(11, second))
+            sender._loop_thread.call(ucx.send(8, second))
         for frame in sender.codec.frames(data, id="split", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10):
-            sender._loop_thread.call(ucx.send(11, frame))  # sent again in full, at once, over the new connection
+            sender._loop_thread.call(ucx.send(8, frame))  # sent again in full, at once, over the new connection
         assert digest(receiver.recv_sync("split", timeout=WAIT)) == digest(data)
         receiver.mark_done_sync("split")
         assert transport(receiver).ctx.inbox.buffered_bytes == 0, "nothing of the first send stays counted"
@@ -555,9 +555,9 @@ def test_a_connection_found_broken_late_loses_only_what_came_over_it(
     # and sent parts of another message: those parts, and receives waiting on the sender, must survive.
     ucx = transport(sender)
     old_data, new_data = random_bytes(64 << 10, 14), random_bytes(64 << 10, 15)
-    with local_sidecar(env, 12) as receiver, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        sender.send(0, "stream-12", 12, chunk_id=0, stream=True).result(WAIT)
-        waiting = pool.submit(receiver.recv_sync, "stream-12", 1, WAIT)  # on a rank-0 id: lost if rank 0 were
+    with local_sidecar(env, 4) as receiver, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sender.send(0, "stream-4", 4, chunk_id=0, stream=True).result(WAIT)
+        waiting = pool.submit(receiver.recv_sync, "stream-4", 1, WAIT)  # on a rank-0 id: lost if rank 0 were
         (first,) = transport(receiver)._inbound
         heard: list[str] = []
         close_now = Inbound._close
@@ -569,29 +569,29 @@ def test_a_connection_found_broken_late_loses_only_what_came_over_it(
                 close_now(inbound, reason, lost=lost)
 
         monkeypatch.setattr(Inbound, "_close", close_later)
-        old = sender.codec.frames(old_data, id="old-12", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
-        sender._loop_thread.call(ucx.send(12, old[0]))
-        sender._loop_thread.call(_close_link(ucx._links[12]))
+        old = sender.codec.frames(old_data, id="old-4", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
+        sender._loop_thread.call(ucx.send(4, old[0]))
+        sender._loop_thread.call(_close_link(ucx._links[4]))
         deadline = time.monotonic() + WAIT
         while not heard and time.monotonic() < deadline:
             time.sleep(0.01)
         assert heard, "the receiver heard that the first connection broke"
-        new = sender.codec.frames(new_data, id="new-12", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
-        sender._loop_thread.call(ucx.send(12, new[0]))  # over a new connection
+        new = sender.codec.frames(new_data, id="new-4", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
+        sender._loop_thread.call(ucx.send(4, new[0]))  # over a new connection
         assert len(transport(receiver)._inbound) == 2
 
         async def handle_the_break_now() -> None:
             close_now(first, heard[0], lost=True)
 
         receiver._loop_thread.call(handle_the_break_now())
-        sender._loop_thread.call(ucx.send(12, new[1]))
-        assert digest(receiver.recv_sync("new-12", timeout=WAIT)) == digest(new_data)
+        sender._loop_thread.call(ucx.send(4, new[1]))
+        assert digest(receiver.recv_sync("new-4", timeout=WAIT)) == digest(new_data)
         assert not waiting.done(), "rank 0 is still connected: its receives go on"
-        sender.send(1, "stream-12", 12, chunk_id=1, stream=True).result(WAIT)
+        sender.send(1, "stream-4", 4, chunk_id=1, stream=True).result(WAIT)
         assert waiting.result(WAIT) == 1
-        receiver.mark_done_sync("new-12")
+        receiver.mark_done_sync("new-4")
         for chunk in (0, 1):
-            receiver.mark_done_sync("stream-12", chunk)
+            receiver.mark_done_sync("stream-4", chunk)
         assert transport(receiver).ctx.inbox.buffered_bytes == 0, "the old message's part was let go"
 
 

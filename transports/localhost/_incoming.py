@@ -30,7 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar_core import AuthenticationError, Buffer, Frame, FrameError, Header, Inbox, SidecarClosedError, check_sender
+from sidecar_core import (
+    ArrivingParts,
+    AuthenticationError,
+    Buffer,
+    Frame,
+    FrameError,
+    Header,
+    Inbox,
+    SidecarClosedError,
+    check_sender,
+)
 from transports.localhost._channel import Channel
 from transports.localhost._protocol import (
     SENDER_MESSAGES,
@@ -112,8 +122,7 @@ class Incoming:
         self._pool: PeerPool | None = None
         self._staged: dict[int, _Staged] = {}
         self._pinned: bool | None = None  # whether the peer's pool is page-locked here (None: not tried)
-        #: Messages in parts (``header.message``) whose parts came over this connection, until the last did.
-        self._parts: set[int] = set()
+        self._parts = ArrivingParts()
         self.shutting_down = False
         self.channel = Channel(
             sock,
@@ -310,11 +319,7 @@ class Incoming:
             self._nack(seq, exc)
             return
         header = frame.header
-        if header.num_parts > 1:
-            if header.part == header.num_parts - 1:
-                self._parts.discard(header.message)  # nothing of the message comes here after its last part
-            else:
-                self._parts.add(header.message)
+        self._parts.arrived(header)
         try:
             self._inbox.deliver(frame, release)
         except Exception as exc:
@@ -322,8 +327,10 @@ class Incoming:
             # anything else is a bug worth a traceback.
             if not isinstance(exc, (ValueError, MemoryError, LookupError, SidecarClosedError)):
                 logger.exception("%s: delivering %s failed", self.channel.name, frame.header.describe())
+            self._parts.taken(header, self._inbox, refused=True)
             self._nack(seq, exc)
             return
+        self._parts.taken(header, self._inbox, refused=False)
         if self.channel.closed is None:
             self.channel.write(envelope(Msg.ACK, 0, seq))
 
@@ -358,12 +365,12 @@ class Incoming:
             self._pool = None  # views the store still holds keep the mapping; it goes with the last one
         if self.rank is not None and not self.shutting_down:
             if any(
-                other is not self and other.rank == self.rank and other.channel.closed is None
+                other is not self and other.rank == self.rank and other.pid == self.pid and other.channel.closed is None
                 for other in self._options.connections
             ):
-                # The peer connected again: only what came over this connection is lost, and the
-                # peer's sends of it have failed.
-                self._inbox.parts_lost(self.rank, self._parts)
+                # The peer (the same process) connected again: only what came over this connection
+                # is lost, and the peer's sends of it have failed.
+                self._inbox.parts_lost(self.rank, self._parts.messages)
             else:
                 self._inbox.peer_lost(self.rank, f"its connection to rank {self._options.rank} closed ({reason})")
         self._on_closed(self)

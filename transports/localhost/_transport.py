@@ -259,8 +259,7 @@ class LocalhostTransport(Transport):
         """
         loop = self.ctx.loop
         deadline = loop.time() + self.ctx.settings.send_timeout * _POOL_WAIT_SHARE
-        link = await self._link(dst)
-        with self._routes.route(dst, frame.header, link):
+        async with self._routes.route(dst, frame.header, lambda: self._link(dst)) as link:
             await self._send_on(link, frame, deadline)
 
     async def _send_on(self, link: Link, frame: Frame, deadline: float) -> None:

@@ -35,7 +35,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from sidecar_core import Buffer, CapacityError, Frame, FrameError, Header, Inbox, SidecarError, check_sender
+from sidecar_core import (
+    ArrivingParts,
+    Buffer,
+    CapacityError,
+    Frame,
+    FrameError,
+    Header,
+    Inbox,
+    SidecarError,
+    check_sender,
+)
 from transports.ucx import _wire as wire
 from transports.ucx._endpoint import Endpoint, describe_error
 from transports.ucx._link import cuda_idle, wait_cuda_idle
@@ -131,8 +141,7 @@ class Inbound:
         self.rank: int | None = None
         self._ack_tag = 0
         self._arriving = 0  # this connection's share of options.arriving
-        #: Messages in parts (``header.message``) whose parts come over this connection, until the last is delivered.
-        self._parts: set[int] = set()
+        self._parts = ArrivingParts()
         self.closed = False
 
     def attach(self, endpoint: Endpoint) -> None:
@@ -259,8 +268,7 @@ class Inbound:
                 self._ack(seq, refusal)
             self._read_header()
             return
-        if header.num_parts > 1:
-            self._parts.add(header.message)
+        self._parts.arrived(header)
         if inline is not None:
             self._deliver(seq, header, _split(memoryview(bytearray(inline)), header.sizes), None)
             self._read_header()
@@ -268,6 +276,7 @@ class Inbound:
         try:
             landing = self._allocate(header)
         except SidecarError as refusal:  # too large, or a part the inbox refuses: the sender raises it
+            self._parts.taken(header, self._options.inbox, refused=True)
             self._drain(seq, header, refusal)
             self._read_header()
             return
@@ -411,13 +420,8 @@ class Inbound:
             self._options.inbox.deliver(Frame(header, list(buffers)), release)
         except Exception as exc:  # FrameError, DuplicateChunkError, CapacityError: the sender raises it
             refusal = exc
-        self._last_part_done(header)
+        self._parts.taken(header, self._options.inbox, refused=refusal is not None)
         self._ack(seq, refusal)
-
-    def _last_part_done(self, header: Header) -> None:
-        """Forget a message in parts once its last part is through (nothing of it lands here any more)."""
-        if header.part == header.num_parts - 1:
-            self._parts.discard(header.message)
 
     def _drain(self, seq: int, header: Header, refusal: Exception) -> None:
         """Consume the payload of a refused frame, then acknowledge it with the refusal.
@@ -429,7 +433,6 @@ class Inbound:
         """
         endpoint = self._require()
         messages = sum(1 for size in header.sizes if size)
-        self._last_part_done(header)  # refused: nothing of it lands
 
         def drained(outcomes: list[Exception | None]) -> None:
             if all(error is None or endpoint.truncated(error) for error in outcomes):
@@ -473,7 +476,7 @@ class Inbound:
             if any(other.rank == self.rank and not other.closed for other in self._options.connections):
                 # The peer connected again (it reconnects on its own): only what came over this
                 # connection is lost, and the peer's sends of it have failed.
-                self._options.inbox.parts_lost(self.rank, self._parts)
+                self._options.inbox.parts_lost(self.rank, self._parts.messages)
             else:
                 self._options.inbox.peer_lost(self.rank, reason)
         self._on_closed(self)

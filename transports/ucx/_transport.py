@@ -260,10 +260,7 @@ class UcxTransport(Transport):
             RemoteError: ``dst``'s inbox refused the frame.
             AuthenticationError: ``dst`` refused this sidecar's auth token.
         """
-        link = self._links.get(dst)
-        if link is None or link.closed:
-            link = await self._link(dst)
-        with self._routes.route(dst, frame.header, link):
+        async with self._routes.route(dst, frame.header, lambda: self._link(dst)) as link:
             await link.send(frame)
 
     def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
@@ -276,6 +273,10 @@ class UcxTransport(Transport):
         return link is not None and link.send_nowait(frame, done)
 
     async def _link(self, dst: int) -> Link:
+        """The open link to ``dst``, connecting first if there is none."""
+        link = self._links.get(dst)
+        if link is not None and not link.closed:
+            return link
         task = self._connecting.get(dst)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect(dst), name=f"sidecar-ucx-connect-{dst}")
