@@ -666,7 +666,14 @@ class Sidecar:
         """
         if timeout is None:
             return self.settings.recv_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:  # NaN fails >= 0
+        number = (
+            type(timeout) is float
+            or type(timeout) is int
+            or (  # the ABC check only for other types
+                not isinstance(timeout, bool) and isinstance(timeout, numbers.Real)
+            )
+        )
+        if not number or not timeout >= 0:  # NaN fails >= 0
             raise ValueError(
                 f"timeout must be a number of seconds >= 0, or None for SIDECAR_RECV_TIMEOUT; got {timeout!r:.80}"
             )

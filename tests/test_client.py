@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import pytest
 import torch
 
@@ -299,6 +300,14 @@ def test_bad_receive_arguments_are_value_errors(
     a.send(torch.arange(3), "x", 1).result(WAIT)  # the sidecar goes on, and so does the id
     assert torch.equal(b.recv_sync("x", timeout=WAIT), torch.arange(3))
     b.mark_done_sync("x")
+
+
+def test_a_timeout_may_be_any_real_number(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    a.send(5, "numpy-timeout", 1).result(WAIT)
+    assert b.recv_sync("numpy-timeout", timeout=numpy.float32(WAIT)) == 5
+    assert asyncio.run(b.recv("numpy-timeout", timeout=numpy.int64(WAIT))) == 5
+    b.mark_done_sync("numpy-timeout")
 
 
 def test_stream_chunk_ids_are_unbounded_and_close_needs_a_count(pair: tuple[Sidecar, Sidecar]) -> None:
