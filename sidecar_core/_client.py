@@ -390,6 +390,7 @@ class Sidecar:
             device=self.settings.recv_device,
             on_recv=self._report_recv,
             loop=self._loop_thread.loop,
+            abandon_after=2 * self.settings.send_timeout,
         )
         try:
             self._transport: Transport = self._loop_thread.call(self._start(transport_cls))

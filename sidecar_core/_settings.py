@@ -54,7 +54,14 @@ class SidecarSettings(BaseSettings):
         60.0, gt=0, le=_MAX_WAIT, allow_inf_nan=False, description="Seconds `recv` waits for a chunk."
     )
     send_timeout: float = Field(
-        60.0, gt=0, le=_MAX_WAIT, allow_inf_nan=False, description="Seconds `send` waits for every destination."
+        60.0,
+        gt=0,
+        le=_MAX_WAIT,
+        allow_inf_nan=False,
+        description=(
+            "Seconds `send` waits for every destination. A receiver drops a message in parts that no part "
+            "reached for twice as long."
+        ),
     )
     connect_timeout: float = Field(
         10.0, gt=0, le=_MAX_WAIT, allow_inf_nan=False, description="Seconds to wait when connecting to a peer."

@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class _Assembly:
     #: Parts given memory here by :meth:`ReceiveStore.part_landing` whose bytes have not come yet.
     #: A message given up meanwhile stays counted until the last of them comes or its sender is lost.
     landing: int = 0
+    #: When a part last came, or was given memory (``time.monotonic()``).
+    touched: float = field(default_factory=time.monotonic)
 
 
 def settle_waiter(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
@@ -104,6 +107,7 @@ class ReceiveStore:
         device: str,
         on_recv: Callable[[Header, int], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        abandon_after: float | None = None,
     ) -> None:
         """Create an empty store.
 
@@ -116,6 +120,9 @@ class ReceiveStore:
             on_recv: Called (on the delivering thread) for each chunk stored.
             loop: The event loop whose thread runs the releases of frames freed by ``mark_done``;
                 ``None`` runs them at once, on the calling thread.
+            abandon_after: Seconds after which a message in parts that no part reached is dropped
+                (its send has timed out: ``SIDECAR_SEND_TIMEOUT`` covers all of a message's parts);
+                ``None`` keeps it until its key is sent again or marked done, or its sender is lost.
         """
         self._codec = codec
         self._rank = rank
@@ -137,6 +144,9 @@ class ReceiveStore:
         self._lost: OrderedDict[str, str] = OrderedDict()
         self._waiters: defaultdict[Key, list[Waiter]] = defaultdict(list)
         self._loop = loop
+        self._abandon_after = abandon_after
+        #: ``(key, message)`` of the messages in parts dropped for want of parts: their late parts are refused.
+        self._abandoned: OrderedDict[tuple[Key, int], None] = OrderedDict()
         self._lock = threading.RLock()
         self.buffered_bytes = 0
         self._closed = False
@@ -261,6 +271,13 @@ class ReceiveStore:
             self._drop_assembly(key)
             assembly = None
         if assembly is None:
+            if (key, h.message) in self._abandoned:
+                raise FrameError(
+                    f"{h.describe()}: part {h.part} from rank {h.src} came after its message was given up on rank "
+                    f"{self._rank}, which no part had reached for {self._abandon_after:g}s (twice its "
+                    "SIDECAR_SEND_TIMEOUT); send the message again, and set the same SIDECAR_SEND_TIMEOUT on "
+                    "every sidecar"
+                )
             self._check_room(h, h.total_bytes, arriving)
             import torch  # imported when first needed: importing sidecar_core stays light
 
@@ -299,6 +316,7 @@ class ReceiveStore:
             raise FrameError(f"{h.describe()}: part {h.part} (bytes {start} to {end}) overlaps another part")
         if start < end:  # an empty part covers nothing, and as a span it would hide its neighbours
             spans.insert(at, (start, end))
+        assembly.touched = time.monotonic()
 
     def _add_part(self, key: Key, frame: Frame, landed: _Assembly | None) -> None:
         """Join a part into its message; ``landed``: the assembly it was received into (see :meth:`part_landing`)."""
@@ -314,6 +332,7 @@ class ReceiveStore:
                 f"{h.describe()}: part {h.part} from rank {h.src} arrived after its send was given up (the sender "
                 "sent the message again, or its sender was lost)"
             )
+        assembly.touched = time.monotonic()
         pos = h.offset
         for buf, size in zip(frame.buffers, h.sizes, strict=True):
             source, target = buffer_tensor(buf), assembly.dest[pos : pos + size]
@@ -342,6 +361,8 @@ class ReceiveStore:
         return self._device if self._device.startswith("cuda") else "cpu"
 
     def _check_room(self, h: Header, nbytes: int, arriving: int = 0) -> None:
+        if self._assembling:
+            self._drop_abandoned()
         held = self.buffered_bytes + arriving
         if held + nbytes > self._max_bytes:
             what = f"{held} held or arriving" if arriving else f"{held} held"
@@ -350,6 +371,24 @@ class ReceiveStore:
                 f"{self._max_bytes} on rank {self._rank} ({what}); the receiver "
                 "must mark_done chunks it has consumed, or raise the bound"
             )
+
+    def _drop_abandoned(self) -> None:
+        """Drop the messages in parts that no part reached for ``abandon_after`` seconds (none still landing)."""
+        if self._abandon_after is None:
+            return
+        cutoff = time.monotonic() - self._abandon_after
+        for key in [k for k, into in self._assembling.items() if into.touched < cutoff and not into.landing]:
+            first = self._assembling[key].first
+            logger.warning(
+                "%s: dropped the parts of a message from rank %d on rank %d: no part came for %gs, so its send has "
+                "timed out",
+                first.describe(),
+                first.src,
+                self._rank,
+                self._abandon_after,
+            )
+            _remember(self._abandoned, (key, first.message), None)
+            self._drop_assembly(key)
 
     def _hold(self, key: Key, h: Header, value: object, nbytes: int, release: Release | None) -> None:
         """Store a complete chunk and wake its receivers.
