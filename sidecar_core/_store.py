@@ -5,7 +5,9 @@ give up and ``mark_done`` from their own threads, without a hop through the loop
 lock makes each public method atomic; ``deliver`` holds it while it decodes (and, for a message in
 parts, copies a part), so a receiver's call may wait that long. Waiters are settled under the lock
 (a waiter's callbacks must not block). A frame's ``release`` still runs on the loop thread
-(transports expect it there): when ``mark_done`` frees a frame, the release is handed to ``loop``.
+(transports expect it there): when ``mark_done`` frees a frame, or a frame delivered from another
+thread (inside ``poll_while_waiting``) is refused or joined into its message, the release is handed
+to ``loop``.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class ReceiveStore:
             with self._lock:
                 self._deliver(frame, release)
         except BaseException:
-            _call(release)
+            self._release_soon(release)
             raise
 
     def _deliver(self, frame: Frame, release: Release | None) -> None:
@@ -171,7 +173,7 @@ class ReceiveStore:
             assert h.num_chunks is not None  # enforced by Header validation
             self._note_sender(h)
             self._set_end(h.id, h.num_chunks)
-            _call(release)
+            self._release_soon(release)
             return
         key = (h.id, h.chunk_id)
         landed = self._take_landing(key, frame)
@@ -184,7 +186,7 @@ class ReceiveStore:
             return
         self._add_part(key, frame, landed)
         self._note_sender(h)
-        _call(release)  # the part is in the assembly (copied there, or received there)
+        self._release_soon(release)  # the part is in the assembly (copied there, or received there)
 
     def _take_landing(self, key: Key, frame: Frame) -> _Assembly | None:
         """The assembly a part was received into (see :meth:`part_landing`), or ``None``.
@@ -591,6 +593,22 @@ class ReceiveStore:
         assembly = self._assembling.pop(key)
         if not assembly.landing:  # else parts still arrive into its memory: the last one lets it go
             self.buffered_bytes -= assembly.first.total_bytes
+
+    def _release_soon(self, release: Release | None) -> None:
+        """Run a frame's release at once on the loop thread, else hand it to the loop (see :class:`sidecar_core.Inbox`).
+
+        A transport may deliver from a thread inside ``poll_while_waiting``; its releases still run on the loop.
+        """
+        if release is None:
+            return
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop runs on this thread
+            here = self._loop is None
+        if here:
+            _call(release)
+        else:
+            self._release_on_loop(release)
 
     def _release_on_loop(self, release: Release | None) -> None:
         """Run a frame's release on the loop thread (at once where the store has no loop)."""

@@ -348,6 +348,38 @@ def test_a_refused_part_drops_its_message_at_once() -> None:
     assert store.buffered_bytes == 12
 
 
+def test_releases_of_frames_delivered_off_the_loop_run_on_the_loop() -> None:
+    # A transport may deliver from a thread inside poll_while_waiting; the Inbox promises that
+    # release runs on the loop thread, also for a frame refused, or joined into its message, there.
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="store-loop")
+    runner.start()
+    try:
+        store = ReceiveStore(CODEC, rank=5, transport="memory", max_bytes=1 << 20, device="cpu", loop=loop)
+        ran_on: dict[str, str] = {}
+        done = threading.Event()
+
+        def release(label: str) -> Callable[[], None]:
+            def run() -> None:
+                ran_on[label] = threading.current_thread().name
+                if len(ran_on) == 3:
+                    done.set()
+
+            return run
+
+        store.deliver(frames(b"held", id="twice")[0])
+        with pytest.raises(DuplicateChunkError):
+            store.deliver(frames(b"held", id="twice")[0], release("refused"))
+        store.deliver(frames(b"i" * 8, id="parts", part=4)[0], release("part"))
+        store.deliver(close_frame("closed", 1), release("close"))
+        assert done.wait(5), f"released: {ran_on}"
+        assert ran_on == {"refused": "store-loop", "part": "store-loop", "close": "store-loop"}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+
+
 def test_a_receive_that_starts_after_close_fails_at_once() -> None:
     store = make_store()
     store.close()
