@@ -59,8 +59,8 @@ class SidecarSettings(BaseSettings):
         le=_MAX_WAIT,
         allow_inf_nan=False,
         description=(
-            "Seconds `send` waits for every destination. A receiver drops a message in parts that no part "
-            "reached for twice as long."
+            "Seconds `send` waits for every destination. A receiver short of room drops a message in parts "
+            "that no part reached for twice as long: set the same value on every sidecar."
         ),
     )
     connect_timeout: float = Field(

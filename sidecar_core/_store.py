@@ -73,8 +73,8 @@ class _Assembly:
     #: Parts given memory here by :meth:`ReceiveStore.part_landing` whose bytes have not come yet.
     #: A message given up meanwhile stays counted until the last of them comes or its sender is lost.
     landing: int = 0
-    #: When a part last came, or was given memory (``time.monotonic()``).
-    touched: float = field(default_factory=time.monotonic)
+    #: When a part last came, or was given memory (``time.monotonic()``; set by every claim).
+    touched: float = 0.0
 
 
 def settle_waiter(waiter: Waiter, value: object = None, error: BaseException | None = None) -> None:
@@ -363,9 +363,10 @@ class ReceiveStore:
         return self._device if self._device.startswith("cuda") else "cpu"
 
     def _check_room(self, h: Header, nbytes: int, arriving: int = 0) -> None:
-        if self._assembling:
-            self._drop_abandoned()
         held = self.buffered_bytes + arriving
+        if held + nbytes > self._max_bytes and self._assembling:  # short of room: let abandoned messages go
+            self._drop_abandoned()
+            held = self.buffered_bytes + arriving
         if held + nbytes > self._max_bytes:
             what = f"{held} held or arriving" if arriving else f"{held} held"
             raise CapacityError(

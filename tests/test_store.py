@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import random
 import threading
-import time
+import types
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +14,7 @@ import msgspec
 import pytest
 import torch
 
+import sidecar_core._store as store_module
 from sidecar_core import (
     AlreadyDoneError,
     ArrivingParts,
@@ -260,22 +261,32 @@ def test_parts_lost_drops_only_those_messages_and_fails_no_receive() -> None:
     run(main())
 
 
-def test_a_message_in_parts_that_no_part_reached_for_long_is_dropped_and_its_late_parts_refused() -> None:
+def test_a_message_in_parts_that_no_part_reached_for_long_is_dropped_and_its_late_parts_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A send that timed out or was cancelled mid-message, its connection up, refuses nothing and
     # breaks nothing: its parts stayed counted until their key was sent again or marked done.
-    store = ReceiveStore(CODEC, rank=5, transport="memory", max_bytes=32, device="cpu", abandon_after=0.05)
+    clock = [100.0]
+    monkeypatch.setattr(store_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    store = ReceiveStore(CODEC, rank=5, transport="memory", max_bytes=31, device="cpu", abandon_after=10.0)
     stale, landing = frames(b"f" * 12, id="stale", part=4), frames(b"h" * 12, id="landing", part=4)
     store.deliver(stale[0])
     assert store.part_landing(landing[0].header) is not None  # its bytes are still on their way
-    assert store.buffered_bytes == 24
-    time.sleep(0.1)
-    store.deliver(frames(b"g" * 8, id="fresh")[0])  # would not fit beside both
-    assert store.buffered_bytes == 20, "the stale message went; the one with a part landing stays"
-    late = r"part 1 from rank 1 came after its message was given up on rank 5, which no part had reached for 0.05s"
+    clock[0] += 9.0
+    store.deliver(frames(b"g" * 4, id="young")[0])  # fits: nothing is looked at
+    assert store.buffered_bytes == 28
+    clock[0] += 2.0
+    store.deliver(frames(b"g" * 3, id="roomy")[0])  # fits too: the stale message stays until room is short
+    assert store.buffered_bytes == 31
+    store.mark_done("roomy", 0)
+    store.deliver(frames(b"g" * 8, id="fresh")[0])  # short of room: the stale message goes
+    assert store.buffered_bytes == 24, "the stale message went; the one with a part landing stays"
+    late = r"part 1 from rank 1 came after its message was given up on rank 5, which no part had reached for 10s"
     with pytest.raises(FrameError, match=late):
         store.deliver(stale[1])
-    assert store.buffered_bytes == 20
-    store.mark_done("fresh", 0)
+    assert store.buffered_bytes == 24
+    for key in ("young", "fresh"):
+        store.mark_done(key, 0)
     for frame in frames(b"f" * 12, id="stale", part=4):  # sent again: a new message of the same key
         store.deliver(frame)
     assert store.peek("stale", 0) == (True, b"f" * 12)
