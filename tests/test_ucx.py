@@ -1043,3 +1043,19 @@ def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
     assert ratio.endswith("x")
     # Printed from the unrounded totals: agrees with the printed ones to within their rounding.
     assert abs(float(ratio[len("ucx/raw ucxx: ") : -1]) - totals[0] / totals[1]) <= 0.01
+
+
+def test_ucxx_receive_paths_benchmark_moves_and_checks_every_way() -> None:
+    # benchmarks/ucxx_receive_paths.py checks every byte count, first and last byte and header it
+    # receives, and fails otherwise: a clean exit means all three ways moved the data.
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ucxx_receive_paths.py", str(64 << 10), "5", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "65536 bytes on cpu, p50 of 4 round trips per turn"
+    assert [line.split()[0] for line in lines[1:]] == ["tag", "multi", "am"] * 2
