@@ -167,14 +167,30 @@ class SendFuture(concurrent.futures.Future[T]):
         self._retrieved = False
         #: Whether callbacks were attached: then the outcome is set on the sidecar's thread (see the guide).
         self.has_callbacks = False
+        #: Held while callbacks are attached and while another thread sets the outcome (``settle_unless_callbacks``).
+        self._attaching = threading.Lock()
         #: Reads the transport on the waiting thread until the outcome is in (``None``: nothing to read).
         self.poll: Callable[[Callable[[], bool]], None] | None = None
         self._generation = _generation
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         """Call ``fn(future)`` once it is done, on the sidecar's thread (at once, here, if it is done already)."""
-        self.has_callbacks = True
+        with self._attaching:
+            self.has_callbacks = True
         super().add_done_callback(fn)
+
+    def settle_unless_callbacks(self, settle: Callable[[], None]) -> bool:
+        """Run ``settle`` (which sets the outcome) here, unless callbacks are attached; return whether it ran.
+
+        For a thread other than the sidecar's: attaching a callback waits until ``settle`` is done, so
+        a callback runs either on the sidecar's thread (this returned ``False`` and the caller hands
+        the outcome there) or at once on the thread attaching it (the outcome was in), never here.
+        """
+        with self._attaching:
+            if self.has_callbacks:
+                return False
+            settle()
+            return True
 
     def result(self, timeout: float | None = None) -> T:
         """Wait for completion; raise the send's error if it failed (see ``Sidecar.send``).
@@ -537,14 +553,8 @@ class Sidecar:
         start = time.perf_counter()
         settled = False  # only the first outcome counts (the acknowledgement, or the timeout)
 
-        def done(error: Exception | None) -> None:
+        def settle(error: Exception | None) -> None:
             nonlocal settled
-            if settled:
-                return
-            if self._must_hand_to_loop(future):
-                with contextlib.suppress(SidecarClosedError):  # a stopped loop: settle it here
-                    self._loop_thread.call_soon(done, error)
-                    return
             settled = True
             self._deadlines.discard(future)
             self._report_send(header, rank, start, error)
@@ -556,16 +566,24 @@ class Sidecar:
             except concurrent.futures.InvalidStateError:  # cancelled just now
                 pass
 
+        def done(error: Exception | None) -> None:
+            if settled:
+                return
+            if self._loop_thread.is_current():
+                settle(error)
+            elif self._reports_sends or not future.settle_unless_callbacks(lambda: settle(error)):
+                # Hooks and callbacks run on the sidecar's thread.
+                try:
+                    self._loop_thread.call_soon(done, error)
+                except SidecarClosedError:  # a stopped loop: settle it here
+                    settle(error)
+
         return done
 
     def _poll_off_loop(self, ready: Callable[[], bool]) -> None:
         """:meth:`Transport.poll_while_waiting`, unless called on the loop's thread (a callback waiting there)."""
         if not self._loop_thread.is_current():
             self._transport.poll_while_waiting(ready)
-
-    def _must_hand_to_loop(self, future: SendFuture[None]) -> bool:
-        """Whether an outcome reported off the loop thread must be set on it: callbacks and hooks run there."""
-        return (future.has_callbacks or self._reports_sends) and not self._loop_thread.is_current()
 
     def _send_timeout_error(self, header: Header, rank: int) -> SendTimeoutError:
         timeout = self.settings.send_timeout

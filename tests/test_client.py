@@ -517,3 +517,46 @@ def test_a_misspelt_setting_in_the_config_is_refused_with_a_suggestion(registry:
         SettingsError, match=r"unknown sidecar setting\(s\) 'recv_timout' \(did you mean 'recv_timeout'\?\)"
     ):
         make(registry, 0, recv_timout=5)
+
+
+def test_a_callback_attached_while_another_thread_settles_a_send_never_runs_on_that_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A transport may report a fast-path send's outcome from a thread polling in result(). The guide
+    # promises callbacks run on the sidecar's thread, or at once on the thread attaching one to a
+    # future that is done: never on that polling thread, even when attached while it settles.
+    from sidecar_core._client import SendFuture
+    from sidecar_core._frame import Header
+
+    with make(build_registry(extra_plugins=(MemoryPlugin(),)), 0) as sidecar:
+        assert not sidecar._reports_sends  # no hooks: an outcome off the loop is set where it arrives
+        future: SendFuture[None] = SendFuture("send id='x'")
+        done = sidecar._fast_send_outcome(future, 1, Header(kind="data", id="x", src=0))
+        settling, go_on = threading.Event(), threading.Event()
+        report = sidecar._report_send
+
+        def slow_report(*args: Any) -> None:  # the polling thread, between deciding and setting
+            settling.set()
+            assert go_on.wait(WAIT)
+            report(*args)
+
+        monkeypatch.setattr(sidecar, "_report_send", slow_report)
+        ran_on: list[str] = []
+        poller = threading.Thread(target=done, args=(None,), name="poller")
+        attacher = threading.Thread(
+            target=lambda: future.add_done_callback(lambda _: ran_on.append(threading.current_thread().name)),
+            name="attacher",
+        )
+        poller.start()
+        assert settling.wait(WAIT)
+        attacher.start()
+        attacher.join(0.2)  # attaching waits for the outcome being set (the old code did not)
+        go_on.set()
+        poller.join(WAIT)
+        attacher.join(WAIT)
+        future.result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while not ran_on and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ran_on, "the callback never ran"
+        assert ran_on[0] != "poller", "the callback ran on the thread that settled the send"
