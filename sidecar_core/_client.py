@@ -131,10 +131,23 @@ def flatten_ranks(dst: Ranks) -> list[int]:
     return ranks
 
 
-def _check_id(id: object) -> None:
-    """Raises ValueError unless ``id`` can name a message (a frame header would refuse it)."""
+def _check_id(id: object, *, text: bool) -> None:
+    """Raises ValueError unless ``id`` can name a message (a frame header would refuse it).
+
+    ``text``: the id must also be valid Unicode text, as frame headers (UTF-8 JSON) carry it to peers;
+    only a peerless transport (mock-file) stores ids with lone surrogates, as file names.
+    """
     if type(id) is not str or not 1 <= len(id) <= MAX_ID_CHARS:
         raise ValueError(f"id must be a str of 1 to {MAX_ID_CHARS} characters, got {id!r:.80}")
+    if text and not id.isascii():
+        try:
+            id.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"id must be valid Unicode text, got {id!r:.80}: character {exc.start} is a lone surrogate, which a "
+                "frame header cannot carry to a peer (decode such names with errors='replace', or use only the "
+                "mock-file transport, which stores them)"
+            ) from None
 
 
 def _check_count(name: str, value: object) -> None:
@@ -143,9 +156,9 @@ def _check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an int, got {value!r:.80}")
 
 
-def _check_key(id: object, chunk_id: object) -> None:
+def _check_key(id: object, chunk_id: object, *, text: bool) -> None:
     """Raises ValueError unless ``(id, chunk_id)`` can name a chunk that a peer sends (as ``send`` checks)."""
-    _check_id(id)
+    _check_id(id, text=text)
     if type(chunk_id) is not int or chunk_id < 0:
         raise ValueError(f"chunk_id must be an int >= 0, got {chunk_id!r:.80}")
 
@@ -468,7 +481,8 @@ class Sidecar:
             (:class:`PeerUnreachableError`, :class:`RemoteError`, :class:`SendTimeoutError`, ...).
 
         Raises:
-            ValueError: Bad destination ranks or chunk numbers.
+            ValueError: Bad destination ranks, chunk numbers or id (a str of 1 to 1024 characters, valid
+                Unicode text unless the transport is mock-file).
             SerializationError: No serializer accepts ``data``.
             FrameError: ``data`` would need a frame header over the 1 MiB limit (too much metadata).
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
@@ -480,7 +494,7 @@ class Sidecar:
                 f"cannot send None as chunk {chunk_id} of {id!r}: recv returns None for the end of a stream or "
                 "of a chunked message, so a None chunk would end it early; send a sentinel such as {} instead"
             )
-        _check_id(id)
+        _check_id(id, text=not self._transport.peerless)
         _check_count("chunk_id", chunk_id)
         _check_count("num_chunks", num_chunks)
         if chunk_id < 0 or (not stream and not 0 <= chunk_id < num_chunks):
@@ -506,12 +520,12 @@ class Sidecar:
             A future that resolves once every destination has recorded the end.
 
         Raises:
-            ValueError: Bad destination ranks or a negative ``num_chunks``.
+            ValueError: Bad destination ranks or id (as for :meth:`send`), or a negative ``num_chunks``.
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
         """
         self._check_open()
         ranks = self._destinations(dst_sidecar_ranks)
-        _check_id(id)
+        _check_id(id, text=not self._transport.peerless)
         _check_count("num_chunks", num_chunks)
         if num_chunks < 0:
             raise ValueError(f"num_chunks must be >= 0, got {num_chunks}")
@@ -705,7 +719,7 @@ class Sidecar:
         to look for it for up to ``timeout`` seconds.
         """
         self._check_open()
-        _check_key(id, chunk_id)
+        _check_key(id, chunk_id, text=not self._transport.peerless)
         waiter: Waiter = concurrent.futures.Future()
         if self._pulls:
             found, value = self._store.peek(id, chunk_id)
@@ -751,8 +765,9 @@ class Sidecar:
             AlreadyDoneError: The chunk was released with :meth:`mark_done`.
             PeerLostError: The peer sending this id disconnected before sending the chunk.
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
-            ValueError: ``id`` is not a str of 1 to 1024 characters, ``chunk_id`` not an int >= 0, or
-                ``timeout`` not a number >= 0 (``send`` takes the same ids and chunks).
+            ValueError: ``id`` is not a str of 1 to 1024 characters (valid Unicode text unless the
+                transport is mock-file), ``chunk_id`` not an int >= 0, or ``timeout`` not a number >= 0
+                (``send`` takes the same ids and chunks).
         """
         timeout = self._recv_timeout(timeout)
         waiter = self._waiter(id, chunk_id, timeout)
@@ -828,7 +843,7 @@ class Sidecar:
             ValueError: ``id`` or ``chunk_id`` is not one a chunk can have (see :meth:`recv`).
         """
         self._check_open()
-        _check_key(id, chunk_id)
+        _check_key(id, chunk_id, text=not self._transport.peerless)
         self._store.mark_done(id, chunk_id)
 
     # -- life cycle ---------------------------------------------------------------------------

@@ -250,6 +250,7 @@ def test_chunk_id_out_of_range(pair: tuple[Sidecar, Sidecar], chunk_id: int, num
         ({"id": ""}, ("", 1), "id must be a str of 1 to 1024 characters, got ''"),
         ({"id": "x" * 1025}, ("x" * 1025, 1), "id must be a str of 1 to 1024 characters"),
         ({"id": 7}, (7, 1), "id must be a str of 1 to 1024 characters, got 7"),
+        ({"id": "ok-\udc80"}, ("ok-\udc80", 1), "id must be valid Unicode text, got 'ok-\\udc80': character 3 is"),
         ({"id": "x", "chunk_id": True, "num_chunks": 2}, None, "chunk_id must be an int, got True"),
         ({"id": "x", "chunk_id": 1.0, "num_chunks": 2}, None, "chunk_id must be an int, got 1.0"),
         ({"id": "x", "num_chunks": 2.0}, ("x", 2.0), "num_chunks must be an int, got 2.0"),
@@ -275,6 +276,7 @@ def test_bad_ids_and_chunk_numbers_are_value_errors(
     [
         (("", 0), None, "id must be a str of 1 to 1024 characters, got ''"),
         ((7, 0), None, "id must be a str of 1 to 1024 characters, got 7"),
+        (("\ud800", 0), None, "id must be valid Unicode text, got '\\ud800': character 0 is a lone surrogate"),
         (("x", None), None, "chunk_id must be an int >= 0, got None"),
         (("x", "1"), None, "chunk_id must be an int >= 0, got '1'"),
         (("x", True), None, "chunk_id must be an int >= 0, got True"),
