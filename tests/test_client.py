@@ -15,6 +15,7 @@ from typing import Any
 import numpy
 import pytest
 import torch
+from _waiting import wait_until
 
 from sidecar_core import (
     AlreadyDoneError,
@@ -493,9 +494,7 @@ def test_shutdown_on_the_sidecars_own_thread_is_refused_and_a_later_one_complete
     # On the sidecar's thread, as a send future's callback runs (attached to a future that is done
     # already, a callback runs on the attaching thread instead: the send above is too quick for that).
     a._loop_thread.call_soon(shut_down_here)
-    deadline = time.monotonic() + 5
-    while not refused and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: refused, "the blocking call on the sidecar's thread is refused")
     assert "sidecar's own thread" in str(refused[0])
     assert b.recv_sync("x", timeout=5) == 1
     a.shutdown_sync()
@@ -557,8 +556,5 @@ def test_a_callback_attached_while_another_thread_settles_a_send_never_runs_on_t
         poller.join(WAIT)
         attacher.join(WAIT)
         future.result(WAIT)
-        deadline = time.monotonic() + WAIT
-        while not ran_on and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert ran_on, "the callback never ran"
+        wait_until(lambda: ran_on, "the callback ran", WAIT)
         assert ran_on[0] != "poller", "the callback ran on the thread that settled the send"

@@ -37,6 +37,7 @@ from typing import Any, cast
 import pytest
 import torch
 from _forking import forking_owner, owner_script
+from _waiting import wait_until
 
 import transports.localhost._copy as copy_module
 from sidecar_core import (
@@ -222,14 +223,6 @@ def sender(env: dict[str, str]) -> Iterator[Sidecar]:
 
 def transport(sidecar: Sidecar) -> LocalhostTransport:
     return cast(LocalhostTransport, sidecar._transport)
-
-
-def wait_until(condition: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)
 
 
 def random_bytes(nbytes: int, seed: int) -> torch.Tensor:

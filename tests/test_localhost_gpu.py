@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from _waiting import wait_until
 
 from sidecar_core import Sidecar, SidecarConfig
 from sidecar_core.testing import PeerProcess
@@ -211,9 +212,7 @@ def test_a_pool_a_gpu_receiver_reads_is_not_trimmed(env: dict[str, str], gpu_pee
         resident = _resident(transport)
         assert resident >= 8 * MiB, "nothing was trimmed while the GPU receiver was connected"
         cpu_sender._loop_thread.call(transport._links[1].close())
-        deadline = time.monotonic() + 5
-        while _resident(transport) >= 8 * MiB and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: _resident(transport) < 8 * MiB, "the idle pool is trimmed", pause=0.05)
         # All of it: page-locking faulted in the whole pool, not just the pages the slots used.
         assert _resident(transport) < 8 * MiB, "the idle pool is trimmed once the GPU receiver left"
 
@@ -255,9 +254,7 @@ def test_ipc_is_zero_copy_and_kept_alive_until_mark_done(sender: Sidecar, gpu_pe
     assert gpu_peer.call(peer_kept_digest, "ipc") == modified
     del filler
     gpu_peer.call(peer_release, "ipc")
-    deadline = time.monotonic() + 10
-    while _holds(sender, 1) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not _holds(sender, 1), "the sender released its tensor", 10)
     assert _holds(sender, 1) == 0, "mark_done on the receiver must release the sender's tensor"
 
 

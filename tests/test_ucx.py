@@ -27,6 +27,7 @@ import msgspec
 import pytest
 import torch
 from _forking import forking_owner, owner_script
+from _waiting import wait_until
 
 import transports.ucx._inbound as inbound_module
 import transports.ucx._transport as ucx_transport_module
@@ -421,9 +422,7 @@ def test_frames_still_arriving_count_against_the_memory_bound(
         sender.send(0, "before-arriving", 13).result(WAIT)  # held: 1 byte
         monkeypatch.setattr(Inbound, "_receive", stall_the_first)
         sender.send(random_bytes(2 * MiB, 10), "arriving-1", 13)  # never acknowledged: its payload is stalled
-        deadline = time.monotonic() + WAIT
-        while not stalled and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: stalled, "the first frame's payload is stalled", WAIT)
         assert stalled == ["arriving-1"]
         bound = r"CapacityError: id='arriving-2' chunk=0: 2097152 more bytes would exceed .* \(2097153 held or arr"
         with pytest.raises(RemoteError, match=bound):
@@ -447,9 +446,7 @@ def test_a_message_in_parts_is_set_aside_whole_at_its_first_part(
         real_drain(inbound, seq, header, refusal)
 
     def wait_for(count: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while len(stalled) + len(refused) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(stalled) + len(refused) >= count, f"{count} parts are stalled or refused", WAIT)
 
     with (
         local_sidecar(env, 16, max_buffered_bytes=4 * MiB) as receiver,
@@ -572,10 +569,7 @@ def test_a_connection_found_broken_late_loses_only_what_came_over_it(
         old = sender.codec.frames(old_data, id="old-4", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
         sender._loop_thread.call(ucx.send(4, old[0]))
         sender._loop_thread.call(_close_link(ucx._links[4]))
-        deadline = time.monotonic() + WAIT
-        while not heard and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert heard, "the receiver heard that the first connection broke"
+        wait_until(lambda: heard, "the receiver heard that the first connection broke", WAIT)
         new = sender.codec.frames(new_data, id="new-4", chunk_id=0, num_chunks=1, src=0, max_part_bytes=32 << 10)
         sender._loop_thread.call(ucx.send(4, new[0]))  # over a new connection
         assert len(transport(receiver)._inbound) == 2
