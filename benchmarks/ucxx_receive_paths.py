@@ -10,9 +10,9 @@ allocate the receive buffer and post the receive in its compiled code, with no P
 * ``am``: active messages, ``am_send`` / ``am_recv``.
 
 This script times them against the benchmark's raw ucxx loop (``tag``: a tagged ``send`` into a
-buffer the receiver allocated once and posts before the message comes). Rank 0 sends a tensor, rank
-1 receives it, checks its first and last byte and sends back 8 bytes; rank 0 times that round trip.
-The three ways take turns, twice, in one pair of processes::
+buffer the receiver allocated once, its receive posted as soon as the last acknowledgement left).
+Rank 0 sends a tensor, rank 1 receives it, checks its first and last byte and sends back 8 bytes;
+rank 0 times that round trip. The three ways take turns, twice, in one pair of processes::
 
     python benchmarks/ucxx_receive_paths.py [BYTES] [TRANSFERS] [DEVICE]    # e.g. 1073741824 10 cuda
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import time
@@ -42,7 +43,7 @@ T = TypeVar("T")
 WAYS = ("tag", "multi", "am")
 #: How many times each way takes its turn.
 TURNS = 2
-#: Seconds any one process may take before the run is given up.
+#: Seconds the whole run, and any one wait in it, may take before it is given up.
 WAIT = 600.0
 
 
@@ -64,7 +65,7 @@ class _Peer:
         self.ucxx.init(progress_mode=mode, enable_python_future=mode.startswith("thread"))
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+        return self.loop.run_until_complete(asyncio.wait_for(coro, WAIT))
 
     def array(self, tensor: torch.Tensor) -> Any:
         """What ucxx takes: CUDA tensors as they are, host tensors as NumPy arrays."""
@@ -89,7 +90,7 @@ def _receiver(nbytes: int, transfers: int, device: str, ports: Any) -> None:
 
     listener = peer.run(listen())
     ports.put(listener.port)
-    ep = peer.run(asyncio.wait_for(accepted, WAIT))
+    ep = peer.run(_wait(accepted))
     buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
     ack = numpy.zeros(1, dtype=numpy.int64)
     for _ in range(TURNS):
@@ -109,6 +110,10 @@ def _receiver(nbytes: int, transfers: int, device: str, ports: Any) -> None:
                     raise AssertionError(f"{way}: transfer {i} arrived wrong ({got.numel()} bytes)")
                 ack[0] = i
                 peer.run(ep.send(ack))
+
+
+async def _wait(future: asyncio.Future[T]) -> T:
+    return await future
 
 
 def _header(i: int) -> bytes:
@@ -150,19 +155,31 @@ def main(argv: list[str]) -> int:
     ctx = multiprocessing.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
     procs = [
-        ctx.Process(target=_receiver, args=(nbytes, transfers, device, ports)),
-        ctx.Process(target=_sender, args=(nbytes, transfers, device, ports, results)),
+        ctx.Process(target=_receiver, args=(nbytes, transfers, device, ports), daemon=True),
+        ctx.Process(target=_sender, args=(nbytes, transfers, device, ports, results), daemon=True),
     ]
     for proc in procs:
         proc.start()
     print(f"{nbytes} bytes on {device}, p50 of {transfers - transfers // 5} round trips per turn")
-    for _ in range(TURNS * len(WAYS)):
-        way, seconds = results.get(timeout=WAIT)
+    deadline = time.monotonic() + WAIT
+    printed = 0
+    while printed < TURNS * len(WAYS):
+        try:
+            way, seconds = results.get(timeout=1.0)
+        except queue.Empty:
+            failed = any(proc.exitcode not in (None, 0) for proc in procs)
+            if failed or time.monotonic() > deadline:
+                for proc in procs:
+                    proc.terminate()
+                why = "a process failed" if failed else f"no result within {WAIT:g}s"
+                print(f"{why} (exit codes {[proc.exitcode for proc in procs]})", file=sys.stderr)
+                return 1
+            continue
         print(f"{way:6s} {seconds * 1e6:10.0f} us  {nbytes / seconds / 1e9:9.2f} GB/s", flush=True)
+        printed += 1
     for proc in procs:
         proc.join(WAIT)
-    failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
-    if failed:
+    if any(proc.exitcode != 0 for proc in procs):
         print(f"a process failed (exit codes {[proc.exitcode for proc in procs]})", file=sys.stderr)
         return 1
     return 0

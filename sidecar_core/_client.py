@@ -132,10 +132,16 @@ def flatten_ranks(dst: Ranks) -> list[int]:
 
 
 def _check_id(id: object, *, text: bool) -> None:
-    """Raises ValueError unless ``id`` can name a message (a frame header would refuse it).
+    """Check that ``id`` can name a message (a frame header would refuse it otherwise).
 
-    ``text``: the id must also be valid Unicode text, as frame headers (UTF-8 JSON) carry it to peers;
-    only a peerless transport (mock-file) stores ids with lone surrogates, as file names.
+    Args:
+        id: What the caller gave.
+        text: Whether the id must also encode as UTF-8, as frame headers carry it to peers; only a
+            peerless transport (mock-file) stores ids with surrogate code points, as file names.
+
+    Raises:
+        ValueError: It is not a str of 1 to ``MAX_ID_CHARS`` characters, or (``text``) it holds a
+            surrogate code point.
     """
     if type(id) is not str or not 1 <= len(id) <= MAX_ID_CHARS:
         raise ValueError(f"id must be a str of 1 to {MAX_ID_CHARS} characters, got {id!r:.80}")
@@ -144,9 +150,9 @@ def _check_id(id: object, *, text: bool) -> None:
             id.encode()
         except UnicodeEncodeError as exc:
             raise ValueError(
-                f"id must be valid Unicode text, got {id!r:.80}: character {exc.start} is a lone surrogate, which a "
-                "frame header cannot carry to a peer (decode such names with errors='replace', or use only the "
-                "mock-file transport, which stores them)"
+                f"id must be valid Unicode text, got {id!r:.80}: character {exc.start} is a surrogate code point, "
+                "which a frame header cannot carry to a peer (decode such names with errors='replace', or use only "
+                "the mock-file transport, which stores them)"
             ) from None
 
 
@@ -180,7 +186,7 @@ class SendFuture(concurrent.futures.Future[T]):
         self._retrieved = False
         #: Whether callbacks were attached: then the outcome is set on the sidecar's thread (see the guide).
         self.has_callbacks = False
-        #: Held while callbacks are attached and while another thread sets the outcome (``settle_unless_callbacks``).
+        #: Held while callbacks are attached and while another thread sets the outcome (``_settle_unless_callbacks``).
         self._attaching = threading.Lock()
         #: Reads the transport on the waiting thread until the outcome is in (``None``: nothing to read).
         self.poll: Callable[[Callable[[], bool]], None] | None = None
@@ -192,12 +198,18 @@ class SendFuture(concurrent.futures.Future[T]):
             self.has_callbacks = True
         super().add_done_callback(fn)
 
-    def settle_unless_callbacks(self, settle: Callable[[], None]) -> bool:
-        """Run ``settle`` (which sets the outcome) here, unless callbacks are attached; return whether it ran.
+    def _settle_unless_callbacks(self, settle: Callable[[], None]) -> bool:
+        """Run ``settle`` here, unless callbacks are attached (for a thread other than the sidecar's).
 
-        For a thread other than the sidecar's: attaching a callback waits until ``settle`` is done, so
-        a callback runs either on the sidecar's thread (this returned ``False`` and the caller hands
-        the outcome there) or at once on the thread attaching it (the outcome was in), never here.
+        Attaching a callback waits until ``settle`` is done, so a callback runs either on the
+        sidecar's thread (this returned ``False`` and the caller hands the outcome there) or at once
+        on the thread attaching it (the outcome was in), never on this thread.
+
+        Args:
+            settle: Sets this future's outcome; it must not attach callbacks to it.
+
+        Returns:
+            Whether ``settle`` ran.
         """
         with self._attaching:
             if self.has_callbacks:
@@ -259,6 +271,9 @@ class _LoopThread:
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        #: Set once the loop has run for the last time; :meth:`call_soon` then refuses (under the lock).
+        self._finished = False
+        self._handing = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -275,15 +290,25 @@ class _LoopThread:
             if stuck:
                 self.loop.run_until_complete(asyncio.wait(stuck, timeout=1.0))
         self.loop.run_until_complete(asyncio.sleep(0))
+        with self._handing:
+            self._finished = True
+        self.loop.run_until_complete(asyncio.sleep(0))  # what was handed over before that
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed
-            raise SidecarClosedError("the sidecar was shut down; create a new Sidecar") from None
+        """Run ``callback(*args)`` on the loop (any thread).
+
+        Raises:
+            SidecarClosedError: The loop has run for the last time (the callback would never run).
+        """
+        with self._handing:
+            if not self._finished:
+                with contextlib.suppress(RuntimeError):  # closed: refused below
+                    self.loop.call_soon_threadsafe(callback, *args)
+                    return
+        raise SidecarClosedError("the sidecar was shut down; create a new Sidecar")
 
     def is_current(self) -> bool:
         """Whether the calling thread is the loop's."""
@@ -482,7 +507,7 @@ class Sidecar:
 
         Raises:
             ValueError: Bad destination ranks, chunk numbers or id (a str of 1 to 1024 characters, valid
-                Unicode text unless the transport is mock-file).
+                Unicode text unless the transport is peerless, as mock-file is).
             SerializationError: No serializer accepts ``data``.
             FrameError: ``data`` would need a frame header over the 1 MiB limit (too much metadata).
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
@@ -552,7 +577,12 @@ class Sidecar:
             done = self._fast_send_outcome(future, rank, header)
             # Filed first, so that an outcome reported at once (a broken link) also removes it.
             self._deadlines.add(future, lambda: done(self._send_timeout_error(header, rank)))
-            if self._transport.send_nowait(rank, frames[0], done):
+            try:
+                taken = self._transport.send_nowait(rank, frames[0], done)
+            except BaseException:
+                self._deadlines.discard(future)
+                raise
+            if taken:
                 return future
             self._deadlines.discard(future)
         return self._track(self._loop_thread.submit(self._send_all(ranks, frames)), what)
@@ -585,7 +615,7 @@ class Sidecar:
                 return
             if self._loop_thread.is_current():
                 settle(error)
-            elif self._reports_sends or not future.settle_unless_callbacks(lambda: settle(error)):
+            elif self._reports_sends or not future._settle_unless_callbacks(lambda: settle(error)):
                 # Hooks and callbacks run on the sidecar's thread.
                 try:
                     self._loop_thread.call_soon(done, error)
@@ -766,8 +796,8 @@ class Sidecar:
             PeerLostError: The peer sending this id disconnected before sending the chunk.
             SidecarClosedError: The sidecar was shut down, or this is a forked child of the process that made it.
             ValueError: ``id`` is not a str of 1 to 1024 characters (valid Unicode text unless the
-                transport is mock-file), ``chunk_id`` not an int >= 0, or ``timeout`` not a number >= 0
-                (``send`` takes the same ids and chunks).
+                transport is peerless, as mock-file is), ``chunk_id`` not an int >= 0, or ``timeout`` not
+                a number >= 0 (``send`` takes the same ids and chunks).
         """
         timeout = self._recv_timeout(timeout)
         waiter = self._waiter(id, chunk_id, timeout)

@@ -277,7 +277,7 @@ def test_bad_ids_and_chunk_numbers_are_value_errors(
     [
         (("", 0), None, "id must be a str of 1 to 1024 characters, got ''"),
         ((7, 0), None, "id must be a str of 1 to 1024 characters, got 7"),
-        (("\ud800", 0), None, "id must be valid Unicode text, got '\\ud800': character 0 is a lone surrogate"),
+        (("\ud800", 0), None, "id must be valid Unicode text, got '\\ud800': character 0 is a surrogate code point"),
         (("x", None), None, "chunk_id must be an int >= 0, got None"),
         (("x", "1"), None, "chunk_id must be an int >= 0, got '1'"),
         (("x", True), None, "chunk_id must be an int >= 0, got True"),
@@ -551,10 +551,53 @@ def test_a_callback_attached_while_another_thread_settles_a_send_never_runs_on_t
         poller.start()
         assert settling.wait(WAIT)
         attacher.start()
-        attacher.join(0.2)  # attaching waits for the outcome being set (the old code did not)
+        attacher.join(0.2)
+        assert attacher.is_alive(), "attaching must wait while another thread sets the outcome"
         go_on.set()
         poller.join(WAIT)
         attacher.join(WAIT)
         future.result(WAIT)
-        wait_until(lambda: ran_on, "the callback ran", WAIT)
-        assert ran_on[0] != "poller", "the callback ran on the thread that settled the send"
+        assert ran_on == ["attacher"], "the outcome was in: the callback runs at once on the attaching thread"
+
+        # Attached before the outcome comes off the loop: the sidecar's thread runs it.
+        monkeypatch.setattr(sidecar, "_report_send", report)
+        early: SendFuture[None] = SendFuture("send id='y'")
+        early.add_done_callback(lambda _: ran_on.append(threading.current_thread().name))
+        poller = threading.Thread(
+            target=sidecar._fast_send_outcome(early, 1, Header(kind="data", id="y", src=0)), args=(None,)
+        )
+        poller.start()
+        poller.join(WAIT)
+        early.result(WAIT)
+        wait_until(lambda: len(ran_on) == 2, "the second callback ran", WAIT)
+        assert ran_on[1] == sidecar._loop_thread.thread.name
+
+
+def test_a_fast_path_send_that_raises_leaves_no_deadline_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A transport's send_nowait that raises fails the send at once; its deadline must not stay filed
+    # (it would later fail a future nobody holds, log that, and report a second error to the hooks).
+    with make(build_registry(extra_plugins=(MemoryPlugin(),)), 0) as sidecar:
+
+        def broken(rank: int, frame: Any, done: Any) -> bool:
+            raise OSError("the transport broke")
+
+        monkeypatch.setattr(sidecar, "_sends_nowait", True)
+        monkeypatch.setattr(sidecar._transport, "send_nowait", broken)
+        with pytest.raises(OSError, match="the transport broke"):
+            sidecar.send(1, "x", 1)
+        assert not sidecar._deadlines._filed
+
+
+def test_a_callback_for_a_loop_that_ran_for_the_last_time_is_refused_not_lost() -> None:
+    # A loop that stopped but was not closed (stop() gave up joining its thread, or a thread hands
+    # something over between the loop's last pass and its closing) would queue the callback forever:
+    # whoever handed it over must hear that it has to do the work itself.
+    from sidecar_core._client import _LoopThread
+
+    loop_thread = _LoopThread("finished-loop")
+    loop_thread.loop.call_soon_threadsafe(loop_thread.loop.stop)
+    loop_thread.thread.join(WAIT)
+    assert not loop_thread.loop.is_closed()
+    with pytest.raises(SidecarClosedError, match="shut down"):
+        loop_thread.call_soon(print, "never")
+    loop_thread.loop.close()

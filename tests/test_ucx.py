@@ -991,16 +991,29 @@ def test_a_refusal_always_fits_the_senders_ack_buffer(text: str) -> None:
     assert text.startswith(parsed.message)
 
 
+def _run_script(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script from the checkout; past ``timeout``, kill it and every process it started."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: its workers are killed with it
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{args[0]} ran past {timeout:g}s; its stderr ends: {err[-2000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
     # benchmarks/ucx_steps.py wraps the transport's send and receive paths: it must still find
     # every step, over raw ucxx and over the transport.
-    done = subprocess.run(
-        [sys.executable, "benchmarks/ucx_steps.py", "cpu", str(64 << 10), "10"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = _run_script("benchmarks/ucx_steps.py", "cpu", str(64 << 10), "10")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     raw, ucx, ratio = lines[:6], lines[6:-1], lines[-1]
@@ -1040,15 +1053,9 @@ def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
 
 
 def test_ucxx_receive_paths_benchmark_moves_and_checks_every_way() -> None:
-    # benchmarks/ucxx_receive_paths.py checks every byte count, first and last byte and header it
-    # receives, and fails otherwise: a clean exit means all three ways moved the data.
-    done = subprocess.run(
-        [sys.executable, "benchmarks/ucxx_receive_paths.py", str(64 << 10), "5", "cpu"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    # benchmarks/ucxx_receive_paths.py checks the first and last byte of every transfer, and the size
+    # and header of what ucxx allocated: a clean exit means all three ways moved the data.
+    done = _run_script("benchmarks/ucxx_receive_paths.py", str(64 << 10), "5", "cpu")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "65536 bytes on cpu, p50 of 4 round trips per turn"
