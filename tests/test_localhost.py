@@ -37,7 +37,7 @@ from typing import Any, cast
 import pytest
 import torch
 from _forking import forking_owner, owner_script
-from _waiting import wait_until
+from _waiting import stop_process, wait_until
 
 import transports.localhost._copy as copy_module
 from sidecar_core import (
@@ -622,7 +622,7 @@ def test_small_sends_to_a_stalled_peer_time_out_then_arrive_whole(env: dict[str,
         sender.send(0, "stall-hello", 1).result(WAIT)  # connected: later small sends take the fast path
         objects = [{"i": i, "pad": "x" * 3900} for i in range(300)]  # ~1.2 MB: more than the socket holds
         assert peer.process.pid is not None
-        os.kill(peer.process.pid, signal.SIGSTOP)
+        stop_process(peer.process.pid)
         try:
             start = time.monotonic()
             futures = [sender.send(obj, f"stall-{i}", 1) for i, obj in enumerate(objects)]
@@ -1199,7 +1199,7 @@ def test_receiver_killed_mid_send_then_restarted(env: dict[str, str], sender: Si
         pool = transport(sender)._pool
         before = pool.used  # slots other tests' receivers still hold
         assert victim.process.pid is not None
-        os.kill(victim.process.pid, signal.SIGSTOP)  # it holds the frame but never acknowledges it
+        stop_process(victim.process.pid)  # it holds the frame but never acknowledges it
         pending = sender.send(random_bytes(4 * MiB, 6), "killed-mid-send", 6)
         time.sleep(0.2)
         assert not pending.done()

@@ -27,7 +27,7 @@ import msgspec
 import pytest
 import torch
 from _forking import forking_owner, owner_script
-from _waiting import wait_until
+from _waiting import stop_process, wait_until
 
 import transports.ucx._inbound as inbound_module
 import transports.ucx._transport as ucx_transport_module
@@ -810,7 +810,7 @@ def test_receiver_killed_mid_transfer_then_restarted(env: dict[str, str], sender
     try:
         sender.send(1, "before-kill", 6).result(WAIT)
         assert victim.process.pid is not None
-        os.kill(victim.process.pid, signal.SIGSTOP)  # it stops reading mid-transfer
+        stop_process(victim.process.pid)  # it stops reading mid-transfer
         pending = sender.send(random_bytes(32 * MiB, 6), "killed-mid-send", 6)
         time.sleep(0.3)
         assert not pending.done()
