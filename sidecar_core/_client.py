@@ -455,6 +455,8 @@ class Sidecar:
         self._pulls = type(self._transport).want is not Transport.want
         self._sends_nowait = type(self._transport).send_nowait is not Transport.send_nowait
         self._polls = type(self._transport).poll_while_waiting is not Transport.poll_while_waiting
+        # Ids travel in frame headers (UTF-8 JSON) to peers; a peerless transport stores any str.
+        self._text_ids = not self._transport.peerless
         hooks = (self._hooks.sidecar_on_send, self._hooks.sidecar_on_error)
         self._reports_sends = any(hook.get_hookimpls() for hook in hooks)
         self._deadlines = _SendDeadlines(self._loop_thread, self.settings.send_timeout)
@@ -519,7 +521,7 @@ class Sidecar:
                 f"cannot send None as chunk {chunk_id} of {id!r}: recv returns None for the end of a stream or "
                 "of a chunked message, so a None chunk would end it early; send a sentinel such as {} instead"
             )
-        _check_id(id, text=not self._transport.peerless)
+        _check_id(id, text=self._text_ids)
         _check_count("chunk_id", chunk_id)
         _check_count("num_chunks", num_chunks)
         if chunk_id < 0 or (not stream and not 0 <= chunk_id < num_chunks):
@@ -550,7 +552,7 @@ class Sidecar:
         """
         self._check_open()
         ranks = self._destinations(dst_sidecar_ranks)
-        _check_id(id, text=not self._transport.peerless)
+        _check_id(id, text=self._text_ids)
         _check_count("num_chunks", num_chunks)
         if num_chunks < 0:
             raise ValueError(f"num_chunks must be >= 0, got {num_chunks}")
@@ -749,7 +751,7 @@ class Sidecar:
         to look for it for up to ``timeout`` seconds.
         """
         self._check_open()
-        _check_key(id, chunk_id, text=not self._transport.peerless)
+        _check_key(id, chunk_id, text=self._text_ids)
         waiter: Waiter = concurrent.futures.Future()
         if self._pulls:
             found, value = self._store.peek(id, chunk_id)
@@ -873,7 +875,7 @@ class Sidecar:
             ValueError: ``id`` or ``chunk_id`` is not one a chunk can have (see :meth:`recv`).
         """
         self._check_open()
-        _check_key(id, chunk_id, text=not self._transport.peerless)
+        _check_key(id, chunk_id, text=self._text_ids)
         self._store.mark_done(id, chunk_id)
 
     # -- life cycle ---------------------------------------------------------------------------

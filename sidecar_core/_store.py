@@ -441,10 +441,7 @@ class ReceiveStore:
             self._peer_lost(rank, reason)
 
     def _peer_lost(self, rank: int, reason: str) -> None:
-        for key in [k for k in self._assembling if self._assembling[k].first.src == rank]:
-            self._drop_assembly(key)
-        for slot in [slot for slot, into in self._landing.items() if into.first.src == rank]:
-            self._forget_landing(slot)  # its connection is gone: its bytes will not come
+        self._drop_parts(rank, None)
         ids = {id for id, src in self._sources.items() if src == rank}
         for id in ids:
             _remember(self._lost, id, f"rank {rank} was lost: {reason}")
@@ -456,14 +453,25 @@ class ReceiveStore:
     def parts_lost(self, rank: int, messages: Collection[int]) -> None:
         """Drop the unfinished messages in parts ``messages`` from ``rank`` (see :class:`sidecar_core.Inbox`)."""
         with self._lock:
-            for key in [
-                k for k, into in self._assembling.items() if into.first.src == rank and into.first.message in messages
-            ]:
-                self._drop_assembly(key)
-            for slot in [
-                slot for slot, into in self._landing.items() if into.first.src == rank and slot[1] in messages
-            ]:
-                self._forget_landing(slot)
+            self._drop_parts(rank, messages)
+
+    def _drop_parts(self, rank: int, messages: Collection[int] | None) -> None:
+        """Drop the unfinished messages in parts from ``rank`` (``messages``: only those), and their landings.
+
+        Their connection is gone: the bytes of parts still landing will not come.
+        """
+        for key in [
+            k
+            for k, into in self._assembling.items()
+            if into.first.src == rank and (messages is None or into.first.message in messages)
+        ]:
+            self._drop_assembly(key)
+        for slot in [
+            slot
+            for slot, into in self._landing.items()
+            if into.first.src == rank and (messages is None or slot[1] in messages)
+        ]:
+            self._forget_landing(slot)
 
     def _lost_error(self, key: Key) -> PeerLostError:
         return PeerLostError(
