@@ -436,6 +436,8 @@ class Sidecar:
         self._generation = _generation
         self._shutting_down = threading.Lock()  # one shutdown at a time; the others wait for it
         self._loop_thread = _LoopThread(f"sidecar-{self.sidecar_rank}")
+        # Pull-based transports (mock-file) fetch on demand; push-based ones leave ``want`` alone.
+        self._pulls = transport_cls.want is not Transport.want
         self._store = ReceiveStore(
             self.codec,
             rank=self.sidecar_rank,
@@ -445,14 +447,13 @@ class Sidecar:
             on_recv=self._report_recv,
             loop=self._loop_thread.loop,
             abandon_after=2 * self.settings.send_timeout,
+            ends_learned=self._pulls,
         )
         try:
             self._transport: Transport = self._loop_thread.call(self._start(transport_cls))
         except BaseException:
             self._loop_thread.stop()
             raise
-        # Pull-based transports (mock-file) fetch on demand; push-based ones leave ``want`` alone.
-        self._pulls = type(self._transport).want is not Transport.want
         self._sends_nowait = type(self._transport).send_nowait is not Transport.send_nowait
         self._polls = type(self._transport).poll_while_waiting is not Transport.poll_while_waiting
         # Ids travel in frame headers (UTF-8 JSON) to peers; a peerless transport stores any str.

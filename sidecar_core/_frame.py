@@ -215,5 +215,7 @@ def decode_header(body: bytes | bytearray) -> Header:
         return _DECODER.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise FrameError(f"malformed frame header: {exc}") from None
+    except UnicodeDecodeError:  # in a string: JSON text must be UTF-8
+        raise FrameError("malformed frame header: a string in it is not UTF-8 text") from None
     except RecursionError:  # metadata nested thousands deep
         raise FrameError("malformed frame header: it nests too deeply") from None

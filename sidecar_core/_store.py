@@ -110,6 +110,7 @@ class ReceiveStore:
         on_recv: Callable[[Header, int], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         abandon_after: float | None = None,
+        ends_learned: bool = False,
     ) -> None:
         """Create an empty store.
 
@@ -125,6 +126,10 @@ class ReceiveStore:
             abandon_after: Seconds after which a message in parts that no part reached is dropped
                 (its send has timed out: ``SIDECAR_SEND_TIMEOUT`` covers all of a message's parts);
                 ``None`` keeps it until its key is sent again or marked done, or its sender is lost.
+            ends_learned: Whether the transport learns ids' ends by looking for chunks (pull-based, as
+                mock-file: a missing chunk ends its id there), so that a smaller end found later wins.
+                Otherwise ends come from senders, and a frame that gives an id another end than the
+                known one is refused.
         """
         self._codec = codec
         self._rank = rank
@@ -147,6 +152,7 @@ class ReceiveStore:
         self._waiters: defaultdict[Key, list[Waiter]] = defaultdict(list)
         self._loop = loop
         self._abandon_after = abandon_after
+        self._ends_learned = ends_learned
         #: ``(key, message)`` of the messages in parts dropped for want of parts: their late parts are refused.
         self._abandoned: OrderedDict[tuple[Key, int], None] = OrderedDict()
         self._lock = threading.RLock()
@@ -171,6 +177,7 @@ class ReceiveStore:
             raise FrameError(f"{h.describe()}: header lists {len(h.sizes)} buffers, {len(frame.buffers)} arrived")
         if h.kind == "close":
             assert h.num_chunks is not None  # enforced by Header validation
+            self._check_end(h)
             self._note_sender(h)
             self._set_end(h.id, h.num_chunks)
             self._release_soon(release)
@@ -218,8 +225,12 @@ class ReceiveStore:
 
     def _note_sender(self, h: Header) -> None:
         """Remember who sends ``h.id`` (for a lost peer's receives); only for frames the store took."""
-        _remember(self._sources, h.id, h.src)
+        _remember(self._sources, h.id, h.src, keep=self._in_use)
         self._lost.pop(h.id, None)
+
+    def _in_use(self, id: str) -> bool:
+        """Whether chunks of ``id`` are held: its end and sender are remembered however many ids come after."""
+        return id in self._held_chunks
 
     def _check_open(self, h: Header) -> None:
         if self._closed:  # a transport still reading while the sidecar shuts down
@@ -238,6 +249,22 @@ class ReceiveStore:
             raise FrameError(
                 f"{h.describe()} is past the end of id {h.id!r}, which has {end} chunks on rank {self._rank} "
                 "(from close_stream or num_chunks); send chunks below the end, or close the stream later"
+            )
+        self._check_end(h)
+
+    def _check_end(self, h: Header) -> None:
+        """Refuse a frame that gives its id another number of chunks than the end already known.
+
+        Taking the new end would drop chunks already acknowledged past it, or leave chunks promised
+        before it unreachable.
+        """
+        end = self._ends.get(h.id)
+        if h.num_chunks is not None and end is not None and h.num_chunks != end and not self._ends_learned:
+            what = "close_stream" if h.kind == "close" else h.describe()
+            raise FrameError(
+                f"{what} gives id {h.id!r} {h.num_chunks} chunks, but it has {end} on rank {self._rank} (from an "
+                "earlier close_stream or num_chunks); give every chunk of an id the same num_chunks, and close a "
+                "stream once"
             )
 
     def part_landing(self, header: Header, *, arriving: int = 0) -> torch.Tensor | None:
@@ -417,10 +444,10 @@ class ReceiveStore:
                 logger.exception("the on_recv callback failed for %s", h.describe())
 
     def _set_end(self, id: str, num_chunks: int) -> None:
-        # The smallest end wins: a pull-based transport may learn the end one missing chunk at a time.
+        """Record the end of ``id`` and apply a new one (a learned end only ever shrinks; see ``ends_learned``)."""
         known = self._ends.get(id)
         end = num_chunks if known is None else min(num_chunks, known)
-        _remember(self._ends, id, end)
+        _remember(self._ends, id, end, keep=self._in_use)
         if end == known:  # nothing new (every chunk of a message with num_chunks says it again)
             return
         for key in [k for k in self._waiters if k[0] == id and k[1] >= end]:
@@ -666,8 +693,21 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
-def _remember(table: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+def _remember(table: OrderedDict[_K, _V], key: _K, value: _V, keep: Callable[[_K], bool] | None = None) -> None:
+    """Record ``key`` as the newest entry, forgetting the oldest beyond ``DONE_MEMORY``.
+
+    An oldest entry that ``keep`` says is still needed is moved to the newest end instead (one per
+    call), so the table may outgrow the limit by the entries in use.
+    """
     table[key] = value
     table.move_to_end(key)
-    if len(table) > DONE_MEMORY:
-        table.popitem(last=False)
+    kept = False
+    while len(table) > DONE_MEMORY:
+        oldest = next(iter(table))
+        if keep is None or not keep(oldest):
+            del table[oldest]
+        elif kept:
+            break
+        else:
+            table.move_to_end(oldest)
+            kept = True

@@ -488,6 +488,74 @@ def test_chunks_past_a_known_end_are_refused_or_let_go() -> None:
     run(main())
 
 
+def test_a_conflicting_end_is_refused_and_nothing_is_dropped() -> None:
+    # Taking a smaller end from a sender would drop chunks already acknowledged past it.
+    async def main() -> None:
+        store = make_store()
+        store.deliver(close_frame("s", 5))
+        for chunk_id in (3, 4):
+            store.deliver(frames(f"c{chunk_id}".encode(), id="s", chunk_id=chunk_id, num_chunks=None)[0])
+        with pytest.raises(FrameError, match="close_stream gives id 's' 3 chunks, but it has 5 on rank 5"):
+            store.deliver(close_frame("s", 3))
+        with pytest.raises(FrameError, match="gives id 's' 6 chunks, but it has 5"):
+            store.deliver(close_frame("s", 6))
+        assert [await store.get("s", c, 1.0) for c in (3, 4, 5)] == [b"c3", b"c4", None]
+        store.deliver(close_frame("s", 5))  # the same end again is fine
+        # Chunks of one message must agree on num_chunks.
+        store.deliver(frames(b"n0", id="n", chunk_id=0, num_chunks=2)[0])
+        with pytest.raises(FrameError, match="id='n' chunk=1 gives id 'n' 3 chunks, but it has 2"):
+            store.deliver(frames(b"n1", id="n", chunk_id=1, num_chunks=3)[0])
+        assert store.peek("n", 1) == (False, None)
+        assert await store.get("n", 0, 1.0) == b"n0"
+
+    run(main())
+
+
+def test_a_pull_based_transports_smaller_end_found_later_wins() -> None:
+    # mock-file learns an id's end one missing chunk at a time: chunk 5 missing, then chunk 2.
+    async def main() -> None:
+        store = ReceiveStore(CODEC, rank=5, transport="mock-file", max_bytes=1 << 20, device="cpu", ends_learned=True)
+        store.deliver(close_frame("r", 5))
+        store.deliver(close_frame("r", 2))
+        assert store.past_end("r", 2)
+        assert await store.get("r", 3, 1.0) is None
+
+    run(main())
+
+
+def test_an_ids_end_and_sender_are_kept_while_its_chunks_are_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store remembers ends and senders of the last DONE_MEMORY ids; a stream whose chunks wait
+    # for a slow reader must not lose its end (the reader would then wait for the timeout at the
+    # end, and a chunk past it would be taken) or its sender (a lost peer would not fail receives).
+    monkeypatch.setattr(store_module, "DONE_MEMORY", 8)
+
+    async def main() -> None:
+        store = make_store()
+        store.deliver(close_frame("audio", 3))
+        store.deliver(frames(b"a0", id="audio", chunk_id=0, num_chunks=None)[0])
+        for i in range(40):  # many messages after it, each with an end of its own
+            store.deliver(frames(b"x", id=f"other-{i}")[0])
+            store.mark_done(f"other-{i}", 0)
+        assert len(store._ends) <= 9
+        assert store.past_end("audio", 3)
+        with pytest.raises(FrameError, match="past the end of id 'audio'"):
+            store.deliver(frames(b"a7", id="audio", chunk_id=7, num_chunks=None)[0])
+        waiting = asyncio.create_task(store.get("audio", 1, 5.0))
+        await settle()
+        store.peer_lost(1, "it exited")
+        with pytest.raises(PeerLostError, match="rank 1 was lost: it exited"):
+            await waiting
+        assert await store.get("audio", 0, 1.0) == b"a0"
+
+    run(main())
+
+
+def test_a_header_string_that_is_not_utf8_is_a_frame_error() -> None:
+    text = msgspec.json.encode(frames(b"x", id="abc")[0].header).replace(b'"abc"', b'"\xff"')
+    with pytest.raises(FrameError, match="malformed frame header: a string in it is not UTF-8 text"):
+        decode_header(text)
+
+
 def test_a_refused_frame_does_not_make_its_sender_the_ids_sender() -> None:
     # Else a stray frame from rank 2 would tie the id's receives to rank 2's connection.
     async def main() -> None:
