@@ -180,9 +180,11 @@ class SendFuture(concurrent.futures.Future[T]):
     its error when it is garbage-collected without anyone having looked at it.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, loop_thread: _LoopThread | None = None) -> None:
         super().__init__()
         self._what = what
+        #: The sidecar's thread, which settles this future: waiting on it there would never end.
+        self._loop_thread = loop_thread
         self._retrieved = False
         #: Whether callbacks were attached: then the outcome is set on the sidecar's thread (see the guide).
         self.has_callbacks = False
@@ -222,9 +224,11 @@ class SendFuture(concurrent.futures.Future[T]):
 
         Raises:
             SidecarClosedError: This is a forked child, and the send its parent started is not done.
+            RuntimeError: Called on the sidecar's own thread (in a callback) before the send is done.
         """
         self._retrieved = True
         self._check_process()
+        self._check_thread()
         self._poll_first()
         return super().result(timeout)
 
@@ -233,9 +237,11 @@ class SendFuture(concurrent.futures.Future[T]):
 
         Raises:
             SidecarClosedError: This is a forked child, and the send its parent started is not done.
+            RuntimeError: Called on the sidecar's own thread (in a callback) before the send is done.
         """
         self._retrieved = True
         self._check_process()
+        self._check_thread()
         self._poll_first()
         return super().exception(timeout)
 
@@ -250,6 +256,15 @@ class SendFuture(concurrent.futures.Future[T]):
             raise SidecarClosedError(
                 f"{self._what} was started by the process that forked this one; this child (pid {os.getpid()}) "
                 "cannot wait for it, only that process can"
+            )
+
+    def _check_thread(self) -> None:
+        """Refuse to wait on the sidecar's own thread, which is the one that would settle this future."""
+        if self._loop_thread is not None and self._loop_thread.is_current() and not self.done():
+            raise RuntimeError(
+                f"{self._what}: result() or exception() was called on the sidecar's own thread (in a callback) "
+                "before the send finished; that thread finishes it, so the wait would never end. Attach a callback "
+                "with add_done_callback instead, or wait on another thread"
             )
 
     def _poll_first(self) -> None:
@@ -573,7 +588,7 @@ class Sidecar:
     def _start_send(self, ranks: list[int], frames: list[Frame], what: str) -> SendFuture[None]:
         """Offer a one-frame, one-rank message to the transport's fast path, else send it on the loop."""
         if self._sends_nowait and len(ranks) == 1 and len(frames) == 1:
-            future: SendFuture[None] = SendFuture(what)
+            future: SendFuture[None] = SendFuture(what, self._loop_thread)
             if self._polls:
                 future.poll = self._poll_off_loop
             rank, header = ranks[0], frames[0].header
@@ -649,7 +664,12 @@ class Sidecar:
             raise errors[0]
         if errors:
             summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
-            raise type(errors[0])(f"{len(errors)} of {len(ranks)} destinations failed: {summary}") from errors[0]
+            message = f"{len(errors)} of {len(ranks)} destinations failed: {summary}"
+            try:  # the first error's class, if it takes a message alone (every SidecarError does)
+                combined: BaseException = type(errors[0])(message)
+            except Exception:
+                combined = SidecarError(message)
+            raise combined from errors[0]
 
     async def _send_one(self, rank: int, frames: list[Frame]) -> None:
         start = time.perf_counter()
@@ -699,20 +719,22 @@ class Sidecar:
             transport=self.transport_name,
         )
 
-    @staticmethod
-    def _track(future: concurrent.futures.Future[T], what: str) -> SendFuture[T]:
+    def _track(self, future: concurrent.futures.Future[T], what: str) -> SendFuture[T]:
         """Wrap a loop future so that an error nobody retrieves is logged, never silent."""
-        tracked: SendFuture[T] = SendFuture(what)
+        tracked: SendFuture[T] = SendFuture(what, self._loop_thread)
 
         def copy(done: concurrent.futures.Future[T]) -> None:
-            if done.cancelled():
-                tracked.cancel()
-            elif tracked.cancelled():
+            if tracked.cancelled():
                 return
-            elif (error := done.exception()) is not None:
-                tracked.set_exception(error)
-            else:
-                tracked.set_result(done.result())
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled just now
+                if done.cancelled():  # not by the caller (handled above): the shutdown stopped the send
+                    tracked.set_exception(
+                        SidecarClosedError(f"{what}: sidecar rank {self.sidecar_rank} was shut down before it finished")
+                    )
+                elif (error := done.exception()) is not None:
+                    tracked.set_exception(error)
+                else:
+                    tracked.set_result(done.result())
 
         def propagate_cancel(outer: concurrent.futures.Future[T]) -> None:
             if outer.cancelled():
@@ -743,7 +765,7 @@ class Sidecar:
             raise ValueError(
                 f"timeout must be a number of seconds >= 0, or None for SIDECAR_RECV_TIMEOUT; got {timeout!r:.80}"
             )
-        return min(timeout, threading.TIMEOUT_MAX)
+        return min(float(timeout), threading.TIMEOUT_MAX)
 
     def _waiter(self, id: str, chunk_id: int, timeout: float) -> Waiter:
         """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
@@ -761,7 +783,9 @@ class Sidecar:
             elif self._store.past_end(id, chunk_id):
                 waiter.set_result(None)  # the end is known: nothing to ask the transport for
             else:
-                self._loop_thread.submit(self._pull(id, chunk_id, waiter, timeout))
+                pull = self._loop_thread.submit(self._pull(id, chunk_id, waiter, timeout))
+                # A receive that gives up cancels its waiter: stop looking for the chunk then.
+                waiter.add_done_callback(lambda w: pull.cancel() if w.cancelled() else None)
         else:
             self._store.add_waiter(id, chunk_id, waiter)
         return waiter
@@ -772,7 +796,7 @@ class Sidecar:
         except Exception as error:
             settle_waiter(waiter, error=error)
             return
-        except asyncio.CancelledError:  # the transport closed under it: the sidecar shuts down
+        except asyncio.CancelledError:  # the receive gave up, or the transport closed under it (shutdown)
             settle_waiter(waiter, error=self._store.closed_error(id, chunk_id))
             raise
         if not waiter.done():  # else the receive gave up meanwhile: nobody would drop this waiter
@@ -832,6 +856,9 @@ class Sidecar:
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None
+        except BaseException:  # its error, or an interruption (KeyboardInterrupt): nothing stays filed
+            self._give_up(id, chunk_id, waiter)
+            raise
 
     async def iter_chunks(self, id: str, start: int = 0, *, mark_done: bool = False) -> AsyncIterator[Any]:
         """Yield the chunks of ``id`` in order until the end of the stream.

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy
@@ -422,6 +423,74 @@ def test_blocking_call_on_the_sidecars_own_thread_is_refused(pair: tuple[Sidecar
 
     with pytest.raises(RuntimeError, match="use the async form"):
         a._loop_thread.submit(inside()).result(WAIT)
+
+
+def test_waiting_for_a_send_on_the_sidecars_own_thread_is_refused(pair: tuple[Sidecar, Sidecar]) -> None:
+    # A callback that waits for another send would hold the very thread that finishes that send.
+    a, b = pair
+    gate = threading.Event()
+    b._loop_thread.loop.call_soon_threadsafe(gate.wait, WAIT)  # b takes nothing in: a's send stays pending
+    try:
+        pending = a.send(1, "pending", 1)
+
+        async def inside(wait: Callable[[], object]) -> None:
+            wait()
+
+        for wait in (pending.result, pending.exception, lambda: pending.result(timeout=0.1)):
+            with pytest.raises(RuntimeError, match=r"on the sidecar's own thread .* before the send finished"):
+                a._loop_thread.submit(inside(wait)).result(WAIT)
+    finally:
+        gate.set()
+    pending.result(WAIT)
+    a._loop_thread.submit(inside(pending.result)).result(WAIT)  # done: nothing to wait for
+    assert b.recv_sync("pending") == 1
+
+
+def test_a_send_in_flight_at_shutdown_fails_with_sidecar_closed(registry: Registry) -> None:
+    with make(registry, 1) as b:
+        gate = threading.Event()
+        b._loop_thread.loop.call_soon_threadsafe(gate.wait, WAIT)
+        try:
+            a = make(registry, 0)
+            pending = a.send(1, "cut-short", 1)
+            a.shutdown_sync()
+            error = pending.exception(WAIT)
+        finally:
+            gate.set()
+        assert isinstance(error, SidecarClosedError), repr(error)
+        assert str(error) == "send id='cut-short' chunk=0: sidecar rank 0 was shut down before it finished"
+
+
+def test_errors_of_several_destinations_are_joined_whatever_their_class(
+    pair: tuple[Sidecar, Sidecar], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = pair
+
+    async def broken(dst: int, frame: Any) -> None:
+        raise asyncio.IncompleteReadError(b"", 100)  # its class needs more than a message
+
+    monkeypatch.setattr(a._transport, "send", broken)
+    with pytest.raises(SidecarError, match=r"2 of 2 destinations failed: IncompleteReadError: 0 bytes read") as info:
+        a.send(1, "both", [1, 2]).result(WAIT)
+    assert isinstance(info.value.__cause__, asyncio.IncompleteReadError)
+
+
+def test_a_stream_closed_again_with_another_count_is_refused(pair: tuple[Sidecar, Sidecar]) -> None:
+    a, b = pair
+    a.send(b"c3", "twice", 1, chunk_id=3, stream=True).result(WAIT)
+    a.close_stream("twice", 5, 1).result(WAIT)
+    with pytest.raises(RemoteError, match="close_stream gives id 'twice' 3 chunks, but it has 5 on rank 1"):
+        a.close_stream("twice", 3, 1).result(WAIT)
+    assert b.recv_sync("twice", 3) == b"c3"  # acknowledged, so kept
+
+
+def test_a_fractional_timeout_times_out_and_leaves_no_waiter(pair: tuple[Sidecar, Sidecar]) -> None:
+    _, b = pair
+    with pytest.raises(RecvTimeoutError, match=r"timed out after 0\.05s"):
+        b.recv_sync("never", timeout=Fraction(1, 20))
+    with pytest.raises(RecvTimeoutError, match=r"timed out after 0\.05s"):
+        asyncio.run(b.recv("never", timeout=Fraction(1, 20)))
+    assert not b._store._waiters
 
 
 # -- life cycle ---------------------------------------------------------------------------------

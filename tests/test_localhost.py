@@ -50,6 +50,7 @@ from sidecar_core import (
     SendTimeoutError,
     SettingsError,
     Sidecar,
+    SidecarClosedError,
     SidecarConfig,
     build_registry,
     hookimpl,
@@ -246,7 +247,8 @@ def test_shutting_down_while_a_connection_is_being_made_closes_it(env: dict[str,
         attempt.settimeout(WAIT)
         while attempt.recv(65536):  # the HELLO, then the end of the connection
             pass
-        assert future.cancelled(), "a send still connecting when its sidecar shuts down is cancelled"
+        with pytest.raises(SidecarClosedError, match="sidecar rank 40 was shut down before it finished"):
+            future.result(WAIT)  # a send still connecting when its sidecar shuts down fails, and says why
     finally:
         attempt.close()
         listener.close()
@@ -614,6 +616,36 @@ def test_many_small_messages(sender: Sidecar, peer: PeerProcess) -> None:
     sender.send(0, "small-last", 1).result(WAIT)
     assert transport(sender)._links[1] is link, "sends to one peer must reuse one connection"
     assert peer.call(peer_recv_values, ["small-last"]) == [0]
+
+
+def test_a_waiting_thread_gives_up_a_socket_the_loop_holds_within_its_budget(env: dict[str, str]) -> None:
+    # The loop thread may be stuck holding a socket (in a user's callback, say): a thread waiting in
+    # recv_sync reads the sockets for its polling budget at most, then sleeps as usual.
+    with local_sidecar(env, 62) as sender, local_sidecar(env, 63) as receiver:
+        sender.send(0, "budget-hello", 63).result(WAIT)
+        assert receiver.recv_sync("budget-hello") == 0
+        readers = transport(receiver)._readers
+        assert readers is not None
+        channels = [channel for channel in readers._channels.values() if channel.direct]
+        assert channels, "no connection a waiting thread may read"
+        taken, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with channels[0].read_lock:  # as the loop does while it reads
+                taken.set()
+                release.wait(WAIT)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert taken.wait(WAIT)
+            start = time.monotonic()
+            readers.poll_here(lambda: False, 0.05)
+            elapsed = time.monotonic() - start
+        finally:
+            release.set()
+            holder.join(WAIT)
+        assert elapsed < 2.0, f"polling waited {elapsed:.2f}s for a socket the loop held; its budget is 0.05s"
 
 
 def test_small_sends_to_a_stalled_peer_time_out_then_arrive_whole(env: dict[str, str], peer: PeerProcess) -> None:
@@ -1595,7 +1627,7 @@ def test_a_closed_channels_number_reused_by_a_new_connection_is_not_silenced(pol
     new = _another_channel(polled, reused, owner, "new channel")
     try:
         assert new.fileno == number
-        assert not polled.readers._take(old), "a closed channel is never taken"
+        assert not polled.readers._take(old, WAIT), "a closed channel is never taken"
         theirs.sendall(envelope(Msg.FRAME, 2, 1) + b"hi")
         wait_until(lambda: len(owner.messages) == 1, "the loop still reads the new connection")
         assert owner.messages[0][:3] == (Msg.FRAME, 1, b"hi")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import math
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from _waiting import wait_until
 
 from sidecar_core import (
     AlreadyDoneError,
@@ -193,6 +195,26 @@ def test_chunks_past_a_missing_file_are_past_the_end(env: Env, tmp_path: Path) -
         sidecar.mark_done_sync("r", 2)
         with pytest.raises(AlreadyDoneError):
             sidecar.recv_sync("r", 2)
+
+
+def test_a_receive_that_gives_up_stops_looking_for_its_file(env: Env, tmp_path: Path) -> None:
+    # Each receive looks for its file on the sidecar's loop until the chunk is found or the receive's
+    # timeout ends; one cancelled early (or with no timeout) must not keep looking.
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar() as sidecar:
+
+        async def lookups() -> int:
+            return len(asyncio.all_tasks()) - 1  # less this one
+
+        async def give_up(i: int) -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sidecar.recv(f"never-{i}", timeout=math.inf), 0.05)
+
+        for i in range(5):
+            asyncio.run(give_up(i))
+        with pytest.raises(RecvTimeoutError):
+            sidecar.recv_sync("never-sync", timeout=0.05)
+        wait_until(lambda: sidecar._loop_thread.submit(lookups()).result(WAIT) == 0, "the lookups stopped")
 
 
 def test_unmapped_key_raises_naming_key_and_variable(env: Env, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ class Readers:
             with self._lock:
                 channels = list(self._channels.values())
             for channel in channels:
-                if channel.direct and self._take(channel):
+                if channel.direct and self._take(channel, seconds):
                     owned[channel.fileno] = channel
             if not owned:
                 return
@@ -136,13 +136,15 @@ class Readers:
                     self._gate.modify(self._epoll.fileno(), select.EPOLLIN)
             self._polling.release()
 
-    def _take(self, channel: Channel) -> bool:
-        """Take ``channel`` from the loop; ``False`` if it is closing or holds messages for the loop.
+    def _take(self, channel: Channel, seconds: float) -> bool:
+        """Take ``channel`` from the loop; ``False`` if it is closing, holds messages for the loop, or stays busy.
 
-        The lock waits for a read of the loop's that is under way; while this thread holds it the
-        loop, woken before the sockets were silenced, only tries it and leaves the channel alone.
+        The lock waits for a read of the loop's that is under way, for ``seconds`` at most (the loop
+        thread may be stuck in a user's callback); while this thread holds it the loop, woken before
+        the sockets were silenced, only tries it and leaves the channel alone.
         """
-        channel.read_lock.acquire()
+        if not channel.read_lock.acquire(timeout=seconds):
+            return False
         if channel.closed is None and not channel.needs_loop:
             return True
         channel.read_lock.release()  # a channel left with needs_loop was already handed to the loop
