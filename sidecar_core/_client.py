@@ -591,10 +591,10 @@ class Sidecar:
             future: SendFuture[None] = SendFuture(what, self._loop_thread)
             if self._polls:
                 future.poll = self._poll_off_loop
-            rank, header = ranks[0], frames[0].header
-            done = self._fast_send_outcome(future, rank, header)
+            rank, frame = ranks[0], frames[0]
+            done, expire = self._fast_send_outcome(future, rank, frame)
             # Filed first, so that an outcome reported at once (a broken link) also removes it.
-            self._deadlines.add(future, lambda: done(self._send_timeout_error(header, rank)))
+            self._deadlines.add(future, expire)
             try:
                 taken = self._transport.send_nowait(rank, frames[0], done)
             except BaseException:
@@ -605,13 +605,18 @@ class Sidecar:
             self._deadlines.discard(future)
         return self._track(self._loop_thread.submit(self._send_all(ranks, frames)), what)
 
-    def _fast_send_outcome(self, future: SendFuture[None], rank: int, header: Header) -> Outcome:
-        """The callback that takes a fast-path send's outcome: report it to the hooks, then settle ``future``.
+    def _fast_send_outcome(
+        self, future: SendFuture[None], rank: int, frame: Frame
+    ) -> tuple[Outcome, Callable[[], None]]:
+        """The callbacks that end a fast-path send: ``done`` takes its outcome, ``expire`` times it out.
 
-        Only the first outcome counts (the acknowledgement, or the send timeout); a user's
-        ``cancel`` also ends it. The hooks run first, so the loop thread is done with the send by the
-        time the caller wakes.
+        Both report the outcome to the hooks, then settle ``future``. Only the first outcome counts
+        (the acknowledgement, or the send timeout); a user's ``cancel`` also ends it. The hooks run
+        first, so the loop thread is done with the send by the time the caller wakes. ``expire``
+        (loop thread) has the transport give the frame up before the caller wakes
+        (:meth:`Transport.abandon`): the caller may then reuse the frame's memory.
         """
+        header = frame.header
         start = time.perf_counter()
         settled = False  # only the first outcome counts (the acknowledgement, or the timeout)
 
@@ -640,7 +645,18 @@ class Sidecar:
                 except SidecarClosedError:  # a stopped loop: settle it here
                     settle(error)
 
-        return done
+        def expire() -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True  # an outcome the abandoning causes (a closed connection's error) is not the send's
+            try:
+                self._transport.abandon(rank, frame)
+            except Exception:  # must not raise; the send times out all the same
+                logger.exception("%s: the transport failed to give up a send that timed out", self.transport_name)
+            settle(self._send_timeout_error(header, rank))
+
+        return done, expire
 
     def _poll_off_loop(self, ready: Callable[[], bool]) -> None:
         """:meth:`Transport.poll_while_waiting`, unless called on the loop's thread (a callback waiting there)."""

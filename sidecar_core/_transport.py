@@ -282,6 +282,22 @@ class Transport(abc.ABC):
         """
         return False
 
+    def abandon(self, dst: int, frame: Frame) -> None:  # noqa: B027 - optional hook
+        """Optional: the core gave up on a frame that :meth:`send_nowait` took; stop reading its buffers.
+
+        Called on the loop thread, once per frame, when ``SIDECAR_SEND_TIMEOUT`` passed without an
+        outcome, before the caller learns of the timeout: the caller may then reuse the frame's
+        memory. After it returns, the transport must not read the frame's buffers again. It may
+        still deliver what it already took from them (bytes it copied), drop the frame, or close the
+        connection (as a cancelled :meth:`send` may); an outcome it reports for the frame afterwards
+        is ignored. Must not raise. The default does nothing, which is right for a transport whose
+        ``send_nowait`` is done with the buffers when it returns.
+
+        Args:
+            dst: The destination rank the frame was sent to.
+            frame: The frame, as passed to :meth:`send_nowait`.
+        """
+
     def after_fork(self) -> None:  # noqa: B027 - optional hook
         """Optional: this process is a forked child, and this transport is its parent's.
 

@@ -596,12 +596,12 @@ def test_a_callback_attached_while_another_thread_settles_a_send_never_runs_on_t
     # promises callbacks run on the sidecar's thread, or at once on the thread attaching one to a
     # future that is done: never on that polling thread, even when attached while it settles.
     from sidecar_core._client import SendFuture
-    from sidecar_core._frame import Header
+    from sidecar_core._frame import Frame, Header
 
     with make(build_registry(extra_plugins=(MemoryPlugin(),)), 0) as sidecar:
         assert not sidecar._reports_sends  # no hooks: an outcome off the loop is set where it arrives
         future: SendFuture[None] = SendFuture("send id='x'")
-        done = sidecar._fast_send_outcome(future, 1, Header(kind="data", id="x", src=0))
+        done, _ = sidecar._fast_send_outcome(future, 1, Frame(Header(kind="data", id="x", src=0)))
         settling, go_on = threading.Event(), threading.Event()
         report = sidecar._report_send
 
@@ -633,7 +633,7 @@ def test_a_callback_attached_while_another_thread_settles_a_send_never_runs_on_t
         early: SendFuture[None] = SendFuture("send id='y'")
         early.add_done_callback(lambda _: ran_on.append(threading.current_thread().name))
         poller = threading.Thread(
-            target=sidecar._fast_send_outcome(early, 1, Header(kind="data", id="y", src=0)), args=(None,)
+            target=sidecar._fast_send_outcome(early, 1, Frame(Header(kind="data", id="y", src=0)))[0], args=(None,)
         )
         poller.start()
         poller.join(WAIT)

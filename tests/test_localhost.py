@@ -676,6 +676,30 @@ def test_small_sends_to_a_stalled_peer_time_out_then_arrive_whole(env: dict[str,
         assert peer.call(peer_recv_values, ["stall-after"]) == [1]
 
 
+def test_a_send_that_timed_out_is_not_read_from_the_callers_memory_afterwards(
+    env: dict[str, str], peer: PeerProcess
+) -> None:
+    # What the socket of a stalled peer does not take waits in a queue; once a send has timed out its
+    # caller may reuse the tensor, so what is still queued is copied first (and still written whole).
+    with local_sidecar(env, 8, send_timeout=1.0) as sender:
+        sender.send(0, "reuse-hello", 1).result(WAIT)  # connected: later small sends take the fast path
+        tensors = [torch.full((4000,), 7, dtype=torch.uint8) for _ in range(300)]  # more than the socket holds
+        sent = _digest(tensors[0])
+        assert peer.process.pid is not None
+        stop_process(peer.process.pid)
+        try:
+            futures = [sender.send(tensor, f"reuse-{i}", 1) for i, tensor in enumerate(tensors)]
+            outcomes = [type(future.exception(WAIT)).__name__ for future in futures]
+            for tensor, outcome in zip(tensors, outcomes, strict=True):
+                if outcome == "SendTimeoutError":
+                    tensor.fill_(0xEE)  # the caller reuses its memory
+        finally:
+            os.kill(peer.process.pid, signal.SIGCONT)
+        assert "SendTimeoutError" in outcomes
+        digests = peer.call(peer_recv_digests, [[f"reuse-{i}" for i in range(len(tensors))]])
+        assert set(digests.values()) == {sent}, "a tensor was read after its send had timed out"
+
+
 def test_view_is_valid_until_mark_done_then_the_slot_is_reused(env: dict[str, str], peer: PeerProcess) -> None:
     with local_sidecar(env, 22) as own:
         pool = transport(own)._pool

@@ -39,6 +39,7 @@ from sidecar_core import (
     PeerUnreachableError,
     RecvTimeoutError,
     RemoteError,
+    SendTimeoutError,
     SettingsError,
     Sidecar,
     SidecarConfig,
@@ -827,6 +828,37 @@ def test_receiver_killed_mid_transfer_then_restarted(env: dict[str, str], sender
     with PeerProcess(6, env) as again:
         sender.send(2, "after-restart", 6).result(WAIT)  # over a new endpoint
         assert again.call(peer_recv_values, ["after-restart"]) == [2]
+
+
+def peer_digest_if_any(sidecar: Sidecar, id: str, timeout: float) -> str | None:
+    """The digest of ``id`` if it arrives within ``timeout`` (then released), else ``None``."""
+    try:
+        tensor = sidecar.recv_sync(id, timeout=timeout)
+    except RecvTimeoutError:
+        return None
+    sidecar.mark_done_sync(id)
+    return digest(tensor)
+
+
+def test_a_send_that_timed_out_is_not_read_from_the_callers_memory_afterwards(env: dict[str, str]) -> None:
+    # The fast path hands UCX the caller's tensor itself; once its send has timed out the caller may
+    # reuse that memory, so the frame is given up (the link closes, cancelling what is in flight).
+    with local_sidecar(env, 31, send_timeout=1.0) as sender, PeerProcess(32, env) as victim:
+        sender.send(0, "reuse-hello", 32).result(WAIT)  # connected: the next send takes the fast path
+        assert victim.call(peer_recv_values, ["reuse-hello"]) == [0]
+        tensor = torch.full((4 * MiB,), 7, dtype=torch.uint8)
+        sent = digest(tensor)
+        assert victim.process.pid is not None
+        stop_process(victim.process.pid)
+        try:
+            with pytest.raises(SendTimeoutError, match="SIDECAR_SEND_TIMEOUT=1s"):
+                sender.send(tensor, "reuse", 32).result(WAIT)
+            tensor.fill_(0xEE)  # the caller reuses its memory
+        finally:
+            os.kill(victim.process.pid, signal.SIGCONT)
+        assert victim.call(peer_digest_if_any, "reuse", 3.0) in (None, sent)
+        sender.send(1, "reuse-after", 32).result(WAIT)  # a new connection
+        assert victim.call(peer_recv_values, ["reuse-after"]) == [1]
 
 
 def test_sender_killed_mid_stream_fails_the_waiting_recv(env: dict[str, str], sender: Sidecar) -> None:

@@ -432,6 +432,20 @@ class Channel:
             out.append((view, fds))
             fds = ()
 
+    def copy_queued(self) -> None:
+        """Copy the queued bytes that the socket has not taken yet, so that none is read from a sender's memory.
+
+        For a send given up (timed out or cancelled) while part of it still waits here: it is still
+        written whole, so that the stream stays intact, but its caller may reuse the memory now.
+        Any thread.
+        """
+        with self.lock:
+            out = self._out
+            for index in range(len(out)):
+                view, fds = out[index]
+                if not isinstance(view.obj, bytes):
+                    out[index] = (memoryview(view.tobytes()), fds)
+
     def _flush(self) -> None:
         with self.lock:
             broke = self._send_queued()

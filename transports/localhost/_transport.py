@@ -187,6 +187,8 @@ class LocalhostTransport(Transport):
         self._connecting: dict[int, asyncio.Task[Link]] = {}
         self._incoming: set[Incoming] = set()
         self._shared: dict[int, _Shared] = {}
+        #: Copies of fast-path frames still running on a copy thread, by ``id(frame)`` (see :meth:`abandon`).
+        self._copying: dict[int, concurrent.futures.Future[None]] = {}
         self._claim: RankClaim | None = None
         self._readers: Readers | None = None
         self._poll_seconds = self.settings.recv_poll_us / 1e6
@@ -280,6 +282,7 @@ class LocalhostTransport(Transport):
             await acked
         except asyncio.CancelledError:
             link.forget(seq)
+            link.channel.copy_queued()  # what the socket has not taken may be the caller's memory
             raise
 
     def send_nowait(self, dst: int, frame: Frame, done: Callable[[Exception | None], None]) -> bool:
@@ -320,6 +323,8 @@ class LocalhostTransport(Transport):
         parts = [SHM_PREFIX.pack(lease.offset, span), encode_header(header)]
         if header.frame_bytes > _CALLER_COPY_BYTES:
             job = self._copier.submit(lease.view(), buffers, offsets)
+            self._copying[id(frame)] = job
+            job.add_done_callback(lambda job: self._copying.pop(id(frame), None))
             job.add_done_callback(lambda job: self._announce(link, lease, parts, header.describe(), done, job))
             return True
         try:
@@ -340,6 +345,20 @@ class LocalhostTransport(Transport):
         """
         if self._readers is not None:
             self._readers.poll_here(ready, self._poll_seconds)
+
+    def abandon(self, dst: int, frame: Frame) -> None:
+        """Stop reading a timed-out fast-path frame's buffers (see :meth:`sidecar_core.Transport.abandon`).
+
+        A copy into the pool still running is waited for (it reads the caller's memory, briefly);
+        bytes of an inline frame that the socket has not taken yet are copied. The frame itself still
+        goes out whole, so that the connection's stream stays intact, and the peer may store it.
+        """
+        job = self._copying.get(id(frame))
+        if job is not None:
+            concurrent.futures.wait([job])
+        link = self._links.get(dst)
+        if link is not None:
+            link.channel.copy_queued()
 
     def _announce(
         self,

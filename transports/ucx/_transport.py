@@ -272,6 +272,17 @@ class UcxTransport(Transport):
         link = self._links.get(dst)
         return link is not None and link.send_nowait(frame, done)
 
+    def abandon(self, dst: int, frame: Frame) -> None:
+        """Close the link to ``dst``: UCX may still be reading the frame's payload from the caller's memory.
+
+        The core gave up on a frame :meth:`send_nowait` took (see :meth:`sidecar_core.Transport.abandon`).
+        Closing cancels its messages, as a cancelled :meth:`send` does; the link's other
+        unacknowledged frames fail with :class:`PeerLostError`, and the next send connects again.
+        """
+        link = self._links.get(dst)
+        if link is not None:
+            link.close(f"a send over it did not complete within SIDECAR_SEND_TIMEOUT ({frame.header.describe()})")
+
     async def _link(self, dst: int) -> Link:
         """The open link to ``dst``, connecting first if there is none."""
         link = self._links.get(dst)
