@@ -852,8 +852,13 @@ def test_a_send_that_timed_out_is_not_read_from_the_callers_memory_afterwards(en
         stop_process(victim.process.pid)
         try:
             with pytest.raises(SendTimeoutError, match="SIDECAR_SEND_TIMEOUT=1s"):
+                sender.send(torch.arange(4), "reuse-small", 32).result(WAIT)
+            link = transport(sender)._links[32]
+            assert not link.closed, "a payload that rode in its header message is not read again: the link stays"
+            with pytest.raises(SendTimeoutError, match="SIDECAR_SEND_TIMEOUT=1s"):
                 sender.send(tensor, "reuse", 32).result(WAIT)
             tensor.fill_(0xEE)  # the caller reuses its memory
+            assert link.closed, "the payload was still submitted from the tensor: its link is closed"
         finally:
             os.kill(victim.process.pid, signal.SIGCONT)
         assert victim.call(peer_digest_if_any, "reuse", 3.0) in (None, sent)

@@ -32,6 +32,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -122,6 +123,9 @@ class Link:
         #: Per unacknowledged frame: what takes its outcome (``None``: accepted; a
         #: :class:`~transports.ucx._wire.Problem`: refused; :data:`_CLOSED`: the link closed first).
         self._acks: dict[int, Callable[[wire.Problem | object | None], None]] = {}
+        #: The payload requests of frames submitted by :meth:`send_nowait`, until acknowledged: UCX may
+        #: read the caller's memory until they complete (see :meth:`reads_callers_memory`).
+        self._payloads: dict[int, list[Any]] = {}
         #: Held while a caller's thread files a waiter and while closing takes them all, so that no
         #: waiter is filed in a table that closing has already emptied.
         self._filing = threading.Lock()
@@ -148,7 +152,9 @@ class Link:
         view = memoryview(self._ack_buf)
         try:
             seq, problem, closing = wire.parse_ack(view)  # before the waiter is taken: closing fails it
-            waiter = self._acks.pop(seq, None)
+            with self._filing:  # against send_nowait filing the frame's payloads
+                waiter = self._acks.pop(seq, None)
+                self._payloads.pop(seq, None)
             if waiter is None:
                 raise wire.ProtocolError(f"acknowledgement for unknown frame {seq}")
         except wire.ProtocolError as exc:
@@ -254,9 +260,21 @@ class Link:
             except RuntimeError:  # the loop is closed: nothing else will settle the frame
                 self._abandon(seq, describe_error(exc))
             return True
+        if len(sent) > 1:
+            with self._filing:
+                if seq in self._acks:  # else acknowledged (or the link closed) already
+                    self._payloads[seq] = [request for request, _ in sent[1:]]
         for request, array in sent:
             self._worker.watch_from_thread(request, array, self._on_sent, busy=array.cuda)
         return True
+
+    def reads_callers_memory(self) -> bool:
+        """Whether a payload :meth:`send_nowait` submitted may still be read from its caller's memory (loop thread).
+
+        Such a payload's request has not completed: UCX sends it straight from the caller's buffer.
+        """
+        with self._filing:
+            return any(not request.completed for requests in self._payloads.values() for request in requests)
 
     def _abandon(self, seq: int, reason: str) -> None:
         """Close the link and fail frame ``seq``, whose messages could not be submitted (loop thread).
@@ -282,6 +300,8 @@ class Link:
         except Exception as exc:  # a UCX error: the connection broke (the ack waiter gets _CLOSED)
             self.close(describe_error(exc))
             return
+        if len(sent) > 1:
+            self._payloads[seq] = [_Settled(future) for future in sent[1:]]
         for future in sent:
             if future.done():  # small messages usually leave at once
                 self._check_sent(future)
@@ -311,10 +331,22 @@ class Link:
             self.closed = True
             self._reason = reason
             waiters, self._acks = list(self._acks.values()), {}
+            self._payloads.clear()
         self._endpoint.close()
         for waiter in waiters:
             waiter(_CLOSED)
         self._on_closed(self)
+
+
+class _Settled:
+    """A submitted message's future seen as a request: ``completed`` once it is done."""
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+
+    @property
+    def completed(self) -> bool:
+        return self._future.done()
 
 
 #: First pause between connection attempts while nothing accepts them, in seconds (it doubles).

@@ -273,14 +273,16 @@ class UcxTransport(Transport):
         return link is not None and link.send_nowait(frame, done)
 
     def abandon(self, dst: int, frame: Frame) -> None:
-        """Close the link to ``dst``: UCX may still be reading the frame's payload from the caller's memory.
+        """Close the link to ``dst`` if UCX may still read a payload from its caller's memory.
 
         The core gave up on a frame :meth:`send_nowait` took (see :meth:`sidecar_core.Transport.abandon`).
-        Closing cancels its messages, as a cancelled :meth:`send` does; the link's other
-        unacknowledged frames fail with :class:`PeerLostError`, and the next send connects again.
+        A frame whose payload rode in its header message, or whose payload requests completed, is
+        no longer read: the link stays, and the frame may still be stored. Otherwise closing cancels
+        the link's messages, as a cancelled :meth:`send` does; its other unacknowledged frames fail
+        with :class:`PeerLostError`, and the next send connects again.
         """
         link = self._links.get(dst)
-        if link is not None:
+        if link is not None and link.reads_callers_memory():
             link.close(f"a send over it did not complete within SIDECAR_SEND_TIMEOUT ({frame.header.describe()})")
 
     async def _link(self, dst: int) -> Link:
