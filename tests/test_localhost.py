@@ -255,6 +255,18 @@ def test_shutting_down_while_a_connection_is_being_made_closes_it(env: dict[str,
         path.unlink()
 
 
+def test_a_send_that_races_the_shutdown_makes_no_connection(env: dict[str, str]) -> None:
+    # A send that passed the sidecar's checks as it started shutting down reaches the transport's
+    # loop after its close: it must not connect (nothing would ever close that connection).
+    with local_sidecar(env, 64) as late, local_sidecar(env, 65) as other:
+        own = transport(late)
+        late._loop_thread.call(own.close())
+        with pytest.raises(SidecarClosedError, match="rank 64 is shutting down: no new connection to rank 65"):
+            late._loop_thread.call(own._link(65))
+        time.sleep(0.2)
+        assert not [i for i in transport(other)._incoming if i.rank == 64], "a connection was made after close"
+
+
 def test_a_peers_pool_is_read_in_only_where_its_slots_are() -> None:
     # Reading in a hole of a sparse memfd allocates it: a peer announcing a huge pool and using a
     # slot near its end must not make this process read in the whole pool.

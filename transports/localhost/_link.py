@@ -157,7 +157,11 @@ class Link:
                 f"rank {rank} at {path} is served by a process of uid {owner}, not of this user (uid {os.getuid()}); "
                 "another user may be intercepting sidecar sockets, so nothing was sent to it"
             )
-        link = cls(sock, rank, path, loop, readers, on_closed)
+        try:
+            link = cls(sock, rank, path, loop, readers, on_closed)
+        except BaseException:  # the readers closed meanwhile (a shutdown)
+            sock.close()
+            raise
         try:
             body = hello.model_dump_json().encode()
             link.channel.write(envelope(Msg.HELLO, len(body)), body)

@@ -47,6 +47,7 @@ from sidecar_core import (
     Frame,
     PartRoutes,
     PeerLostError,
+    SidecarClosedError,
     Transport,
     TransportContext,
     encode_header,
@@ -193,6 +194,8 @@ class LocalhostTransport(Transport):
         self._readers: Readers | None = None
         self._poll_seconds = self.settings.recv_poll_us / 1e6
         self._acceptor: asyncio.Task[None] | None = None
+        #: Set when :meth:`close` starts: no connection is made after that.
+        self._closing = False
         token = ctx.settings.auth_token
         self._token = token.get_secret_value() if token is not None else None
 
@@ -394,11 +397,16 @@ class LocalhostTransport(Transport):
         return await asyncio.shield(task)
 
     async def _connect(self, dst: int) -> Link:
+        if self._closing:  # a send that raced the shutdown: its connection would never be closed
+            raise SidecarClosedError(f"rank {self.ctx.rank} is shutting down: no new connection to rank {dst}")
         hello = Hello(version=VERSION, rank=self.ctx.rank, pid=os.getpid(), token=self._token)
         assert self._readers is not None  # started
         link = await Link.connect(
             dst, socket_path(self._dir, dst), hello, self.ctx.settings.connect_timeout, self._readers, self._link_closed
         )
+        if self._closing:
+            await link.close()
+            raise SidecarClosedError(f"rank {self.ctx.rank} is shutting down: no new connection to rank {dst}")
         if link.channel.closed is not None:  # it ended in the read that brought its WELCOME
             raise PeerLostError(
                 f"the connection to {link.describe} closed right after the handshake: {link.channel.closed}"
@@ -561,7 +569,10 @@ class LocalhostTransport(Transport):
     # -- closing ------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop listening, flush and close every connection, release the pool. Never raises."""
+        """Stop listening, flush and close every connection, release the pool. Idempotent; never raises."""
+        if self._closing:
+            return
+        self._closing = True
         try:
             if self._trim_timer is not None:
                 self._trim_timer.cancel()
