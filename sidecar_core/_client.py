@@ -15,8 +15,10 @@ round trip through it costs tens of microseconds:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import numbers
@@ -58,6 +60,25 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: How long a sidecar left open at exit may take to close its transport, in seconds.
+_EXIT_CLOSE_SECONDS = 5.0
+
+
+@functools.cache
+def _at_exit_once() -> None:
+    """Register :func:`_shut_down_at_exit`, once a transport is loaded: handlers run last registered first."""
+    atexit.register(_shut_down_at_exit)
+
+
+def _shut_down_at_exit() -> None:
+    """Shut down the sidecars a process leaves open, so that their connections, sockets and files go with it."""
+    for sidecar in list(_made):
+        if not sidecar._closed and not sidecar._forked and not sidecar._loop_thread.is_current():
+            try:
+                sidecar._shutdown(_EXIT_CLOSE_SECONDS)
+            except Exception:  # exiting anyway: what is left is swept by the next sidecar of the rank
+                logger.exception("shutting down sidecar rank %d at exit failed", sidecar.sidecar_rank)
 
 T = TypeVar("T")
 Ranks = int | Sequence[int] | Sequence[Sequence[int]]
@@ -333,11 +354,11 @@ class _LoopThread:
         if self.is_current():
             raise RuntimeError("a blocking sidecar call was made on the sidecar's own thread; use the async form")
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if threading.current_thread() is self.thread:
             coro.close()
             self.check_not_on_loop()
-        return self.submit(coro).result()
+        return self.submit(coro).result(timeout)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -479,6 +500,7 @@ class Sidecar:
         limits = [x for x in (self.settings.chunk_size, self._transport.max_part_bytes) if x is not None]
         self._max_part_bytes = min(limits) if limits else None
         _made.add(self)
+        _at_exit_once()
 
     async def _start(self, transport_cls: type[Transport]) -> Transport:
         ctx = TransportContext(
@@ -959,12 +981,16 @@ class Sidecar:
             self._closed = True
             return
         self._loop_thread.check_not_on_loop()
+        self._shutdown(None)
+
+    def _shutdown(self, timeout: float | None) -> None:
+        """Shut down (not on the loop's thread), giving the transport ``timeout`` seconds to close."""
         with self._shutting_down:
             if self._closed:
                 return
             self._closed = True
             with contextlib.suppress(Exception):
-                self._loop_thread.call(self._close())
+                self._loop_thread.call(self._close(), timeout)
             self._loop_thread.stop()
 
     async def shutdown(self) -> None:

@@ -935,6 +935,25 @@ def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
     assert result.returncode == 0, f"{result.stdout.strip()}; {result.stderr}"
 
 
+def test_a_sidecar_left_open_at_exit_removes_its_socket(env: dict[str, str], socket_dir: Path) -> None:
+    # Sweeping the files of a dead rank waits for the next sidecar of that rank; a process that just
+    # returns from main without shutdown_sync must take its socket and lock file with it.
+    script = "from sidecar_core import Sidecar, SidecarConfig; Sidecar(SidecarConfig(sidecar_rank=66)); print('made')"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={
+            **os.environ,
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "made"), result.stderr
+    assert not list(socket_dir.glob("rank-66*")), "its socket or lock file outlived the process"
+
+
 def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
     env: dict[str, str], tmp_path: Path
 ) -> None:
