@@ -809,7 +809,8 @@ class Sidecar:
         """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
 
         Only a pull-based transport that does not hold the chunk yet is asked for it on the loop,
-        to look for it for up to ``timeout`` seconds.
+        to look for it for up to ``timeout`` seconds; the lookup then settles the waiter, with
+        :class:`RecvTimeoutError` if it found nothing (even with ``timeout=0`` it looks once).
         """
         self._check_open()
         _check_key(id, chunk_id, text=self._text_ids)
@@ -839,6 +840,9 @@ class Sidecar:
             raise
         if not waiter.done():  # else the receive gave up meanwhile: nobody would drop this waiter
             self._store.add_waiter(id, chunk_id, waiter)
+        if not waiter.done():  # not found in time, and only a lookup delivers: the receive times out now
+            self._store.drop_waiter(id, chunk_id, waiter)
+            settle_waiter(waiter, error=self._store.timeout_error(id, chunk_id, timeout))
 
     def _give_up(self, id: str, chunk_id: int, waiter: Waiter) -> None:
         waiter.cancel()  # done, so that a pull-based transport answering late does not file it again
@@ -868,8 +872,8 @@ class Sidecar:
         waiter = self._waiter(id, chunk_id, timeout)
         if waiter.done():  # held already: no wait (wrap_future would report it only a loop turn later)
             return waiter.result()
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
+        try:  # a pull-based transport's lookup ends the wait itself, after its last look
+            return await asyncio.wait_for(asyncio.wrap_future(waiter), None if self._pulls else timeout)
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None
@@ -889,8 +893,8 @@ class Sidecar:
         waiter = self._waiter(id, chunk_id, timeout)
         if self._polls and not waiter.done():
             self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above
-        try:
-            return waiter.result(timeout)
+        try:  # a pull-based transport's lookup ends the wait itself, after its last look
+            return waiter.result(None if self._pulls else timeout)
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None

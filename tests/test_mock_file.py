@@ -197,6 +197,22 @@ def test_chunks_past_a_missing_file_are_past_the_end(env: Env, tmp_path: Path) -
             sidecar.recv_sync("r", 2)
 
 
+def test_a_receive_with_no_time_to_wait_still_looks_once(env: Env, tmp_path: Path) -> None:
+    # A lookup runs on the sidecar's loop: a timeout of 0 used to expire before it had looked.
+    (tmp_path / "there-0.json").write_text('{"v": 1}')
+    mapping = {"mapped-0": tmp_path / "m.json", "gone-0": tmp_path / "gone.json"}
+    mapping["mapped-0"].write_text("[2]")
+    env(**mapping_env(mapping, SIDECAR_MOCK_FILE__DIR=str(tmp_path)))
+    with mock_sidecar() as sidecar:
+        assert sidecar.recv_sync("there", timeout=0) == {"v": 1}
+        assert asyncio.run(sidecar.recv("mapped", timeout=0)) == [2]
+        assert sidecar.recv_sync("gone", timeout=0) is None  # a mapped file that is missing ends the stream
+        with pytest.raises(RecvTimeoutError, match="recv id='absent' chunk=0 timed out after 0s"):
+            sidecar.recv_sync("absent", timeout=0)
+        with pytest.raises(RecvTimeoutError, match="recv id='absent' chunk=0 timed out after 0s"):
+            asyncio.run(sidecar.recv("absent", timeout=0))
+
+
 def test_a_receive_that_gives_up_stops_looking_for_its_file(env: Env, tmp_path: Path) -> None:
     # Each receive looks for its file on the sidecar's loop until the chunk is found or the receive's
     # timeout ends; one cancelled early (or with no timeout) must not keep looking.
