@@ -866,6 +866,30 @@ def test_a_send_that_timed_out_is_not_read_from_the_callers_memory_afterwards(en
         assert victim.call(peer_recv_values, ["reuse-after"]) == [1]
 
 
+def test_giving_up_one_send_leaves_another_sends_payload_alone(env: dict[str, str]) -> None:
+    # A small send times out while a large one's payload is still on its way: only a frame whose own
+    # payload UCX still reads from its caller's memory closes the link.
+    with local_sidecar(env, 33, send_timeout=3.0) as sender, PeerProcess(34, env) as victim:
+        sender.send(0, "alone-hello", 34).result(WAIT)
+        assert victim.call(peer_recv_values, ["alone-hello"]) == [0]
+        large = random_bytes(4 * MiB, 34)
+        assert victim.process.pid is not None
+        stop_process(victim.process.pid)
+        try:
+            small = sender.send(torch.arange(4), "alone-small", 34)
+            time.sleep(1.0)
+            pending = sender.send(large, "alone-large", 34)
+            with pytest.raises(SendTimeoutError):
+                small.result(WAIT)
+            link = transport(sender)._links.get(34)
+            assert link is not None, "the small frame's timeout closed the large one's link"
+            assert not link.closed
+        finally:
+            os.kill(victim.process.pid, signal.SIGCONT)
+        pending.result(WAIT)
+        assert victim.call(peer_recv_digests, ["alone-large"]) == [digest(large)]
+
+
 def test_sender_killed_mid_stream_fails_the_waiting_recv(env: dict[str, str], sender: Sidecar) -> None:
     with PeerProcess(7, env) as victim:
         victim.call(peer_send, random_bytes(1000, 1), "stream", 0, 0, True)

@@ -125,7 +125,7 @@ class Link:
         self._acks: dict[int, Callable[[wire.Problem | object | None], None]] = {}
         #: The payload requests of frames submitted by :meth:`send_nowait`, until acknowledged: UCX may
         #: read the caller's memory until they complete (see :meth:`reads_callers_memory`).
-        self._payloads: dict[int, list[Any]] = {}
+        self._payloads: dict[int, tuple[Frame, list[Any]]] = {}
         #: Held while a caller's thread files a waiter and while closing takes them all, so that no
         #: waiter is filed in a table that closing has already emptied.
         self._filing = threading.Lock()
@@ -263,18 +263,22 @@ class Link:
         if len(sent) > 1:
             with self._filing:
                 if seq in self._acks:  # else acknowledged (or the link closed) already
-                    self._payloads[seq] = [request for request, _ in sent[1:]]
+                    self._payloads[seq] = (frame, [request for request, _ in sent[1:]])
         for request, array in sent:
             self._worker.watch_from_thread(request, array, self._on_sent, busy=array.cuda)
         return True
 
-    def reads_callers_memory(self) -> bool:
-        """Whether a payload :meth:`send_nowait` submitted may still be read from its caller's memory (loop thread).
+    def reads_callers_memory(self, frame: Frame) -> bool:
+        """Whether UCX may still read a payload of ``frame``, taken by :meth:`send_nowait`, from its caller's memory.
 
-        Such a payload's request has not completed: UCX sends it straight from the caller's buffer.
+        A payload whose request has not completed is sent straight from the caller's buffer; one
+        that rode in the header message was copied into it. Loop thread.
         """
         with self._filing:
-            return any(not request.completed for requests in self._payloads.values() for request in requests)
+            return any(
+                sent is frame and not all(request.completed for request in requests)
+                for sent, requests in self._payloads.values()
+            )
 
     def _abandon(self, seq: int, reason: str) -> None:
         """Close the link and fail frame ``seq``, whose messages could not be submitted (loop thread).
@@ -301,7 +305,7 @@ class Link:
             self.close(describe_error(exc))
             return
         if len(sent) > 1:
-            self._payloads[seq] = [_Settled(future) for future in sent[1:]]
+            self._payloads[seq] = (frame, [_Settled(future) for future in sent[1:]])
         for future in sent:
             if future.done():  # small messages usually leave at once
                 self._check_sent(future)

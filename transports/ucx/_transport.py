@@ -273,7 +273,7 @@ class UcxTransport(Transport):
         return link is not None and link.send_nowait(frame, done)
 
     def abandon(self, dst: int, frame: Frame) -> None:
-        """Close the link to ``dst`` if UCX may still read a payload from its caller's memory.
+        """Close the link to ``dst`` if UCX may still read ``frame``'s payload from its caller's memory.
 
         The core gave up on a frame :meth:`send_nowait` took (see :meth:`sidecar_core.Transport.abandon`).
         A frame whose payload rode in its header message, or whose payload requests completed, is
@@ -282,7 +282,7 @@ class UcxTransport(Transport):
         with :class:`PeerLostError`, and the next send connects again.
         """
         link = self._links.get(dst)
-        if link is not None and link.reads_callers_memory():
+        if link is not None and link.reads_callers_memory(frame):
             link.close(f"a send over it did not complete within SIDECAR_SEND_TIMEOUT ({frame.header.describe()})")
 
     async def _link(self, dst: int) -> Link:
