@@ -61,7 +61,9 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-#: How long a sidecar left open at exit may take to close its transport, in seconds.
+#: How much longer than its timeout a receive waits for a pull-based transport's lookup, in seconds.
+_PULL_GRACE_SECONDS = 1.0
+#: How long shutting down a sidecar left open at exit may take, in seconds.
 _EXIT_CLOSE_SECONDS = 5.0
 
 
@@ -79,6 +81,7 @@ def _shut_down_at_exit() -> None:
                 sidecar._shutdown(_EXIT_CLOSE_SECONDS)
             except Exception:  # exiting anyway: what is left is swept by the next sidecar of the rank
                 logger.exception("shutting down sidecar rank %d at exit failed", sidecar.sidecar_rank)
+
 
 T = TypeVar("T")
 Ranks = int | Sequence[int] | Sequence[Sequence[int]]
@@ -329,9 +332,24 @@ class _LoopThread:
         with self._handing:
             self._finished = True
         self.loop.run_until_complete(asyncio.sleep(0))  # what was handed over before that
+        late = asyncio.all_tasks(self.loop)  # coroutines handed over after the first look: they end here too
+        for task in late:
+            task.cancel()
+        if late:
+            self.loop.run_until_complete(asyncio.wait(late, timeout=1.0))
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Run ``coro`` on the loop (any thread).
+
+        Raises:
+            SidecarClosedError: The loop has run for the last time (the coroutine would never run).
+        """
+        with self._handing:
+            if not self._finished:
+                with contextlib.suppress(RuntimeError):  # closed: refused below
+                    return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        coro.close()
+        raise SidecarClosedError("the sidecar was shut down; create a new Sidecar")
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop (any thread).
@@ -360,9 +378,10 @@ class _LoopThread:
             self.check_not_on_loop()
         return self.submit(coro).result(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and wait up to ``timeout`` seconds for its thread (it closes the loop once ended)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self.thread.join(timeout)
         if not self.thread.is_alive():
             self.loop.close()
 
@@ -611,6 +630,8 @@ class Sidecar:
         """Offer a one-frame, one-rank message to the transport's fast path, else send it on the loop."""
         if self._sends_nowait and len(ranks) == 1 and len(frames) == 1:
             future: SendFuture[None] = SendFuture(what, self._loop_thread)
+            # The frame goes out at once and cannot be called back: cancel() returns False from now on.
+            future.set_running_or_notify_cancel()
             if self._polls:
                 future.poll = self._poll_off_loop
             rank, frame = ranks[0], frames[0]
@@ -633,10 +654,10 @@ class Sidecar:
         """The callbacks that end a fast-path send: ``done`` takes its outcome, ``expire`` times it out.
 
         Both report the outcome to the hooks, then settle ``future``. Only the first outcome counts
-        (the acknowledgement, or the send timeout); a user's ``cancel`` also ends it. The hooks run
-        first, so the loop thread is done with the send by the time the caller wakes. ``expire``
-        (loop thread) has the transport give the frame up before the caller wakes
-        (:meth:`Transport.abandon`): the caller may then reuse the frame's memory.
+        (the acknowledgement, or the send timeout). The hooks run first, so the loop thread is done
+        with the send by the time the caller wakes. ``expire`` (loop thread) has the transport give
+        the frame up before the caller wakes (:meth:`Transport.abandon`): the caller may then reuse
+        the frame's memory.
         """
         header = frame.header
         start = time.perf_counter()
@@ -652,7 +673,7 @@ class Sidecar:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
-            except concurrent.futures.InvalidStateError:  # cancelled just now
+            except concurrent.futures.InvalidStateError:  # set just now (the acknowledgement raced the timeout)
                 pass
 
         def done(error: Exception | None) -> None:
@@ -805,6 +826,14 @@ class Sidecar:
             )
         return min(float(timeout), threading.TIMEOUT_MAX)
 
+    def _wait_seconds(self, timeout: float) -> float:
+        """How long a receive waits on its waiter: ``timeout``, or for a lookup a little longer.
+
+        A pull-based transport's lookup settles the waiter after its last look, which starts only
+        when the loop runs it; the grace is a backstop for a loop held up meanwhile.
+        """
+        return min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX) if self._pulls else timeout
+
     def _waiter(self, id: str, chunk_id: int, timeout: float) -> Waiter:
         """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
 
@@ -873,7 +902,7 @@ class Sidecar:
         if waiter.done():  # held already: no wait (wrap_future would report it only a loop turn later)
             return waiter.result()
         try:  # a pull-based transport's lookup ends the wait itself, after its last look
-            return await asyncio.wait_for(asyncio.wrap_future(waiter), None if self._pulls else timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(waiter), self._wait_seconds(timeout))
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None
@@ -894,7 +923,7 @@ class Sidecar:
         if self._polls and not waiter.done():
             self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above
         try:  # a pull-based transport's lookup ends the wait itself, after its last look
-            return waiter.result(None if self._pulls else timeout)
+            return waiter.result(self._wait_seconds(timeout))
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None
@@ -988,14 +1017,15 @@ class Sidecar:
         self._shutdown(None)
 
     def _shutdown(self, timeout: float | None) -> None:
-        """Shut down (not on the loop's thread), giving the transport ``timeout`` seconds to close."""
+        """Shut down (not on the loop's thread) in about ``timeout`` seconds at most (``None``: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._shutting_down:
             if self._closed:
                 return
             self._closed = True
             with contextlib.suppress(Exception):
                 self._loop_thread.call(self._close(), timeout)
-            self._loop_thread.stop()
+            self._loop_thread.stop(10.0 if deadline is None else max(deadline - time.monotonic(), 0.0))
 
     async def shutdown(self) -> None:
         """Async form of :meth:`shutdown_sync`."""

@@ -657,6 +657,20 @@ def test_a_fast_path_send_that_raises_leaves_no_deadline_behind(monkeypatch: pyt
         assert not sidecar._deadlines._filed
 
 
+def test_a_coroutine_for_a_loop_that_ran_for_the_last_time_is_refused_not_lost() -> None:
+    # A receive or send handed to a loop that will not run again used to wait forever.
+    from sidecar_core._client import _LoopThread
+
+    loop_thread = _LoopThread("finished-loop")
+    loop_thread.stop()
+
+    async def never() -> None:
+        raise AssertionError("ran on a finished loop")
+
+    with pytest.raises(SidecarClosedError, match="shut down"):
+        loop_thread.submit(never())
+
+
 def test_a_callback_for_a_loop_that_ran_for_the_last_time_is_refused_not_lost() -> None:
     # A loop that stopped but was not closed (stop() gave up joining its thread, or a thread hands
     # something over between the loop's last pass and its closing) would queue the callback forever:

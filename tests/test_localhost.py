@@ -712,6 +712,22 @@ def test_a_send_that_timed_out_is_not_read_from_the_callers_memory_afterwards(
         assert set(digests.values()) == {sent}, "a tensor was read after its send had timed out"
 
 
+def test_a_send_on_its_way_cannot_be_called_back(env: dict[str, str], peer: PeerProcess) -> None:
+    # Cancelling would give the caller its memory back while the frame is still read from it.
+    with local_sidecar(env, 9) as sender:
+        sender.send(0, "uncalled-hello", 1).result(WAIT)
+        assert peer.process.pid is not None
+        stop_process(peer.process.pid)
+        try:
+            future = sender.send(torch.full((4000,), 3, dtype=torch.uint8), "uncalled", 1)
+            assert not future.cancel()
+            assert not future.cancelled()
+        finally:
+            os.kill(peer.process.pid, signal.SIGCONT)
+        future.result(WAIT)
+        assert peer.call(peer_recv_values, ["uncalled"])[0].tolist() == [3] * 4000
+
+
 def test_view_is_valid_until_mark_done_then_the_slot_is_reused(env: dict[str, str], peer: PeerProcess) -> None:
     with local_sidecar(env, 22) as own:
         pool = transport(own)._pool

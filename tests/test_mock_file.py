@@ -213,6 +213,22 @@ def test_a_receive_with_no_time_to_wait_still_looks_once(env: Env, tmp_path: Pat
             asyncio.run(sidecar.recv("absent", timeout=0))
 
 
+def test_a_receive_does_not_wait_much_past_its_timeout_while_the_loop_is_held(env: Env, tmp_path: Path) -> None:
+    # Lookups run on the sidecar's loop; a callback holding it must not hold receives far past their timeout.
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    with mock_sidecar() as sidecar:
+        release = threading.Event()
+        sidecar._loop_thread.loop.call_soon_threadsafe(release.wait, WAIT)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RecvTimeoutError, match=r"timed out after 0\.5s"):
+                sidecar.recv_sync("held", timeout=0.5)
+            elapsed = time.monotonic() - start
+        finally:
+            release.set()
+        assert elapsed < 3.0, f"a receive with a 0.5 s timeout took {elapsed:.1f}s"
+
+
 def test_a_receive_that_gives_up_stops_looking_for_its_file(env: Env, tmp_path: Path) -> None:
     # Each receive looks for its file on the sidecar's loop until the chunk is found or the receive's
     # timeout ends; one cancelled early (or with no timeout) must not keep looking.

@@ -476,6 +476,7 @@ class LocalhostTransport(Transport):
             await asyncio.shield(shared.copied)
         except BaseException:
             shared.lease.release()
+            await asyncio.wait([shared.copied])  # the copy reads the caller's tensor: it ends before the caller hears
             raise
         return shared.lease
 
@@ -546,6 +547,8 @@ class LocalhostTransport(Transport):
             await asyncio.shield(job)
         except BaseException:
             link.forget(seq)
+            # The copy reads the caller's tensor: it ends before the caller hears that the send failed.
+            await asyncio.wait([job])
             raise
         return seq, acked
 
