@@ -84,8 +84,8 @@ def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buf
     ``memoryview`` for CPU tensors, a flat ``torch.uint8`` CUDA tensor for CUDA tensors.
 
     Raises:
-        SerializationError: The tensor's dtype has no safetensors code, or its layout or device is not
-            one the sidecar moves (the message says how to convert it).
+        SerializationError: The tensor's dtype has no safetensors code, or its layout, device or number
+            of dimensions is not one the sidecar moves (the message says how to convert it).
     """
     code = CODES.get(tensor.dtype)
     if code is None:
@@ -100,6 +100,10 @@ def encode_tensor(tensor: torch.Tensor, begin: int) -> tuple[dict[str, Any], Buf
         raise SerializationError(f"tensor layout {tensor.layout} is not supported; send tensor.to_dense()")
     if tensor.device.type not in ("cpu", "cuda"):
         raise SerializationError(f"tensor on device {tensor.device} is not supported; move it to the CPU or CUDA")
+    if tensor.dim() > MAX_NDIM:  # receivers refuse more
+        raise SerializationError(
+            f"tensor has {tensor.dim()} dimensions, more than the {MAX_NDIM} a receiver takes; reshape it first"
+        )
     # Torch calls cost tens of µs each on caches a large tensor has just flushed: the common case (a
     # contiguous tensor, no lazy conjugate or negation, already flat or uint8) makes as few as it can.
     data = tensor.detach()

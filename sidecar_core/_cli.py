@@ -15,6 +15,7 @@ from typing import Any
 
 from sidecar_core._errors import PluginError, PluginUnavailableError, SidecarError
 from sidecar_core._plugins import PluginEntry, Registry, build_registry
+from sidecar_core._settings import MAX_RANK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,8 +115,8 @@ def _ranks(text: str) -> list[int]:
         ranks = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ranks like 0,1,2, got {text!r}") from None
-    if any(rank < 0 for rank in ranks):
-        raise argparse.ArgumentTypeError(f"ranks must be >= 0, got {text!r}")
+    if any(not 0 <= rank <= MAX_RANK for rank in ranks):
+        raise argparse.ArgumentTypeError(f"ranks must be from 0 to {MAX_RANK}, got {text!r:.100}")
     return ranks
 
 
@@ -143,8 +144,8 @@ def plugin_status(registry: Registry, entry: PluginEntry, load: bool) -> tuple[s
     module = entry.target.partition(":")[0]
     try:
         found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError) as exc:
-        return f"module {module} cannot be found: {exc}", False
+    except Exception as exc:  # finding a submodule imports its package, which may raise anything
+        return f"module {module} cannot be found: {exc!r}", False
     return (None if found else f"module {module} is not installed"), False
 
 

@@ -34,7 +34,7 @@ from sidecar_core._codec import Codec
 from sidecar_core._errors import SendTimeoutError, SidecarClosedError, SidecarError
 from sidecar_core._frame import MAX_ID_CHARS, Frame, Header
 from sidecar_core._plugins import Registry, get_registry
-from sidecar_core._settings import SidecarSettings, load_settings
+from sidecar_core._settings import SidecarSettings, check_recv_device, load_settings
 from sidecar_core._store import ReceiveStore, Waiter, settle_waiter
 from sidecar_core._transport import Transport, TransportContext
 
@@ -476,6 +476,7 @@ class Sidecar:
                 overrides["transport"] = config.transport
                 overrides["mock_sidecar"] = False
         self.settings = load_settings(SidecarSettings, **overrides)
+        check_recv_device(self.settings.recv_device)
         if self.settings.rank is None:
             raise SidecarError("no sidecar rank: pass SidecarConfig(sidecar_rank=N) or set SIDECAR_RANK")
         self.config = config or SidecarConfig(sidecar_rank=self.settings.rank)

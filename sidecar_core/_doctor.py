@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic_settings import BaseSettings
 
-from sidecar_core._errors import SidecarError
+from sidecar_core._errors import SettingsError, SidecarError
 from sidecar_core._plugins import Registry
-from sidecar_core._settings import SidecarSettings, load_settings
+from sidecar_core._settings import SidecarSettings, check_recv_device, load_settings
 from sidecar_core._settings_doc import fields_of, settings_class_of
 from sidecar_core._transport import Transport
 
@@ -230,18 +230,15 @@ def _gib(nbytes: int) -> str:
 def _check_cuda(report: Report, recv_device: str) -> None:
     import torch
 
+    try:
+        check_recv_device(recv_device)
+    except SettingsError as exc:
+        report.add("cuda", "fail", str(exc).removeprefix("invalid sidecar setting: "))
+        return
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
-        index = torch.device(recv_device).index if recv_device.startswith("cuda") else None
-        if index is not None and index >= count:
-            detail = f"SIDECAR_RECV_DEVICE={recv_device} but torch {torch.__version__} sees {count} device(s): {names}"
-            report.add("cuda", "fail", f"{detail}; pick one of cuda:0 to cuda:{count - 1}")
-            return
         report.add("cuda", "ok", f"torch {torch.__version__}, {count} device(s): {names}")
-    elif recv_device.startswith("cuda"):
-        detail = f"SIDECAR_RECV_DEVICE={recv_device} but torch {torch.__version__} sees no CUDA device"
-        report.add("cuda", "fail", f"{detail}; set SIDECAR_RECV_DEVICE=cpu or run on a CUDA host")
     else:
         report.add("cuda", "info", f"torch {torch.__version__} sees no CUDA device; tensors travel through host memory")
 

@@ -151,6 +151,12 @@ class Registry:
                 f"serializer {entry.name!r} from {entry.source}: {entry.target} must define NAME="
                 f"{entry.name!r}, PRIORITY, accepts, encode and decode (missing: {', '.join(missing)})"
             )
+        priority = module.PRIORITY
+        if type(priority) is not int:  # serializers are sorted by it: another type breaks every sidecar
+            raise PluginError(
+                f"serializer {entry.name!r} from {entry.source}: {entry.target} has PRIORITY={priority!r}; it must be "
+                "an int (lower is tried first)"
+            )
         return cast(Serializer, module)
 
     def _register(self, kind: Kind, source: str) -> Register:
@@ -252,7 +258,7 @@ def _importable(module: str) -> bool:
     """Whether ``module`` can be found (a dotted name whose parent package is missing cannot)."""
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except Exception:  # finding a submodule imports its package, which may raise anything
         return False
 
 

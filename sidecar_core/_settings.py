@@ -26,8 +26,16 @@ _GiB = 1 << 30
 #: Longest timeout a thread can wait for (``threading.TIMEOUT_MAX``, about 49 days on Linux).
 _MAX_WAIT = threading.TIMEOUT_MAX
 logger = logging.getLogger("sidecar")
+#: Variables that runs in a private environment of their own (tests, ``sidecar demo``, ``sidecar bench``)
+#: remove: they would switch the transport (Cornserve's mock switch) or send the run's ranks to
+#: addresses other than the transport's test environment gives them.
+UNSET_IN_PRIVATE_RUNS = ("CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR", "SIDECAR_PEERS")
+#: The largest CUDA device index torch takes (it keeps one in 8 bits).
+_MAX_CUDA_INDEX = 127
 
-Rank = Annotated[int, Field(ge=0)]
+#: The largest rank (a rank names a port, a socket file, ... : it stays a short number).
+MAX_RANK = 1_000_000
+Rank = Annotated[int, Field(ge=0, le=MAX_RANK)]
 
 
 class SidecarSettings(BaseSettings):
@@ -77,8 +85,21 @@ class SidecarSettings(BaseSettings):
     mock_sidecar: bool = Field(
         False,
         validation_alias=AliasChoices("CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR"),
-        description="Cornserve's switch: `1`/`true` selects the `mock-file` transport.",
+        description="Cornserve's switch: `1`/`true` selects the `mock-file` transport; `0`, `false` or empty leave "
+        "it off, and other values are refused.",
     )
+
+    @field_validator("mock_sidecar", mode="before")
+    @classmethod
+    def _cornserve_switch(cls, value: object) -> object:
+        # Cornserve turns mock mode on for "1" or "true" (any case) only: "yes" or "on", which pydantic
+        # would take as true, must not switch a deployment to files. Empty is off, as in a shell.
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word not in ("1", "true", "0", "false", ""):
+            raise ValueError("expected 1 or true (mock-file on), 0, false or empty (off)")
+        return word in ("1", "true")
 
     @field_validator("auth_token")
     @classmethod
@@ -98,8 +119,9 @@ class SidecarSettings(BaseSettings):
     @field_validator("recv_device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if re.fullmatch(r"cpu|cuda(:[0-9]+)?", value) is None:  # not isdigit(): it takes "²" and other digits
-            raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
+        match = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", value)  # not isdigit(): it takes "²" and other digits
+        if match is None or int(match.group(1) or 0) > _MAX_CUDA_INDEX:
+            raise ValueError(f"expected 'cpu', 'cuda' or 'cuda:N' with N from 0 to {_MAX_CUDA_INDEX}")
         return value
 
     @property
@@ -109,6 +131,30 @@ class SidecarSettings(BaseSettings):
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def check_recv_device(recv_device: str) -> None:
+    """Check that ``SIDECAR_RECV_DEVICE`` names a device this process has (it imports torch for a CUDA one).
+
+    Raises:
+        SettingsError: It names CUDA, and torch sees no CUDA device or fewer than its index needs.
+    """
+    if not recv_device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.device(recv_device).index
+    if count == 0:
+        raise SettingsError(
+            f"invalid sidecar setting: SIDECAR_RECV_DEVICE={recv_device} but torch {torch.__version__} sees no CUDA "
+            "device; set SIDECAR_RECV_DEVICE=cpu or run on a CUDA host"
+        )
+    if index is not None and index >= count:
+        raise SettingsError(
+            f"invalid sidecar setting: SIDECAR_RECV_DEVICE={recv_device} but torch {torch.__version__} sees {count} "
+            f"CUDA device(s); pick one of cuda:0 to cuda:{count - 1}"
+        )
 
 
 def env_name(settings_cls: type[BaseSettings], field: str) -> str:

@@ -164,6 +164,27 @@ def test_unknown_peer_is_refused_with_the_valid_names(capsys: pytest.CaptureFixt
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("scale", ["nan", "inf", "0"])
+def test_a_timeout_scale_that_is_not_a_positive_number_is_refused(
+    scale: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_options(["--timeout-scale", scale, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "--timeout-scale must be a positive, finite number" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit) as info:
+        parse_options(["--out", str(blocked / "results")])
+    assert info.value.code == 2
+    assert f"--out {blocked / 'results'}: " in capsys.readouterr().err
+
+
 def test_cpu_only_peer_is_refused_on_cuda(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--device", "cuda", "--peers", "tcp", "--out", str(tmp_path)]) == 2
     assert "do not run with --device cuda" in capsys.readouterr().err

@@ -432,7 +432,8 @@ def test_bad_ranks_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 DEMOS: dict[str, tuple[list[str], dict[str, str]]] = {
     "localhost": ([], {}),
     "mock-file": ([], {"SIDECAR_TRANSPORT": "mock-file"}),
-    "ucx": (["--transport", "ucx"], {}),
+    # The demo's deployment is private: addresses of a real deployment in the environment are not used.
+    "ucx": (["--transport", "ucx"], {"SIDECAR_PEERS": '{"0": "10.0.0.5:19000", "1": "10.0.0.6:19000"}'}),
 }
 
 

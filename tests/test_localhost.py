@@ -12,6 +12,7 @@ import array
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import gc
 import hashlib
@@ -54,10 +55,11 @@ from sidecar_core import (
     SidecarConfig,
     build_registry,
     hookimpl,
+    load_settings,
 )
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
-from transports.localhost import LocalhostTransport
+from transports.localhost import LocalhostSettings, LocalhostTransport
 from transports.localhost._channel import Channel
 from transports.localhost._incoming import Incoming
 from transports.localhost._link import Link
@@ -265,6 +267,24 @@ def test_a_send_that_races_the_shutdown_makes_no_connection(env: dict[str, str])
             late._loop_thread.call(own._link(65))
         time.sleep(0.2)
         assert not [i for i in transport(other)._incoming if i.rank == 64], "a connection was made after close"
+
+
+def test_a_pool_that_cannot_be_mapped_names_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    pool = Pool(1 << 20)
+    with pytest.raises(CapacityError, match=r"Cannot allocate memory.*lower SIDECAR_LOCALHOST__POOL_BYTES"):
+        pool.region  # noqa: B018 - mapped on first use
+
+
+def test_empty_localhost_settings_are_unset_and_a_huge_pool_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_LOCALHOST__SOCKET_DIR", "")  # not the working directory
+    assert load_settings(LocalhostSettings).socket_dir is None
+    monkeypatch.setenv("SIDECAR_LOCALHOST__POOL_BYTES", "9" * 20)
+    with pytest.raises(SettingsError, match=r"SIDECAR_LOCALHOST__POOL_BYTES=.*less than or equal to 1099511627776"):
+        load_settings(LocalhostSettings)
 
 
 def test_a_peers_pool_is_read_in_only_where_its_slots_are() -> None:

@@ -213,6 +213,34 @@ def test_serializer_module_without_the_protocol_is_a_plugin_error() -> None:
         registry.load_serializers()
 
 
+def test_a_serializer_whose_priority_is_not_an_int_is_a_plugin_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Serializers are sorted by PRIORITY: a str there broke every Sidecar() with a bare TypeError.
+    module = types.ModuleType("sidecar_test_str_priority")
+    module.NAME, module.PRIORITY = "str-priority", "5"  # type: ignore[attr-defined]
+    module.accepts = module.encode = module.decode = print  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    plugin = make_plugin("priority_plugin", serializers={"str-priority": (module.__name__, (), "")})
+    registry = build_registry(extra_plugins=(plugin,))
+    with pytest.raises(PluginError, match=r"serializer 'str-priority' .* has PRIORITY='5'; it must be an int"):
+        registry.load_serializers()
+
+
+def test_a_requirement_whose_package_fails_to_import_makes_only_its_plugin_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Finding "pkg.mod" imports pkg, which may raise anything: that plugin is unavailable, nothing else breaks.
+    package = tmp_path / "sidecar_test_broken_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise OSError('the package is broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = "sidecar_test_broken_pkg.mod"
+    plugin = make_plugin("broken_requirement", serializers={"needs-broken": (target, (target,), "")})
+    registry = build_registry(extra_plugins=(plugin,))
+    names = [s.NAME for s in registry.load_serializers()]
+    assert "needs-broken" not in names
+    assert {"tensor", "primitives", "json"} <= set(names)
+
+
 def test_duplicate_names_name_both_sources() -> None:
     first = make_plugin("dup_first", transports={"twin": ("a:A", (), "")})
     second = make_plugin("dup_second", transports={"twin": ("b:B", (), "")})

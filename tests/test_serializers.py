@@ -332,6 +332,7 @@ def tensor_parts(enc: Encoded) -> tuple[dict[str, Any], list[Buffer], str]:
         (torch.ones(2, dtype=torch.complex128), "complex128"),
         (torch.ones(2).to_sparse(), "to_dense"),
         (torch.ones(2, device="meta"), "meta"),
+        (torch.zeros([1] * (MAX_NDIM + 1)), "65 dimensions, more than the 64 a receiver takes; reshape it"),
     ],
 )
 def test_unsupported_tensors_say_how_to_fix(value: torch.Tensor, needle: str) -> None:

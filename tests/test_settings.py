@@ -85,7 +85,7 @@ def test_overrides_win_and_none_is_ignored(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.parametrize("variable", ["CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR"])
 @pytest.mark.parametrize(
-    ("value", "mock"), [("1", True), ("true", True), ("True", True), ("0", False), ("false", False)]
+    ("value", "mock"), [("1", True), ("true", True), ("True", True), ("0", False), ("false", False), ("", False)]
 )
 def test_mock_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, mock: bool) -> None:
     monkeypatch.setenv("SIDECAR_TRANSPORT", "ucx")
@@ -95,9 +95,11 @@ def test_mock_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
     assert settings.transport_name == ("mock-file" if mock else "ucx")
 
 
-def test_mock_switch_wrong_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CORNSERVE_MOCK_SIDECAR", "perhaps")
-    with pytest.raises(SettingsError, match=r'CORNSERVE_MOCK_SIDECAR="perhaps"'):
+@pytest.mark.parametrize("value", ["perhaps", "yes", "on", "2"])
+def test_mock_switch_wrong_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # Cornserve switches mock mode on for 1 or true only: "yes" must not switch a deployment to files.
+    monkeypatch.setenv("CORNSERVE_MOCK_SIDECAR", value)
+    with pytest.raises(SettingsError, match=rf'CORNSERVE_MOCK_SIDECAR="{value}": Value error, expected 1 or true'):
         load_settings(SidecarSettings)
 
 
@@ -120,6 +122,7 @@ def test_malformed_json_peers_names_the_variable(monkeypatch: pytest.MonkeyPatch
     [
         ("SIDECAR_RANK", "abc", "valid integer"),
         ("SIDECAR_RANK", "-1", "greater than or equal to 0"),
+        ("SIDECAR_RANK", "9" * 300, "less than or equal to 1000000"),
         ("SIDECAR_BASE_PORT", "70000", "less than or equal to 65535"),
         ("SIDECAR_RECV_TIMEOUT", "-1", "greater than 0"),
         ("SIDECAR_SEND_TIMEOUT", "soon", "valid number"),
@@ -132,6 +135,8 @@ def test_malformed_json_peers_names_the_variable(monkeypatch: pytest.MonkeyPatch
         ("SIDECAR_RECV_DEVICE", "cuda:", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("SIDECAR_RECV_DEVICE", "cpu:", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("SIDECAR_RECV_DEVICE", "cuda:\u00b2", "expected 'cpu', 'cuda' or 'cuda:N'"),  # a digit to isdigit()
+        ("SIDECAR_RECV_DEVICE", "cuda:128", "with N from 0 to 127"),  # torch would read it as cuda:-128
+        ("SIDECAR_RECV_DEVICE", "cuda:" + "9" * 20, "with N from 0 to 127"),
         ("SIDECAR_RECV_TIMEOUT", "inf", "finite number"),
         ("SIDECAR_SEND_TIMEOUT", "1e12", "less than or equal to"),
         ("SIDECAR_PEERS", '{"zero": "h:1"}', "valid integer"),
@@ -171,6 +176,13 @@ def test_several_problems_in_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDECAR_BASE_PORT", "0")
     with pytest.raises(SettingsError, match=r'SIDECAR_RANK="x".*; SIDECAR_BASE_PORT="0"'):
         load_settings(SidecarSettings)
+
+
+def test_a_cuda_receive_device_this_process_lacks_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, only ucx checked: localhost and mock-file started, and every tensor sent to them failed.
+    monkeypatch.setenv("SIDECAR_RECV_DEVICE", "cuda:127")  # no machine has 128 GPUs
+    with pytest.raises(SettingsError, match=r"SIDECAR_RECV_DEVICE=cuda:127 but torch \S+ sees"):
+        Sidecar(SidecarConfig(sidecar_rank=0, transport="mock-file"))
 
 
 def test_sidecar_reports_bad_settings_before_starting(monkeypatch: pytest.MonkeyPatch) -> None:

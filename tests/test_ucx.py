@@ -170,6 +170,11 @@ def test_addressing_errors_name_the_setting() -> None:
         addressing(peers={0: "10.0.0.5"})
     with pytest.raises(SettingsError, match=r"SIDECAR_HOST_TEMPLATE='node-\{host\}' cannot be formatted"):
         addressing(host_template="node-{host}")
+    for template in ("node-{rank.x}", "node-{rank[0]}"):  # an AttributeError and a TypeError inside
+        with pytest.raises(SettingsError, match="cannot be formatted"):
+            addressing(host_template=template)
+    with pytest.raises(SettingsError, match="SIDECAR_PEERS maps rank 1 to 'h:\u00b2'"):  # a digit to isdigit()
+        addressing(peers={1: "h:\u00b2"})
     with pytest.raises(PeerUnreachableError, match="exceeds 65535"):
         addressing(base_port=65530).resolve(9)
 

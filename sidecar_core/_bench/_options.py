@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,8 +159,14 @@ def parse_options(argv: list[str] | None) -> Options:
     sizes: list[int] | None = args.sizes
     if sizes is None:
         sizes = _sizes(QUICK_SIZES if args.quick else CUDA_SIZES if args.device == "cuda" else CPU_SIZES)
-    if args.timeout_scale <= 0:
-        parser.error("--timeout-scale must be positive")
+    if not math.isfinite(args.timeout_scale) or args.timeout_scale <= 0:
+        parser.error("--timeout-scale must be a positive, finite number")
+    try:  # now, not after the run: a folder that cannot be written would lose the results
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out}: {exc.strerror or exc}")
+    if not os.access(args.out, os.W_OK):
+        parser.error(f"--out {args.out}: the folder cannot be written to")
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
     return Options(
         device=args.device,

@@ -15,6 +15,7 @@ from typing import Any
 
 from sidecar_core._client import Sidecar, SidecarConfig
 from sidecar_core._plugins import build_registry, get_registry
+from sidecar_core._settings import UNSET_IN_PRIVATE_RUNS
 from sidecar_core._transport import Transport
 from sidecar_core.testing._peer import PeerProcess
 from sidecar_core.testing._probe import ProbePlugin
@@ -29,8 +30,6 @@ SUITE_ENV = {
     "SIDECAR_RECV_TIMEOUT": "30",
 }
 
-#: Variables that would silently switch the transport under test; removed for the deployment.
-_OVERRIDING = ("CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR")
 
 #: Rank 2 splits what it sends into parts of this many bytes (``SIDECAR_CHUNK_SIZE``).
 PART_SENDER_RANK = 2
@@ -102,7 +101,7 @@ class Deployment:
         self.send_timeout = float(self.env["SIDECAR_SEND_TIMEOUT"])
         self.probe = ProbePlugin()
         self._peers: dict[int, PeerProcess] = {}
-        with environment(self.env, _OVERRIDING):
+        with environment(self.env, UNSET_IN_PRIVATE_RUNS):
             self.sidecar = Sidecar(
                 SidecarConfig(sidecar_rank=0, transport=transport),
                 registry=build_registry(extra_plugins=(self.probe,)),
@@ -127,7 +126,7 @@ class Deployment:
             PeerError: The peer could not start its sidecar.
         """
         env = {**self.env, **(extra_env or {})}
-        with environment(env, _OVERRIDING):
+        with environment(env, UNSET_IN_PRIVATE_RUNS):
             return PeerProcess(rank, env)
 
     def local(self, rank: int) -> contextlib.AbstractContextManager[Sidecar]:
@@ -136,7 +135,7 @@ class Deployment:
         Raises:
             SidecarError: The sidecar could not start (as :class:`~sidecar_core.Sidecar` raises it).
         """
-        return local_sidecar(self.env, rank, _OVERRIDING)
+        return local_sidecar(self.env, rank, UNSET_IN_PRIVATE_RUNS)
 
     def close(self) -> None:
         """Stop every peer and rank 0."""

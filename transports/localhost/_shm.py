@@ -138,6 +138,12 @@ class Pool:
             os.ftruncate(fd, self.capacity)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             region = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            raise CapacityError(
+                f"cannot map a shared-memory pool of {self.capacity} bytes ({exc.strerror or exc}); lower "
+                "SIDECAR_LOCALHOST__POOL_BYTES"
+            ) from exc
         except BaseException:
             os.close(fd)
             raise

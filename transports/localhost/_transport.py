@@ -86,7 +86,8 @@ _POOL_WAIT_SHARE = 0.95
 class LocalhostSettings(BaseSettings):
     """Settings of the localhost transport (prefix ``SIDECAR_LOCALHOST__``)."""
 
-    model_config = SettingsConfigDict(env_prefix="SIDECAR_LOCALHOST__", extra="ignore")
+    # An empty variable is unset, as in a shell (an empty socket directory would be the working directory).
+    model_config = SettingsConfigDict(env_prefix="SIDECAR_LOCALHOST__", extra="ignore", env_ignore_empty=True)
 
     socket_dir: Path | None = Field(
         None,
@@ -103,6 +104,7 @@ class LocalhostSettings(BaseSettings):
     pool_bytes: int = Field(
         1 << 30,
         ge=1 << 20,
+        le=1 << 40,
         description="Size of each sidecar's shared-memory send pool. A send waits while it is full (receivers free "
         "slots with mark_done); messages over half of it are split into parts.",
     )

@@ -14,6 +14,7 @@ it, else it is ``SIDECAR_BASE_PORT + rank``.
 from __future__ import annotations
 
 import random
+import re
 import socket
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ def parse_host_port(value: str, rank: int) -> Address:
     """
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or re.fullmatch("[0-9]{1,5}", port) is None or not 0 < int(port) < 65536:
         raise SettingsError(
             f'invalid sidecar setting: SIDECAR_PEERS maps rank {rank} to {value!r}; expected "host:port", '
             'e.g. {"0": "10.0.0.5:19000"}'
@@ -70,7 +71,7 @@ class Addressing:
         self._explicit = settings.peers is not None
         try:
             self._template.format(rank=0)
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # {host}, {0}, {rank.x}, ...
             raise SettingsError(
                 f"invalid sidecar setting: SIDECAR_HOST_TEMPLATE={self._template!r} cannot be formatted ({exc!r}); "
                 "use {rank} as the only placeholder, e.g. 'sidecar-{rank}.sidecar.default.svc'"

@@ -37,7 +37,6 @@ from sidecar_core import (
     Frame,
     PartRoutes,
     PeerUnreachableError,
-    SettingsError,
     Transport,
     TransportContext,
     load_settings,
@@ -142,14 +141,10 @@ class UcxTransport(Transport):
         self._closed = False
 
     def _recv_device(self) -> torch.device:
+        """``SIDECAR_RECV_DEVICE`` with its index (the sidecar checked that this process has it)."""
         device = torch.device(self.ctx.settings.recv_device)
         if device.type != "cuda":
             return device
-        if not torch.cuda.is_available():
-            raise SettingsError(
-                f"invalid sidecar setting: SIDECAR_RECV_DEVICE={self.ctx.settings.recv_device!r} but no CUDA device "
-                "is available here; use 'cpu'"
-            )
         return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
     def _cuda_device(self, recv_device: torch.device) -> int | None:
@@ -165,7 +160,6 @@ class UcxTransport(Transport):
 
         Raises:
             PeerUnreachableError: The port cannot be listened on (another process has it).
-            SettingsError: ``SIDECAR_RECV_DEVICE`` names CUDA where there is none.
         """
         rank = self.ctx.rank
         recv_device = self._recv_device()
