@@ -63,7 +63,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: How much longer than its timeout a receive waits for a pull-based transport's lookup, in seconds.
 _PULL_GRACE_SECONDS = 1.0
-#: How long shutting down a sidecar left open at exit may take, in seconds.
+#: How long shutting down the sidecars left open at exit may take, in seconds (all of them together).
 _EXIT_CLOSE_SECONDS = 5.0
 
 
@@ -75,10 +75,11 @@ def _at_exit_once() -> None:
 
 def _shut_down_at_exit() -> None:
     """Shut down the sidecars a process leaves open, so that their connections, sockets and files go with it."""
+    deadline = time.monotonic() + _EXIT_CLOSE_SECONDS  # for all of them together
     for sidecar in list(_made):
         if not sidecar._closed and not sidecar._forked and not sidecar._loop_thread.is_current():
             try:
-                sidecar._shutdown(_EXIT_CLOSE_SECONDS)
+                sidecar._shutdown(max(deadline - time.monotonic(), 0.0))
             except Exception:  # exiting anyway: what is left is swept by the next sidecar of the rank
                 logger.exception("shutting down sidecar rank %d at exit failed", sidecar.sidecar_rank)
 
@@ -303,6 +304,14 @@ class SendFuture(concurrent.futures.Future[T]):
                 logger.error(
                     "%s failed and nobody retrieved the error: %s: %s", self._what, type(error).__name__, error
                 )
+
+
+class _Lookup(concurrent.futures.Future[object]):
+    """A receive's waiter that a pull-based transport's lookup settles; ``started`` is set once it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: concurrent.futures.Future[None] = concurrent.futures.Future()
 
 
 class _LoopThread:
@@ -827,13 +836,30 @@ class Sidecar:
             )
         return min(float(timeout), threading.TIMEOUT_MAX)
 
-    def _wait_seconds(self, timeout: float) -> float:
-        """How long a receive waits on its waiter: ``timeout``, or for a lookup a little longer.
+    @staticmethod
+    def _wait(waiter: Waiter, timeout: float) -> object:
+        """The waiter's outcome (or its error), waiting at most ``timeout`` (blocking).
 
-        A pull-based transport's lookup settles the waiter after its last look, which starts only
-        when the loop runs it; the grace is a backstop for a loop held up meanwhile.
+        A pull-based transport's lookup settles the waiter itself after its last look, and loads a
+        file it found however long that takes; only its start is bounded (by the timeout and a
+        grace, for a loop held up meanwhile).
+
+        Raises:
+            TimeoutError: Nothing came in time, or the lookup did not start in time.
         """
-        return min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX) if self._pulls else timeout
+        if isinstance(waiter, _Lookup):
+            waiter.started.result(min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX))
+            return waiter.result()
+        return waiter.result(timeout)
+
+    @staticmethod
+    async def _wait_async(waiter: Waiter, timeout: float) -> object:
+        """Async form of :meth:`_wait`."""
+        if isinstance(waiter, _Lookup):
+            grace = min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX)
+            await asyncio.wait_for(asyncio.wrap_future(waiter.started), grace)
+            return await asyncio.wrap_future(waiter)
+        return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
 
     def _waiter(self, id: str, chunk_id: int, timeout: float) -> Waiter:
         """A thread-safe future for the chunk, registered with the (thread-safe) store right here.
@@ -844,22 +870,24 @@ class Sidecar:
         """
         self._check_open()
         _check_key(id, chunk_id, text=self._text_ids)
-        waiter: Waiter = concurrent.futures.Future()
-        if self._pulls:
-            found, value = self._store.peek(id, chunk_id)
-            if found:
-                waiter.set_result(value)
-            elif self._store.past_end(id, chunk_id):
-                waiter.set_result(None)  # the end is known: nothing to ask the transport for
-            else:
-                pull = self._loop_thread.submit(self._pull(id, chunk_id, waiter, timeout))
-                # A receive that gives up cancels its waiter: stop looking for the chunk then.
-                waiter.add_done_callback(lambda w: pull.cancel() if w.cancelled() else None)
-        else:
+        if not self._pulls:
+            waiter: Waiter = concurrent.futures.Future()
             self._store.add_waiter(id, chunk_id, waiter)
-        return waiter
+            return waiter
+        found, value = self._store.peek(id, chunk_id)
+        if found or self._store.past_end(id, chunk_id):  # past the end: nothing to ask the transport for
+            done: Waiter = concurrent.futures.Future()
+            done.set_result(value)
+            return done
+        lookup = _Lookup()
+        pull = self._loop_thread.submit(self._pull(id, chunk_id, lookup, timeout))
+        # A receive that gives up cancels its waiter: stop looking for the chunk then.
+        lookup.add_done_callback(lambda w: pull.cancel() if w.cancelled() else None)
+        return lookup
 
-    async def _pull(self, id: str, chunk_id: int, waiter: Waiter, timeout: float) -> None:
+    async def _pull(self, id: str, chunk_id: int, waiter: _Lookup, timeout: float) -> None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # the receive stopped waiting for it
+            waiter.started.set_result(None)
         try:
             await self._transport.want(id, chunk_id, timeout)
         except Exception as error:
@@ -903,7 +931,7 @@ class Sidecar:
         if waiter.done():  # held already: no wait (wrap_future would report it only a loop turn later)
             return waiter.result()
         try:  # a pull-based transport's lookup ends the wait itself, after its last look
-            return await asyncio.wait_for(asyncio.wrap_future(waiter), self._wait_seconds(timeout))
+            return await self._wait_async(waiter, timeout)
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None
@@ -924,7 +952,7 @@ class Sidecar:
         if self._polls and not waiter.done():
             self._transport.poll_while_waiting(waiter.done)  # not the loop's thread: checked above
         try:  # a pull-based transport's lookup ends the wait itself, after its last look
-            return waiter.result(self._wait_seconds(timeout))
+            return self._wait(waiter, timeout)
         except TimeoutError:
             self._give_up(id, chunk_id, waiter)
             raise self._store.timeout_error(id, chunk_id, timeout) from None

@@ -152,10 +152,11 @@ class Registry:
                 f"{entry.name!r}, PRIORITY, accepts, encode and decode (missing: {', '.join(missing)})"
             )
         priority = module.PRIORITY
-        if type(priority) is not int:  # serializers are sorted by it: another type breaks every sidecar
+        # Serializers are sorted by it: a str breaks every sidecar, a NaN sorts anywhere.
+        if isinstance(priority, bool) or not isinstance(priority, int | float) or priority != priority:
             raise PluginError(
                 f"serializer {entry.name!r} from {entry.source}: {entry.target} has PRIORITY={priority!r}; it must be "
-                "an int (lower is tried first)"
+                "a number (lower is tried first)"
             )
         return cast(Serializer, module)
 

@@ -85,21 +85,21 @@ class SidecarSettings(BaseSettings):
     mock_sidecar: bool = Field(
         False,
         validation_alias=AliasChoices("CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR"),
-        description="Cornserve's switch: `1`/`true` selects the `mock-file` transport; `0`, `false` or empty leave "
-        "it off, and other values are refused.",
+        description="Cornserve's switch: `1` or `true` (any case) selects the `mock-file` transport; anything else "
+        "leaves it off, as in Cornserve.",
     )
 
     @field_validator("mock_sidecar", mode="before")
     @classmethod
     def _cornserve_switch(cls, value: object) -> object:
-        # Cornserve turns mock mode on for "1" or "true" (any case) only: "yes" or "on", which pydantic
-        # would take as true, must not switch a deployment to files. Empty is off, as in a shell.
+        # Read as Cornserve reads it: "1" or "true" (any case) is on, anything else off. "yes" or "on",
+        # which pydantic would take as true, must not switch a deployment to files.
         if not isinstance(value, str):
             return value
-        word = value.strip().lower()
-        if word not in ("1", "true", "0", "false", ""):
-            raise ValueError("expected 1 or true (mock-file on), 0, false or empty (off)")
-        return word in ("1", "true")
+        on = value == "1" or value.lower() == "true"
+        if not on and value.lower() not in ("", "0", "false"):
+            logger.warning("CORNSERVE_MOCK_SIDECAR=%r is not 1 or true: mock-file stays off, as in Cornserve", value)
+        return on
 
     @field_validator("auth_token")
     @classmethod
@@ -143,7 +143,9 @@ def check_recv_device(recv_device: str) -> None:
         return
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # Counted without initialising CUDA (through NVML where it can): is_available() would, and a
+    # process forked after that could not use CUDA.
+    count = torch.cuda.device_count()
     index = torch.device(recv_device).index
     if count == 0:
         raise SettingsError(

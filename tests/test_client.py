@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy
@@ -473,6 +478,37 @@ def test_errors_of_several_destinations_are_joined_whatever_their_class(
     with pytest.raises(SidecarError, match=r"2 of 2 destinations failed: IncompleteReadError: 0 bytes read") as info:
         a.send(1, "both", [1, 2]).result(WAIT)
     assert isinstance(info.value.__cause__, asyncio.IncompleteReadError)
+
+
+def test_sidecars_left_open_at_exit_take_five_seconds_at_most_together(tmp_path: Path) -> None:
+    # Each held by a callback that never ends: the exit handler gives up on them after 5 s in all.
+    script = textwrap.dedent(
+        """
+        import threading, time
+        from sidecar_core import Sidecar, SidecarConfig
+
+        for rank in range(3):
+            sidecar = Sidecar(SidecarConfig(sidecar_rank=rank, transport="mock-file"))
+            sidecar._loop_thread.loop.call_soon_threadsafe(threading.Event().wait)
+        print("exiting", flush=True)
+        """
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "SIDECAR_MOCK_FILE__DIR": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "exiting"
+        start = time.monotonic()
+        process.wait(60)
+        elapsed = time.monotonic() - start
+    finally:
+        process.kill()
+    assert elapsed < 10.0, f"exiting took {elapsed:.1f}s with three stuck sidecars"
 
 
 def test_a_stream_closed_again_with_another_count_is_refused(pair: tuple[Sidecar, Sidecar]) -> None:

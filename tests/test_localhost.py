@@ -58,7 +58,7 @@ from sidecar_core import (
     load_settings,
 )
 from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
-from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
+from sidecar_core.testing import Deployment, PeerProcess, environment, ids_sent_on_the_loop, local_sidecar
 from transports.localhost import LocalhostSettings, LocalhostTransport
 from transports.localhost._channel import Channel
 from transports.localhost._incoming import Incoming
@@ -267,6 +267,34 @@ def test_a_send_that_races_the_shutdown_makes_no_connection(env: dict[str, str])
             late._loop_thread.call(own._link(65))
         time.sleep(0.2)
         assert not [i for i in transport(other)._incoming if i.rank == 64], "a connection was made after close"
+
+
+def test_a_test_deployment_keeps_the_peer_map_its_transport_gives_and_drops_the_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A user's SIDECAR_PEERS would send a private deployment's ranks to real addresses; a peer map
+    # that the transport's own test environment sets is the deployment's, in every sidecar it makes.
+    peers = '{"5": "127.0.0.1:1"}'
+    monkeypatch.setenv("SIDECAR_PEERS", '{"5": "10.0.0.6:19000"}')
+    own = LocalhostTransport.test_environment
+
+    def with_peers(cls: type[LocalhostTransport], workdir: Path) -> dict[str, str]:
+        return {**own(workdir), "SIDECAR_PEERS": peers}
+
+    monkeypatch.setattr(LocalhostTransport, "test_environment", classmethod(with_peers))
+    deployment = Deployment("localhost", tmp_path)
+    try:
+        assert deployment.sidecar.settings.peers == {5: "127.0.0.1:1"}
+        with deployment.local(5) as local:
+            assert local.settings.peers == {5: "127.0.0.1:1"}
+    finally:
+        deployment.close()
+    monkeypatch.setattr(LocalhostTransport, "test_environment", own)
+    deployment = Deployment("localhost", tmp_path / "second")
+    try:
+        assert deployment.sidecar.settings.peers is None, "the user's peer map reached a private deployment"
+    finally:
+        deployment.close()
 
 
 def test_a_pool_that_cannot_be_mapped_names_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:

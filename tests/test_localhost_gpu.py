@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,3 +277,37 @@ def test_staged_across_gpus(env: dict[str, str], second_gpu_peer: PeerProcess) -
         got = call.result(WAIT)
     assert got["digests"] == [_digest(tensor)]
     assert got["devices"] == ["cuda:1"]
+
+
+def test_a_cuda_receive_device_leaves_cuda_to_forked_children(tmp_path: Path) -> None:
+    # The sidecar checks at start that SIDECAR_RECV_DEVICE exists; torch.cuda.is_available() would
+    # initialise CUDA there, and a process forked after that cannot use CUDA at all.
+    script = textwrap.dedent(
+        """
+        import os, sys, torch
+        from sidecar_core import Sidecar, SidecarConfig
+
+        sidecar = Sidecar(SidecarConfig(sidecar_rank=70))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                torch.zeros(1, device="cuda")
+            except Exception as exc:
+                print(f"child: {type(exc).__name__}: {exc}")
+                os._exit(3)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        sidecar.shutdown_sync()
+        sys.exit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "SIDECAR_TRANSPORT": "localhost",
+        "SIDECAR_RECV_DEVICE": "cuda",
+        "SIDECAR_LOCALHOST__SOCKET_DIR": str(tmp_path / "sockets"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

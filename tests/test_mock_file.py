@@ -229,6 +229,26 @@ def test_a_receive_does_not_wait_much_past_its_timeout_while_the_loop_is_held(en
         assert elapsed < 3.0, f"a receive with a 0.5 s timeout took {elapsed:.1f}s"
 
 
+def test_a_file_found_in_time_is_loaded_however_long_that_takes(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The timeout bounds the looking, not the loading: a large file found at once must not time out.
+    import transports.mock_file as mock_file_module
+
+    load = mock_file_module._load
+
+    def slow_load(name: str, path: Path) -> object:
+        time.sleep(2.0)
+        return load(name, path)
+
+    monkeypatch.setattr(mock_file_module, "_load", slow_load)
+    mapping = {"big-0": tmp_path / "big.json"}
+    mapping["big-0"].write_text("[1, 2, 3]")
+    env(**mapping_env(mapping))
+    with mock_sidecar() as sidecar:
+        assert sidecar.recv_sync("big", timeout=0.2) == [1, 2, 3]
+
+
 def test_a_receive_that_gives_up_stops_looking_for_its_file(env: Env, tmp_path: Path) -> None:
     # Each receive looks for its file on the sidecar's loop until the chunk is found or the receive's
     # timeout ends; one cancelled early (or with no timeout) must not keep looking.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def test_serializer_module_without_the_protocol_is_a_plugin_error() -> None:
         registry.load_serializers()
 
 
-def test_a_serializer_whose_priority_is_not_an_int_is_a_plugin_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_serializer_whose_priority_is_not_a_number_is_a_plugin_error(monkeypatch: pytest.MonkeyPatch) -> None:
     # Serializers are sorted by PRIORITY: a str there broke every Sidecar() with a bare TypeError.
     module = types.ModuleType("sidecar_test_str_priority")
     module.NAME, module.PRIORITY = "str-priority", "5"  # type: ignore[attr-defined]
@@ -221,8 +222,11 @@ def test_a_serializer_whose_priority_is_not_an_int_is_a_plugin_error(monkeypatch
     monkeypatch.setitem(sys.modules, module.__name__, module)
     plugin = make_plugin("priority_plugin", serializers={"str-priority": (module.__name__, (), "")})
     registry = build_registry(extra_plugins=(plugin,))
-    with pytest.raises(PluginError, match=r"serializer 'str-priority' .* has PRIORITY='5'; it must be an int"):
+    with pytest.raises(PluginError, match=r"serializer 'str-priority' .* has PRIORITY='5'; it must be a number"):
         registry.load_serializers()
+    for number in (15.0, enum.IntEnum("Order", "EARLY LATE").EARLY):  # numbers sort: they stay welcome
+        monkeypatch.setattr(module, "PRIORITY", number)
+        assert "str-priority" in [s.NAME for s in registry.load_serializers()]
 
 
 def test_a_requirement_whose_package_fails_to_import_makes_only_its_plugin_unavailable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -85,7 +86,8 @@ def test_overrides_win_and_none_is_ignored(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.parametrize("variable", ["CORNSERVE_MOCK_SIDECAR", "SIDECAR_MOCK_SIDECAR"])
 @pytest.mark.parametrize(
-    ("value", "mock"), [("1", True), ("true", True), ("True", True), ("0", False), ("false", False), ("", False)]
+    ("value", "mock"),
+    [("1", True), ("true", True), ("True", True), ("0", False), ("false", False), ("", False), (" 1", False)],
 )
 def test_mock_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, mock: bool) -> None:
     monkeypatch.setenv("SIDECAR_TRANSPORT", "ucx")
@@ -95,12 +97,16 @@ def test_mock_switch(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
     assert settings.transport_name == ("mock-file" if mock else "ucx")
 
 
-@pytest.mark.parametrize("value", ["perhaps", "yes", "on", "2"])
-def test_mock_switch_wrong_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    # Cornserve switches mock mode on for 1 or true only: "yes" must not switch a deployment to files.
+@pytest.mark.parametrize("value", ["perhaps", "yes", "on", "2", "off"])
+def test_other_mock_switch_values_are_off_as_in_cornserve_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    # Cornserve switches mock mode on for 1 or true only: "yes" (true to pydantic) must not switch a
+    # deployment to files, and "off" must not stop it starting.
     monkeypatch.setenv("CORNSERVE_MOCK_SIDECAR", value)
-    with pytest.raises(SettingsError, match=rf'CORNSERVE_MOCK_SIDECAR="{value}": Value error, expected 1 or true'):
-        load_settings(SidecarSettings)
+    with caplog.at_level(logging.WARNING, logger="sidecar"):
+        assert not load_settings(SidecarSettings).mock_sidecar
+    assert f"CORNSERVE_MOCK_SIDECAR={value!r} is not 1 or true: mock-file stays off" in caplog.text
 
 
 def test_malformed_json_peers_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

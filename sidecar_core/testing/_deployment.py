@@ -98,10 +98,12 @@ class Deployment:
         self.transport_cls: type[Transport] = get_registry().load_transport(transport)
         self.peerless = self.transport_cls.peerless
         self.env = {**SUITE_ENV, **self.transport_cls.test_environment(workdir), "SIDECAR_TRANSPORT": transport}
+        #: What the deployment unsets: what would send it elsewhere, unless its test environment sets it.
+        self._unset = tuple(name for name in UNSET_IN_PRIVATE_RUNS if name not in self.env)
         self.send_timeout = float(self.env["SIDECAR_SEND_TIMEOUT"])
         self.probe = ProbePlugin()
         self._peers: dict[int, PeerProcess] = {}
-        with environment(self.env, UNSET_IN_PRIVATE_RUNS):
+        with environment(self.env, self._unset):
             self.sidecar = Sidecar(
                 SidecarConfig(sidecar_rank=0, transport=transport),
                 registry=build_registry(extra_plugins=(self.probe,)),
@@ -126,7 +128,7 @@ class Deployment:
             PeerError: The peer could not start its sidecar.
         """
         env = {**self.env, **(extra_env or {})}
-        with environment(env, UNSET_IN_PRIVATE_RUNS):
+        with environment(env, self._unset):
             return PeerProcess(rank, env)
 
     def local(self, rank: int) -> contextlib.AbstractContextManager[Sidecar]:
@@ -135,7 +137,7 @@ class Deployment:
         Raises:
             SidecarError: The sidecar could not start (as :class:`~sidecar_core.Sidecar` raises it).
         """
-        return local_sidecar(self.env, rank, UNSET_IN_PRIVATE_RUNS)
+        return local_sidecar(self.env, rank, self._unset)
 
     def close(self) -> None:
         """Stop every peer and rank 0."""
