@@ -61,7 +61,7 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-#: How much longer than its timeout a receive waits for a pull-based transport's lookup, in seconds.
+#: How long past its timeout a receive waits for a pull-based transport's lookup to start, in seconds.
 _PULL_GRACE_SECONDS = 1.0
 #: How long shutting down the sidecars left open at exit may take, in seconds (all of them together).
 _EXIT_CLOSE_SECONDS = 5.0

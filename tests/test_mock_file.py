@@ -571,10 +571,17 @@ def test_directory_recv_times_out_and_stops_looking(env: Env, tmp_path: Path) ->
         assert transport._looking == set()
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write a file as a producer should, so that a reader polling the directory never sees it half written."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
 def test_directory_recv_waits_its_own_timeout_not_the_settings(env: Env, tmp_path: Path) -> None:
     env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
     with mock_sidecar(recv_timeout=0.3) as sidecar:
-        writer = threading.Timer(0.8, lambda: (tmp_path / "late-0.json").write_text('{"on": "time"}'))
+        writer = threading.Timer(0.8, _write_whole, (tmp_path / "late-0.json", '{"on": "time"}'))
         writer.start()
         try:
             assert sidecar.recv_sync("late", timeout=WAIT) == {"on": "time"}
