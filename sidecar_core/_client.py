@@ -313,6 +313,11 @@ class _Lookup(concurrent.futures.Future[object]):
         super().__init__()
         self.started: concurrent.futures.Future[None] = concurrent.futures.Future()
 
+    @staticmethod
+    def start_within(timeout: float) -> float:
+        """How long the receive waits for the lookup to start: its timeout and a grace, for a loop held up."""
+        return min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX)
+
 
 class _LoopThread:
     """An asyncio loop running on a daemon thread."""
@@ -347,18 +352,29 @@ class _LoopThread:
         if late:
             self.loop.run_until_complete(asyncio.wait(late, timeout=1.0))
 
+    def _hand_over(self, hand: Callable[[], T]) -> T:
+        """``hand()``, which gives the loop work, unless the loop has run for the last time (any thread).
+
+        Raises:
+            SidecarClosedError: The loop will not run again (the work would never be done).
+        """
+        with self._handing:
+            if not self._finished:
+                with contextlib.suppress(RuntimeError):  # closed: refused below
+                    return hand()
+        raise SidecarClosedError("the sidecar was shut down; create a new Sidecar")
+
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run ``coro`` on the loop (any thread).
 
         Raises:
             SidecarClosedError: The loop has run for the last time (the coroutine would never run).
         """
-        with self._handing:
-            if not self._finished:
-                with contextlib.suppress(RuntimeError):  # closed: refused below
-                    return asyncio.run_coroutine_threadsafe(coro, self.loop)
-        coro.close()
-        raise SidecarClosedError("the sidecar was shut down; create a new Sidecar")
+        try:
+            return self._hand_over(lambda: asyncio.run_coroutine_threadsafe(coro, self.loop))
+        except SidecarClosedError:
+            coro.close()
+            raise
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop (any thread).
@@ -366,12 +382,7 @@ class _LoopThread:
         Raises:
             SidecarClosedError: The loop has run for the last time (the callback would never run).
         """
-        with self._handing:
-            if not self._finished:
-                with contextlib.suppress(RuntimeError):  # closed: refused below
-                    self.loop.call_soon_threadsafe(callback, *args)
-                    return
-        raise SidecarClosedError("the sidecar was shut down; create a new Sidecar")
+        self._hand_over(lambda: self.loop.call_soon_threadsafe(callback, *args))
 
     def is_current(self) -> bool:
         """Whether the calling thread is the loop's."""
@@ -649,7 +660,7 @@ class Sidecar:
             # Filed first, so that an outcome reported at once (a broken link) also removes it.
             self._deadlines.add(future, expire)
             try:
-                taken = self._transport.send_nowait(rank, frames[0], done)
+                taken = self._transport.send_nowait(rank, frame, done)
             except BaseException:
                 self._deadlines.discard(future)
                 raise
@@ -848,7 +859,7 @@ class Sidecar:
             TimeoutError: Nothing came in time, or the lookup did not start in time.
         """
         if isinstance(waiter, _Lookup):
-            waiter.started.result(min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX))
+            waiter.started.result(waiter.start_within(timeout))
             return waiter.result()
         return waiter.result(timeout)
 
@@ -856,8 +867,7 @@ class Sidecar:
     async def _wait_async(waiter: Waiter, timeout: float) -> object:
         """Async form of :meth:`_wait`."""
         if isinstance(waiter, _Lookup):
-            grace = min(timeout + _PULL_GRACE_SECONDS, threading.TIMEOUT_MAX)
-            await asyncio.wait_for(asyncio.wrap_future(waiter.started), grace)
+            await asyncio.wait_for(asyncio.wrap_future(waiter.started), waiter.start_within(timeout))
             return await asyncio.wrap_future(waiter)
         return await asyncio.wait_for(asyncio.wrap_future(waiter), timeout)
 

@@ -24,7 +24,7 @@ import torch
 from sidecar_core._client import Sidecar, SidecarConfig
 from sidecar_core._errors import RecvTimeoutError, SidecarError
 from sidecar_core._plugins import get_registry
-from sidecar_core._settings import UNSET_IN_PRIVATE_RUNS, SidecarSettings, load_settings
+from sidecar_core._settings import SidecarSettings, enter_private_environment, load_settings
 
 PARENT, CHILD = 0, 1
 STREAM_CHUNKS = 4
@@ -49,9 +49,7 @@ def main(transport: str | None = None, size_mib: int = 64) -> int:
     transport_cls = get_registry().load_transport(name)
     with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as workdir:
         # Both ranks see these variables: rank 1 is spawned with this process's environment.
-        for variable in UNSET_IN_PRIVATE_RUNS:
-            os.environ.pop(variable, None)
-        os.environ.update({"SIDECAR_TRANSPORT": name, **transport_cls.test_environment(Path(workdir))})
+        enter_private_environment({"SIDECAR_TRANSPORT": name, **transport_cls.test_environment(Path(workdir))})
         with Sidecar(SidecarConfig(sidecar_rank=PARENT, transport=name)) as sidecar:
             print(f"sidecar demo over the {sidecar.transport_name} transport: rank {PARENT} (pid {os.getpid()})")
             child = multiprocessing.get_context("spawn").Process(target=_child_main, args=(name,), name="demo-rank1")

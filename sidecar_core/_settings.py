@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar, get_args
 
 import pydantic
@@ -131,6 +132,16 @@ class SidecarSettings(BaseSettings):
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def enter_private_environment(env: Mapping[str, str]) -> None:
+    """Set ``env`` in this process's environment for a run of its own, less :data:`UNSET_IN_PRIVATE_RUNS`.
+
+    Those variables are unset first, so only values that ``env`` gives them stay.
+    """
+    for variable in UNSET_IN_PRIVATE_RUNS:
+        os.environ.pop(variable, None)
+    os.environ.update(env)
 
 
 def check_recv_device(recv_device: str) -> None:

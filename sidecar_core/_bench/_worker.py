@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 from sidecar_core._bench._memory import peak_bytes, reset_peak
-from sidecar_core._settings import UNSET_IN_PRIVATE_RUNS
+from sidecar_core._settings import enter_private_environment
 
 Command = tuple[Any, ...]
 
@@ -126,9 +126,7 @@ def _main(
     device_name: str,
     env: dict[str, str],
 ) -> None:
-    for variable in UNSET_IN_PRIVATE_RUNS:
-        os.environ.pop(variable, None)
-    os.environ.update(env)
+    enter_private_environment(env)
     import torch  # after the environment is set
 
     from sidecar_core._bench._peers import PEERS

@@ -400,7 +400,7 @@ class LocalhostTransport(Transport):
 
     async def _connect(self, dst: int) -> Link:
         if self._closing:  # a send that raced the shutdown: its connection would never be closed
-            raise SidecarClosedError(f"rank {self.ctx.rank} is shutting down: no new connection to rank {dst}")
+            raise self._closing_error(dst)
         hello = Hello(version=VERSION, rank=self.ctx.rank, pid=os.getpid(), token=self._token)
         assert self._readers is not None  # started
         link = await Link.connect(
@@ -408,7 +408,7 @@ class LocalhostTransport(Transport):
         )
         if self._closing:
             await link.close()
-            raise SidecarClosedError(f"rank {self.ctx.rank} is shutting down: no new connection to rank {dst}")
+            raise self._closing_error(dst)
         if link.channel.closed is not None:  # it ended in the read that brought its WELCOME
             raise PeerLostError(
                 f"the connection to {link.describe} closed right after the handshake: {link.channel.closed}"
@@ -418,6 +418,9 @@ class LocalhostTransport(Transport):
             # Page-locking its mapping faults in the whole pool: the trim after it has left frees it all.
             self._pool.trim_all_next()
         return link
+
+    def _closing_error(self, dst: int) -> SidecarClosedError:
+        return SidecarClosedError(f"rank {self.ctx.rank} is shutting down: no new connection to rank {dst}")
 
     def _connect_done(self, dst: int, task: asyncio.Task[Link]) -> None:
         if self._connecting.get(dst) is task:
