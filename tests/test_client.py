@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 import numpy
 import pytest
 import torch
+from _checkout import checkout_env
 from _waiting import wait_until
 
 from sidecar_core import (
@@ -493,12 +493,7 @@ def test_sidecars_left_open_at_exit_take_five_seconds_at_most_together(tmp_path:
         print("exiting", flush=True)
         """
     )
-    repo = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "SIDECAR_MOCK_FILE__DIR": str(tmp_path),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env({"SIDECAR_MOCK_FILE__DIR": str(tmp_path)})
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

@@ -37,6 +37,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from _checkout import REPO, checkout_env
 from _forking import forking_owner, owner_script
 from _waiting import stop_process, wait_until
 
@@ -81,7 +82,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.transport("localhost")]
 
 TOKEN = "localhost-test-token"
 WAIT = 20.0
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 # -- helpers run in peer processes ---------------------------------------------------------------
@@ -989,7 +989,7 @@ def test_a_forked_child_copies_after_its_parent_did(tmp_path: Path) -> None:
     try:  # the code under test first on the path, not an installed copy
         result = subprocess.run(
             [sys.executable, str(script)],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+            env=checkout_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -1005,11 +1005,7 @@ def test_a_sidecar_left_open_at_exit_removes_its_socket(env: dict[str, str], soc
     script = "from sidecar_core import Sidecar, SidecarConfig; Sidecar(SidecarConfig(sidecar_rank=66)); print('made')"
     result = subprocess.run(
         [sys.executable, "-c", script],
-        env={
-            **os.environ,
-            **env,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=checkout_env(env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -1066,11 +1062,10 @@ def test_a_forked_child_is_refused_its_parents_sidecar_and_leaves_it_working(
             """
         )
     )
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     try:
         result = subprocess.run(
             [sys.executable, str(script)],
-            env={**os.environ, **env, "PYTHONPATH": path},
+            env=checkout_env(env),
             capture_output=True,
             text=True,
             timeout=60,
@@ -1098,8 +1093,7 @@ def test_a_forked_child_does_not_keep_its_dead_parents_rank(env: dict[str, str])
     # A child keeps copies of its parent's descriptors; the sidecar closes the child's copies of the
     # rank's lock, listener and connections, so that once the parent dies its rank can be served again
     # and its peers see it gone, while the child lives on.
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    run_env = {**os.environ, **env, "PYTHONPATH": path}
+    run_env = checkout_env(env)
     with (
         local_sidecar(env, 51) as other,
         forking_owner([sys.executable, "-c", owner_script(50, 51)], run_env, REPO, WAIT) as kill_owner,

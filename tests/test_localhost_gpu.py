@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from _checkout import checkout_env
 from _waiting import wait_until
 
 from sidecar_core import Sidecar, SidecarConfig
@@ -301,13 +302,12 @@ def test_a_cuda_receive_device_leaves_cuda_to_forked_children(tmp_path: Path) ->
         sys.exit(os.waitstatus_to_exitcode(status))
         """
     )
-    repo = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "SIDECAR_TRANSPORT": "localhost",
-        "SIDECAR_RECV_DEVICE": "cuda",
-        "SIDECAR_LOCALHOST__SOCKET_DIR": str(tmp_path / "sockets"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env(
+        {
+            "SIDECAR_TRANSPORT": "localhost",
+            "SIDECAR_RECV_DEVICE": "cuda",
+            "SIDECAR_LOCALHOST__SOCKET_DIR": str(tmp_path / "sockets"),
+        }
+    )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
