@@ -9,6 +9,11 @@ allocate the receive buffer and post the receive in its compiled code, with no P
   type, then the buffers, all under one tag);
 * ``am``: active messages, ``am_send`` / ``am_recv``.
 
+A fourth way, ``header``, is the least any receiver that does not know the size must do in Python:
+a small tagged header message naming the size, read by the receiver's Python code, which then
+allocates the memory and posts the payload's receive (the sender sends both at once). It is the
+floor of the transport's own design, without its checks, store and acknowledgements.
+
 This script times them against the benchmark's raw ucxx loop (``tag``: a tagged ``send`` into a
 buffer the receiver allocated once, its receive posted as soon as the last acknowledgement left).
 Rank 0 sends a tensor, rank 1 receives it, checks its first and last byte and sends back 8 bytes;
@@ -40,7 +45,7 @@ import torch
 T = TypeVar("T")
 
 #: The ways, in the order they take turns.
-WAYS = ("tag", "multi", "am")
+WAYS = ("tag", "header", "multi", "am")
 #: How many times each way takes its turn.
 TURNS = 2
 #: Seconds the whole run, and any one wait in it, may take before it is given up.
@@ -99,10 +104,12 @@ def _receiver(nbytes: int, transfers: int, device: str, ports: Any) -> None:
                 if way == "tag":
                     peer.run(ep.recv(peer.array(buffer)))
                     got = buffer
+                elif way == "header":
+                    got = peer.run(_header_then_payload(peer, ep, i))
                 elif way == "multi":
                     header, payload = peer.run(ep.recv_multi())
                     got = peer.tensor(payload)
-                    if bytes(memoryview(header)) != _header(i):
+                    if bytes(memoryview(header)) != _header(i, nbytes):
                         raise AssertionError(f"multi: transfer {i} brought the wrong header")
                 else:
                     got = peer.tensor(peer.run(ep.am_recv()))
@@ -112,13 +119,28 @@ def _receiver(nbytes: int, transfers: int, device: str, ports: Any) -> None:
                 peer.run(ep.send(ack))
 
 
+async def _header_then_payload(peer: _Peer, ep: Any, i: int) -> torch.Tensor:
+    """Receive the ``header`` way's header, then allocate and receive the payload it names."""
+    head = numpy.empty(len(_header(i)), dtype=numpy.uint8)
+    await ep.recv(head)
+    size = int(bytes(head[:16]).decode())
+    got = torch.empty(size, dtype=torch.uint8, device=peer.device)
+    await ep.recv(peer.array(got))
+    return got
+
+
+async def _header_and_payload(peer: _Peer, ep: Any, header: Any, tensor: torch.Tensor) -> None:
+    """Send the ``header`` way's header and payload at once (they match the receives in this order)."""
+    await asyncio.gather(ep.send(header), ep.send(peer.array(tensor)))
+
+
 async def _wait(future: asyncio.Future[T]) -> T:
     return await future
 
 
-def _header(i: int) -> bytes:
-    """The multi way's first buffer: a stand-in for a frame header (200 bytes)."""
-    return f"{i:08d}".encode().ljust(200, b".")
+def _header(i: int, nbytes: int = 0) -> bytes:
+    """The multi and header ways' header: a stand-in for a frame header (200 bytes; the size first)."""
+    return f"{nbytes:016d}{i:08d}".encode().ljust(200, b".")
 
 
 def _sender(nbytes: int, transfers: int, device: str, ports: Any, results: Any) -> None:
@@ -133,10 +155,12 @@ def _sender(nbytes: int, transfers: int, device: str, ports: Any, results: Any) 
                 tensor[0] = tensor[-1] = i % 251
                 if tensor.is_cuda:
                     torch.cuda.synchronize()
-                header = numpy.frombuffer(_header(i), dtype=numpy.uint8)
+                header = numpy.frombuffer(_header(i, nbytes), dtype=numpy.uint8)
                 start = time.perf_counter()
                 if way == "tag":
                     peer.run(ep.send(peer.array(tensor)))
+                elif way == "header":
+                    peer.run(_header_and_payload(peer, ep, header, tensor))
                 elif way == "multi":
                     peer.run(ep.send_multi((header, peer.array(tensor))))
                 else:

@@ -1120,9 +1120,9 @@ def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
 
 def test_ucxx_receive_paths_benchmark_moves_and_checks_every_way() -> None:
     # benchmarks/ucxx_receive_paths.py checks the first and last byte of every transfer, and the size
-    # and header of what ucxx allocated: a clean exit means all three ways moved the data.
+    # and header of what ucxx allocated: a clean exit means all four ways moved the data.
     done = _run_script("benchmarks/ucxx_receive_paths.py", str(64 << 10), "5", "cpu")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "65536 bytes on cpu, p50 of 4 round trips per turn"
-    assert [line.split()[0] for line in lines[1:]] == ["tag", "multi", "am"] * 2
+    assert [line.split()[0] for line in lines[1:]] == ["tag", "header", "multi", "am"] * 2
