@@ -50,7 +50,7 @@ from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop,
 from transports.ucx import UcxTransport
 from transports.ucx import _wire as wire
 from transports.ucx._addressing import TEST_PORTS, Address, Addressing, free_base_port, ports_free
-from transports.ucx._inbound import Inbound
+from transports.ucx._inbound import RECONNECT_GRACE, Inbound
 from transports.ucx._link import Link
 
 pytest.importorskip("ucxx", reason="ucxx is not installed: pip install 'sidecar[ucx]'")
@@ -751,7 +751,8 @@ def test_an_acceptance_in_another_protocol_version_is_refused(
     # Another version's answer may only refuse: accepting it would skip every proof.
     monkeypatch.setattr(Inbound, "_handshake", _accept_as_an_older_version)
     with local_sidecar(env, 28) as older, local_sidecar(env, 29, auth_token=TOKEN) as careful:
-        with pytest.raises(PeerUnreachableError, match=rf"speaks protocol version {wire.VERSION - 1}, this sidecar 3"):
+        older_version = rf"speaks protocol version {wire.VERSION - 1}, this sidecar {wire.VERSION}"
+        with pytest.raises(PeerUnreachableError, match=older_version):
             careful.send({"secret": 1}, "downgraded", 28).result(WAIT)
         with pytest.raises(RecvTimeoutError):
             older.recv_sync("downgraded", timeout=0.3)
@@ -869,6 +870,60 @@ def test_a_send_that_timed_out_is_not_read_from_the_callers_memory_afterwards(en
         assert victim.call(peer_digest_if_any, "reuse", 3.0) in (None, sent)
         sender.send(1, "reuse-after", 32).result(WAIT)  # a new connection
         assert victim.call(peer_recv_values, ["reuse-after"]) == [1]
+
+
+def test_a_sender_that_gives_a_connection_up_is_not_reported_lost(env: dict[str, str]) -> None:
+    # A send that times out with its payload in flight closes the link, but the sender lives: the
+    # receiver must not fail the receives that wait for that rank's next chunks.
+    with local_sidecar(env, 36, send_timeout=1.0) as sender, local_sidecar(env, 37) as receiver:
+        sender.send(torch.arange(3), "bye-stream", 37, chunk_id=0, stream=True).result(WAIT)
+        assert receiver.recv_sync("bye-stream", 0, timeout=WAIT).tolist() == [0, 1, 2]
+        outcome: dict[str, Any] = {}
+
+        def wait_next() -> None:
+            try:
+                outcome["value"] = receiver.recv_sync("bye-stream", 1, timeout=WAIT)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        waiter = threading.Thread(target=wait_next)
+        waiter.start()
+        stalled = threading.Event()
+
+        def stall() -> None:  # nothing progresses the receiver's worker meanwhile: the payload stays in flight
+            time.sleep(3.0)
+            stalled.set()
+
+        receiver._loop_thread.call_soon(stall)
+        with pytest.raises(SendTimeoutError, match="SIDECAR_SEND_TIMEOUT=1s"):
+            sender.send(torch.zeros(4 * MiB, dtype=torch.uint8), "bye-large", 37).result(WAIT)
+        given_up = [inbound for inbound in transport(receiver)._inbound if inbound.rank == 36]
+        assert stalled.wait(WAIT)
+        # The receiver reads the large frame's header and the closed connection, and the sender
+        # connects again at once; the verdict on rank 36 comes at the end of the grace.
+        wait_until(lambda: all(inbound.closed for inbound in given_up), "the given-up connection closed", WAIT)
+        time.sleep(RECONNECT_GRACE + 0.5)
+        assert "error" not in outcome, f"the waiting receive failed: {outcome.get('error')!r}"
+        sender.send(torch.arange(5), "bye-stream", 37, chunk_id=1, stream=True).result(WAIT)  # connects again
+        waiter.join(WAIT)
+    assert "error" not in outcome, f"the waiting receive failed: {outcome.get('error')!r}"
+    assert outcome["value"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_restarted_sender_does_not_rescue_the_receives_of_the_one_before(env: dict[str, str]) -> None:
+    # The same rank connecting again within the grace keeps a receiver waiting only if it is the same
+    # process: a restarted one does not know what the one before was sending.
+    with local_sidecar(env, 39) as receiver:
+        with local_sidecar(env, 38) as first:
+            first.send(torch.arange(3), "restart-stream", 39, chunk_id=0, stream=True).result(WAIT)
+        assert receiver.recv_sync("restart-stream", 0, timeout=WAIT).tolist() == [0, 1, 2]
+        start = time.monotonic()
+        with local_sidecar(env, 38) as second:  # rank 38 again, another incarnation
+            second.send(0, "restart-hello", 39).result(WAIT)
+            with pytest.raises(PeerLostError, match="rank 38 was lost"):
+                receiver.recv_sync("restart-stream", 1, timeout=WAIT)
+            assert time.monotonic() - start < RECONNECT_GRACE + 3.0
+        assert receiver.recv_sync("restart-hello", timeout=WAIT) == 0
 
 
 def test_giving_up_one_send_leaves_another_sends_payload_alone(env: dict[str, str]) -> None:

@@ -19,8 +19,11 @@ go back to it when the inbox releases them.
 Concurrency: loop thread only. Cancellation: :meth:`Inbound.close` closes the endpoint (which ends
 the header and payload receives) and cancels the tasks; frames not yet delivered are dropped
 (their senders see the connection close).
-Closing: a connection that breaks after the handshake calls ``inbox.peer_lost(rank, reason)``;
-``close`` (this sidecar shutting down) does not.
+Closing: when a connection breaks after the handshake, what was arriving over it is dropped, and its
+peer is reported lost (``inbox.peer_lost(rank, reason)``) unless the same process connects again
+within :data:`RECONNECT_GRACE` (a sender connects again at once when it gives a connection up on
+purpose: a send over it timed out or was cancelled). ``close`` (this sidecar shutting down) reports
+nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ logger = logging.getLogger(__name__)
 
 
 _Whole = TypeVar("_Whole", memoryview, torch.Tensor)
+
+#: Seconds a peer whose connection broke has to connect again, as the same process, before it is
+#: reported lost. A sender that gives a connection up on purpose connects again at once; a restarted
+#: peer is another process (another incarnation, see :class:`~transports.ucx._wire.Hello`).
+RECONNECT_GRACE = 1.0
 
 
 def _after_all(count: int, then: Callable[[list[Exception | None]], None]) -> Callable[[Exception | None], None]:
@@ -122,6 +130,8 @@ class ServeOptions:
     arriving: Arriving
     #: The transport's open connections in: a rank still connected over another one is not lost.
     connections: set[Inbound]
+    #: Verdicts on broken connections' peers, due at the end of their grace (the transport cancels them).
+    verdicts: set[asyncio.TimerHandle] = field(default_factory=set)
 
 
 class Inbound:
@@ -139,6 +149,8 @@ class Inbound:
         self._header = bytearray()
         self._used = 0  # bytes the last header message used, zeroed before the next receive
         self.rank: int | None = None
+        #: The peer process's incarnation, told in its hello (with :attr:`rank`, once it proved the token).
+        self.incarnation: str | None = None
         self._ack_tag = 0
         self._arriving = 0  # this connection's share of options.arriving
         self._parts = ArrivingParts()
@@ -202,7 +214,7 @@ class Inbound:
                 "AuthenticationError", f"{refusal}; set the same SIDECAR_AUTH_TOKEN on every sidecar of the deployment"
             )
             return False
-        self.rank = hello.rank
+        self.rank, self.incarnation = hello.rank, hello.incarnation
         self._ack_tag = transcript.ack_tag(token)
         mine = None if token is None else transcript.proof(token, "listener", self._tag_base)
         reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base, proof=mine)
@@ -472,14 +484,38 @@ class Inbound:
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
-        if lost and self.rank is not None:
-            if any(other.rank == self.rank and not other.closed for other in self._options.connections):
-                # The peer connected again (it reconnects on its own): only what came over this
-                # connection is lost, and the peer's sends of it have failed.
-                self._options.inbox.parts_lost(self.rank, self._parts.messages)
-            else:
-                self._options.inbox.peer_lost(self.rank, reason)
+        if lost and self.rank is not None and self.incarnation is not None:
+            self._judge(self.rank, self.incarnation, reason)
         self._on_closed(self)
+
+    def _judge(self, rank: int, incarnation: str, reason: str) -> None:
+        """Report the peer of this broken connection lost, unless its process is still connected.
+
+        Either way what was arriving over this connection is dropped (its sender's sends of it
+        failed). The peer has :data:`RECONNECT_GRACE` to connect again as the same process; one that
+        connected as another process (restarted) is lost at once.
+        """
+        options, messages = self._options, set(self._parts.messages)
+
+        def incarnations() -> set[str | None]:
+            return {other.incarnation for other in options.connections if other.rank == rank and not other.closed}
+
+        def decide() -> None:
+            if incarnation in incarnations():
+                options.inbox.parts_lost(rank, messages)
+            else:
+                options.inbox.peer_lost(rank, reason)
+
+        if incarnations():  # connected again already (as this process, or as a restarted one)
+            decide()
+            return
+
+        def at_grace_end() -> None:
+            options.verdicts.discard(handle)
+            decide()
+
+        handle = asyncio.get_running_loop().call_later(RECONNECT_GRACE, at_grace_end)
+        options.verdicts.add(handle)
 
     def close(self) -> None:
         """Close the connection without reporting a lost peer (this sidecar is shutting down)."""

@@ -131,6 +131,8 @@ class Link:
         self._filing = threading.Lock()
         self._reason = ""
         self.closed = False
+        #: Closed on purpose while the connection worked (see :meth:`close`).
+        self.given_up = False
         self._ack_buf = bytearray(wire.ACK_MESSAGE_BYTES)
         self._read_ack()
 
@@ -215,7 +217,7 @@ class Link:
             await asyncio.gather(*self._submit(self._messages(seq, frame, buffers)))
             outcome = await ack
         except asyncio.CancelledError:
-            self.close("a send was cancelled mid-frame")
+            self.close("a send was cancelled mid-frame", given_up=True)
             raise
         except Exception as exc:  # a UCX error: the connection broke
             self.close(describe_error(exc))
@@ -327,12 +329,19 @@ class Link:
             f"{self._reason}. The next send connects again; check that the peer is running"
         )
 
-    def close(self, reason: str) -> None:
-        """Close the connection; unacknowledged sends raise :class:`PeerLostError`. Idempotent."""
+    def close(self, reason: str, *, given_up: bool = False) -> None:
+        """Close the connection; unacknowledged sends raise :class:`PeerLostError`. Idempotent.
+
+        Args:
+            reason: Why, for the errors of the unacknowledged sends.
+            given_up: This sidecar gives a working connection up (a send over it timed out or was
+                cancelled), as :attr:`given_up` then says to whoever gets the link closed.
+        """
         with self._filing:
             if self.closed:
                 return
             self.closed = True
+            self.given_up = given_up
             self._reason = reason
             waiters, self._acks = list(self._acks.values()), {}
             self._payloads.clear()
@@ -378,6 +387,7 @@ async def connect(
     address: Address,
     *,
     own_rank: int,
+    incarnation: str,
     token: str | None,
     timeout: float,
     on_closed: Callable[[Link], None],
@@ -413,7 +423,7 @@ async def connect(
             handle = worker.api.UCXEndpoint.create(worker.worker, address.host, address.port, True)
             endpoint = Endpoint(worker, handle, opening.on_broken)
             # A broken endpoint fails the handshake's requests, so a refused attempt ends early.
-            handshake = _Handshake(endpoint, address, rank, own_rank, token)
+            handshake = _Handshake(endpoint, address, rank, own_rank, incarnation, token)
             tag_base, ack_tag = await asyncio.wait_for(handshake.run(), deadline - loop.time())
             break
         except (asyncio.CancelledError, AuthenticationError, PeerUnreachableError):
@@ -466,12 +476,15 @@ class _Handshake:
     cut short, as the peer's words.
     """
 
-    def __init__(self, endpoint: Endpoint, address: Address, rank: int, own_rank: int, token: str | None) -> None:
+    def __init__(
+        self, endpoint: Endpoint, address: Address, rank: int, own_rank: int, incarnation: str, token: str | None
+    ) -> None:
         self._endpoint = endpoint
         self._address = address
         self._where = _describe(rank, address)
         self._rank = rank
         self._own_rank = own_rank
+        self._incarnation = incarnation
         self._token = token
 
     async def run(self) -> tuple[int, int]:
@@ -487,7 +500,9 @@ class _Handshake:
             Exception: A UCX error (nothing accepted the connection, or it broke): worth trying again.
         """
         endpoint, token, rank = self._endpoint, self._token, self._rank
-        hello = wire.Hello(version=wire.VERSION, rank=self._own_rank, nonce=wire.new_nonce())
+        hello = wire.Hello(
+            version=wire.VERSION, rank=self._own_rank, nonce=wire.new_nonce(), incarnation=self._incarnation
+        )
         await endpoint.stream_send(wire.stream_message(hello))
         body = await self._first_answer()
         version, _, said = wire.version_of(body, "handshake answer")

@@ -139,6 +139,12 @@ class UcxTransport(Transport):
         self._inbound: set[Inbound] = set()
         self._pool = HostPool(self.options.host_pool_bytes)
         self._closed = False
+        #: Named in every hello this transport sends: the peers tell a reconnection from a restart by it.
+        self._incarnation = wire.new_nonce()
+        #: Connections made again at once after a link was given up (see :meth:`_forget`).
+        self._reconnecting: set[asyncio.Task[Link]] = set()
+        #: Verdicts on the peers of broken connections in, still in their grace (see :class:`Inbound`).
+        self._verdicts: set[asyncio.TimerHandle] = set()
 
     def _recv_device(self) -> torch.device:
         """``SIDECAR_RECV_DEVICE`` with its index (the sidecar checked that this process has it)."""
@@ -177,6 +183,7 @@ class UcxTransport(Transport):
             pool=self._pool,
             arriving=Arriving(),
             connections=self._inbound,
+            verdicts=self._verdicts,
         )
         try:
             self._listener = worker.api.UCXListener.create(
@@ -273,11 +280,15 @@ class UcxTransport(Transport):
         A frame whose payload rode in its header message, or whose payload requests completed, is
         no longer read: the link stays, and the frame may still be stored. Otherwise closing cancels
         the link's messages, as a cancelled :meth:`send` does; its other unacknowledged frames fail
-        with :class:`PeerLostError`, and the next send connects again.
+        with :class:`PeerLostError`, and the transport connects again at once, so that the peer
+        does not report this rank lost (see :data:`~transports.ucx._inbound.RECONNECT_GRACE`).
         """
         link = self._links.get(dst)
         if link is not None and link.reads_callers_memory(frame):
-            link.close(f"a send over it did not complete within SIDECAR_SEND_TIMEOUT ({frame.header.describe()})")
+            link.close(
+                f"a send over it did not complete within SIDECAR_SEND_TIMEOUT ({frame.header.describe()})",
+                given_up=True,
+            )
 
     async def _link(self, dst: int) -> Link:
         """The open link to ``dst``, connecting first if there is none."""
@@ -306,6 +317,7 @@ class UcxTransport(Transport):
             dst,
             self._addressing.resolve(dst),
             own_rank=self.ctx.rank,
+            incarnation=self._incarnation,
             token=self._token,
             timeout=self.ctx.settings.connect_timeout,
             on_closed=self._forget,
@@ -317,8 +329,23 @@ class UcxTransport(Transport):
         return link
 
     def _forget(self, link: Link) -> None:
+        """A link closed (loop thread); one given up on purpose is made again at once.
+
+        Its peer then sees this sidecar connect again, as the same process, within its
+        :data:`~transports.ucx._inbound.RECONNECT_GRACE`, and keeps waiting for this rank's data
+        instead of reporting it lost. A connection that cannot be made is left to the next send.
+        """
         if self._links.get(link.rank) is link:
             del self._links[link.rank]
+        if link.given_up and not self._closed:
+            task = asyncio.get_running_loop().create_task(self._link(link.rank))
+            self._reconnecting.add(task)
+            task.add_done_callback(self._reconnected)
+
+    def _reconnected(self, task: asyncio.Task[Link]) -> None:
+        self._reconnecting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.info("ucx: connecting again after giving a link up failed: %s", task.exception())
 
     def describe_peer(self, rank: int) -> str:
         """``rank N at host:port``, as this sidecar resolves it."""
@@ -335,8 +362,10 @@ class UcxTransport(Transport):
             return
         self._closed = True
         try:
-            for task in list(self._connecting.values()):
+            for task in [*self._connecting.values(), *self._reconnecting]:
                 task.cancel()
+            for verdict in self._verdicts:
+                verdict.cancel()
             for link in list(self._links.values()):
                 link.close("this sidecar is shutting down")
             for inbound in list(self._inbound):

@@ -6,7 +6,7 @@ peer that proved it holds the auth token):
 
 1. Connection set-up proves, both ways, that each side holds the auth token, without sending it
    (challenge and response, HMAC-SHA256 keyed with the token over a :class:`Transcript`): the
-   connecting sidecar sends :class:`Hello` (its rank, a fresh nonce); the listening sidecar answers
+   connecting sidecar sends :class:`Hello` (its rank, a fresh nonce, its incarnation); the listening sidecar answers
    :class:`Challenge` (its rank and its own nonce), or a refusing :class:`Reply` if it speaks
    another version; the connecting sidecar, having checked that the rank is the one it dialled,
    sends :class:`Response` (its proof); the listening sidecar checks it and answers :class:`Reply`:
@@ -55,8 +55,9 @@ from sidecar_core._frame import MAX_HEADER_BYTES, PREFIX
 MAGIC = b"SCU1"
 #: Spoken in the handshake; peers of another version refuse each other with a clear error. 2: frame
 #: headers carry ``message`` (parts of one send). 3: both sides prove they hold the auth token
-#: instead of the connecting side sending it.
-VERSION = 3
+#: instead of the connecting side sending it. 4: the hello names the connecting process (its
+#: ``incarnation``), so that a peer that connected again is told from one that was restarted.
+VERSION = 4
 STREAM_PREFIX = struct.Struct("<4sI")
 SEQ = struct.Struct("<Q")
 HEAD = struct.Struct("<QI")
@@ -107,6 +108,8 @@ class Hello(_Strict):
     version: int
     rank: Annotated[int, Field(ge=0)]
     nonce: Hex32
+    #: Drawn once per transport: the same in every connection the process makes, new after a restart.
+    incarnation: Hex32
 
 
 class Challenge(_Strict):
