@@ -1173,6 +1173,20 @@ def test_the_step_timer_stamps_every_step_of_a_transfer() -> None:
     assert abs(float(ratio[len("ucx/raw ucxx: ") : -1]) - totals[0] / totals[1]) <= 0.01
 
 
+def test_window_benchmark_checks_every_transfer_of_both_sides() -> None:
+    # benchmarks/ucx_window.py checks the first and last byte of every transfer on the receiving side,
+    # and the sender checks that the receiver saw them all: a clean exit means both moved the data.
+    done = _run_script("benchmarks/ucx_window.py", "cpu", str(64 << 10), "6", "3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "65536 bytes on cpu, 6 transfers timed, up to 3 in flight"
+    assert [line.split()[0] for line in lines[1:]] == ["raw", "ucx"] * 2
+    for raw, ucx in zip(lines[1::2], lines[2::2], strict=True):
+        raw_us, ucx_us = float(raw.split()[4]), float(ucx.split()[3])
+        # The ratio comes from the unrounded times: it agrees with the printed ones to within rounding.
+        assert abs(float(ucx.rsplit(" ", 1)[1].rstrip("x")) - raw_us / ucx_us) <= 0.02
+
+
 def test_ucxx_receive_paths_benchmark_moves_and_checks_every_way() -> None:
     # benchmarks/ucxx_receive_paths.py checks the first and last byte of every transfer, and the size
     # and header of what ucxx allocated: a clean exit means all four ways moved the data.
