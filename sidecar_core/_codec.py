@@ -114,7 +114,9 @@ class Codec:
         """Rebuild the object of a complete message.
 
         Raises:
-            FrameError: Unknown serializer, or metadata inconsistent with the buffers.
+            FrameError: Unknown serializer, metadata inconsistent with the buffers, or any other failure
+                of the serializer's ``decode`` (a bug in a plugin must not break the transport that
+                delivers: the sender is told why its frame was refused).
         """
         serializer = self._by_name.get(header.serializer)
         if serializer is None:
@@ -129,6 +131,11 @@ class Codec:
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
             raise FrameError(
                 f"{header.describe()}: serializer {header.serializer!r} rejected the frame: {exc}"
+            ) from exc
+        except Exception as exc:  # BufferError, AttributeError, ...: a view it cannot read, or a bug of its own
+            raise FrameError(
+                f"{header.describe()}: serializer {header.serializer!r} failed to decode the frame: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
 
 

@@ -195,8 +195,11 @@ def header_length(prefix: bytes) -> int:
     """Validate the 8-byte wire prefix and return the JSON header's length.
 
     Raises:
-        FrameError: The magic is wrong (the peer is not a sidecar) or the header is too large.
+        FrameError: The prefix is not 8 bytes, its magic is wrong (the peer is not a sidecar) or the
+            header is too large.
     """
+    if len(prefix) != PREFIX.size:
+        raise FrameError(f"frame prefix of {len(prefix)} bytes, expected {PREFIX.size}")
     magic, length = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameError(f"bad frame magic {magic!r}: the peer is not a sidecar or speaks another version")

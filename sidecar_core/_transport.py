@@ -148,9 +148,11 @@ class Inbox(Protocol):
                 the buffers (after ``mark_done``, after copying a part, or when the frame is rejected).
 
         Raises:
-            FrameError: The frame is malformed; report it to the sender, keep serving.
+            FrameError: The frame is malformed, or its serializer failed to decode it; report it to
+                the sender, keep serving.
             DuplicateChunkError: The chunk is already held or was marked done.
             CapacityError: Storing it would exceed ``SIDECAR_MAX_BUFFERED_BYTES``.
+            SidecarClosedError: This sidecar is shutting down.
         """
 
     def part_landing(self, header: Header, *, arriving: int = 0) -> torch.Tensor | None:

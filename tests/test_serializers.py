@@ -29,7 +29,16 @@ import serializers.json as json_serializer
 import serializers.primitives as primitives
 import serializers.tensor as tensor
 from serializers._safetensors import DTYPES, MAX_NDIM, safetensors_bytes
-from sidecar_core import Buffer, Codec, Encoded, FrameError, SerializationError, buffer_tensor, get_registry
+from sidecar_core import (
+    Buffer,
+    Codec,
+    Encoded,
+    FrameError,
+    SerializationError,
+    buffer_tensor,
+    get_registry,
+    header_length,
+)
 from sidecar_core._store import ReceiveStore
 
 CODEC = Codec([tensor, chunked_tensor, primitives, json_serializer])
@@ -273,6 +282,40 @@ def test_a_serializer_that_returns_a_buffer_of_other_than_flat_bytes_is_named(bu
     # A wider element type would also be cut in the wrong places when the message goes in parts.
     with pytest.raises(SerializationError, match="serializer 'strided' returned a buffer that is not one flat block"):
         Codec([Strided]).frames("x", id="a", chunk_id=0, num_chunks=1, src=0, max_part_bytes=8)
+
+
+def test_any_failure_of_a_serializers_decode_is_a_frame_error() -> None:
+    # A transport refuses what deliver raises as documented and keeps serving; a serializer's own bug
+    # (or a buffer view it cannot read) used to escape as AttributeError or BufferError instead.
+    class Buggy:
+        NAME = "buggy"
+        PRIORITY = 1
+
+        @staticmethod
+        def accepts(obj: object) -> bool:
+            return isinstance(obj, str)
+
+        @staticmethod
+        def encode(obj: object) -> Encoded:
+            return Encoded(meta={"label": 3})
+
+        @staticmethod
+        def decode(meta: Any, buffers: Sequence[Buffer], device: str) -> object:
+            return meta["label"].strip()
+
+    codec = Codec([Buggy, primitives])
+    [frame] = codec.frames("x", id="a", chunk_id=0, num_chunks=1, src=0, max_part_bytes=None)
+    with pytest.raises(FrameError, match="serializer 'buggy' failed to decode the frame: AttributeError: 'int'"):
+        codec.decode(frame.header, frame.buffers, "cpu")
+    [frame] = codec.frames(1.5, id="b", chunk_id=0, num_chunks=1, src=0, max_part_bytes=None)
+    strided = memoryview(bytes(2 * frame.header.sizes[0]))[::2]  # not one block: the buffer protocol refuses it
+    with pytest.raises(FrameError, match="serializer 'primitives' failed to decode the frame: BufferError"):
+        codec.decode(frame.header, [strided], "cpu")
+
+
+def test_a_frame_prefix_of_the_wrong_length_is_a_frame_error() -> None:
+    with pytest.raises(FrameError, match="frame prefix of 7 bytes, expected 8"):
+        header_length(b"SCF1\x00\x00\x00")
 
 
 def test_zero_d_empty_and_non_contiguous_tensors() -> None:
