@@ -68,6 +68,8 @@ from transports.localhost._protocol import (
     ENVELOPE,
     MAX_BODY,
     SENDER_MESSAGES,
+    SHM_PREFIX,
+    U32,
     VERSION,
     Hello,
     Msg,
@@ -519,6 +521,16 @@ MALFORMED = {
         _hello() + _frame_message(_header(layout=[64], sizes=[64]) + b"only-part", declared=200),
         "truncated message",
     ),
+    # The peer's WELCOME offered no CUDA IPC (it receives on the CPU): before, torch's CUDA check
+    # failed deep inside, logged as an internal error.
+    "ipc-frame-not-offered": (
+        _hello()
+        + envelope(Msg.IPC_FRAME, U32.size + 14 + len(_header(layout=[], sizes=[])), 1)
+        + U32.pack(14)
+        + b'{"buffers":[]}'
+        + _header(layout=[], sizes=[]),
+        "did not offer CUDA IPC",
+    ),
 }
 
 
@@ -582,6 +594,47 @@ def test_a_malformed_pool_message_does_not_leak_its_descriptor(env: dict[str, st
         os.close(pool)
         assert b"POOL message body must be 8 bytes, got 4" in reply
         wait_until(lambda: not passed_open(), "the passed descriptor is closed")
+
+
+def test_a_shared_memory_frame_over_the_bound_is_refused_without_reading_its_slot(
+    env: dict[str, str], socket_dir: Path
+) -> None:
+    # Reading a slot commits its pages, and a peer's pool may be sparse: a 200-byte message made the
+    # receiver commit the whole slot before the store refused it.
+    with local_sidecar(env, 42, max_buffered_bytes=MiB):
+        pool = os.memfd_create("sparse-pool", os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(pool, 64 * MiB)
+            fcntl.fcntl(pool, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            header = _header(layout=[32 * MiB], sizes=[32 * MiB])
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.settimeout(WAIT)
+                raw.connect(str(socket_dir / "rank-42.sock"))
+                raw.sendall(_hello())
+                raw.sendmsg(
+                    [envelope(Msg.POOL, 8) + (64 * MiB).to_bytes(8, "little")],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pool]))],
+                )
+                body = SHM_PREFIX.pack(0, 32 * MiB) + header
+                raw.sendall(envelope(Msg.SHM_FRAME, len(body), 1) + body)
+                messages: list[tuple[Msg, int, bytes]] = []
+                reply = b""
+                while not any(kind is Msg.RELEASE for kind, _, _ in messages):
+                    chunk = raw.recv(65536)
+                    assert chunk, f"the connection closed; got {[kind.name for kind, _, _ in messages]}"
+                    reply += chunk
+                    while len(reply) >= ENVELOPE.size:
+                        _, kind, length, arg = ENVELOPE.unpack_from(reply)
+                        if len(reply) < ENVELOPE.size + length:
+                            break
+                        messages.append((Msg(kind), arg, reply[ENVELOPE.size : ENVELOPE.size + length]))
+                        reply = reply[ENVELOPE.size + length :]
+            assert os.fstat(pool).st_blocks == 0, "the slot's pages were read in"
+        finally:
+            os.close(pool)
+    [refusal] = [Problem.model_validate_json(body) for kind, seq, body in messages if kind is Msg.NACK and seq == 1]
+    assert refusal.error == "CapacityError"
+    assert f"{32 * MiB} bytes exceed SIDECAR_MAX_BUFFERED_BYTES={MiB}" in refusal.message
 
 
 # -- shared memory -------------------------------------------------------------------------------

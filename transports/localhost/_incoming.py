@@ -34,6 +34,7 @@ from sidecar_core import (
     ArrivingParts,
     AuthenticationError,
     Buffer,
+    CapacityError,
     Frame,
     FrameError,
     Header,
@@ -75,10 +76,14 @@ class _Staged:
     """A shared-memory frame whose data is still being copied in by the sender."""
 
     header: Header
+    #: The slot's bytes in the peer's pool (empty for a refused frame: nothing here reads it).
     slot: memoryview
     offsets: list[int]
     ready: int
     landing: Landing | None
+    span: int
+    #: Why the frame is refused once the sender has finished with its slot (``None``: it is not).
+    refusal: CapacityError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,8 @@ class ServeOptions:
     recv_device: str
     cuda_ipc: bool
     hello_timeout: float
+    #: ``SIDECAR_MAX_BUFFERED_BYTES``: a larger shared-memory frame is refused before its slot is read.
+    max_bytes: int
     #: The transport's open connections in: a rank still connected over another one is not lost.
     connections: set[Incoming]
 
@@ -121,6 +128,7 @@ class Incoming:
         self._uid_ok = uid == os.getuid()
         self._pool: PeerPool | None = None
         self._staged: dict[int, _Staged] = {}
+        self._cuda_ipc = False  # offered in the WELCOME
         self._pinned: bool | None = None  # whether the peer's pool is page-locked here (None: not tried)
         self._parts = ArrivingParts()
         self.shutting_down = False
@@ -197,6 +205,7 @@ class Incoming:
             cuda_ipc=self._options.cuda_ipc and self._options.recv_device.startswith("cuda"),
             pins_pool=self._options.recv_device.startswith("cuda"),
         )
+        self._cuda_ipc = welcome.cuda_ipc
         body = welcome.model_dump_json().encode()
         self.channel.write(envelope(Msg.WELCOME, len(body)), body)
         # From now on a thread polling in recv_sync may take inline frames (see _readers).
@@ -228,11 +237,21 @@ class Incoming:
         offset, ready = SHM_PREFIX.unpack_from(body)
         header, _ = split_frame(body[SHM_PREFIX.size :], inline=False)
         offsets, span = slot_layout(header.sizes)
-        slot = self._pool.slot(offset, span)
         if ready > span:
             raise ProtocolError(f"{header.describe()}: {ready} bytes ready exceeds the slot's {span}")
         if seq in self._staged:
             raise ProtocolError(f"sequence number {seq} is already in use")
+        if span > self._options.max_bytes:
+            # Refused once the sender is done with the slot, which is never read here: reading a
+            # slot commits its pages (a peer's pool may be sparse), and a landing would take GPU memory.
+            refusal = CapacityError(
+                f"{header.describe()}: {span} bytes exceed SIDECAR_MAX_BUFFERED_BYTES={self._options.max_bytes} "
+                f"on rank {self._options.rank}; raise it there, or send smaller messages (SIDECAR_CHUNK_SIZE)"
+            )
+            self._staged[seq] = _Staged(header, memoryview(b""), offsets, 0, None, span, refusal)
+            self._ready(seq, ready)
+            return
+        slot = self._pool.slot(offset, span)
         landing = None
         if self._options.recv_device.startswith("cuda"):
             from transports.localhost import _cuda
@@ -244,7 +263,7 @@ class Incoming:
                 landing = _cuda.Landing(span, device)
             except RuntimeError as exc:  # out of GPU memory: hand the store a host view instead
                 logger.warning("%s: %s lands on the host: %s", self.channel.name, header.describe(), exc)
-        staged = _Staged(header, slot, offsets, 0, landing)
+        staged = _Staged(header, slot, offsets, 0, landing, span)
         self._staged[seq] = staged
         self._ready(seq, ready)
 
@@ -252,14 +271,18 @@ class Incoming:
         staged = self._staged.get(seq)
         if staged is None:
             raise ProtocolError(f"READY for unknown frame {seq}")
-        if not staged.ready <= ready <= len(staged.slot):
-            raise ProtocolError(f"READY {ready} goes backwards or past the slot ({staged.ready}, {len(staged.slot)})")
+        if not staged.ready <= ready <= staged.span:
+            raise ProtocolError(f"READY {ready} goes backwards or past the slot ({staged.ready}, {staged.span})")
         staged.ready = ready
         if staged.landing is not None:
             staged.landing.advance(staged.slot, ready)
-        if ready < len(staged.slot):
+        if ready < staged.span:
             return
         del self._staged[seq]
+        if staged.refusal is not None:
+            self._release(seq)
+            self._nack(seq, staged.refusal)
+            return
         if staged.landing is None:
             views: list[Buffer] = [
                 staged.slot[o : o + n] for o, n in zip(staged.offsets, staged.header.sizes, strict=True)
@@ -283,6 +306,8 @@ class Incoming:
             self._release(seq)
 
     def _ipc(self, seq: int, body: memoryview) -> None:
+        if not self._cuda_ipc:
+            raise ProtocolError("a CUDA IPC frame arrived, but this sidecar did not offer CUDA IPC in its WELCOME")
         if len(body) < U32.size:
             raise ProtocolError("truncated IPC_FRAME message")
         (length,) = U32.unpack_from(body)

@@ -225,6 +225,7 @@ class LocalhostTransport(Transport):
             recv_device=self.ctx.settings.recv_device,
             cuda_ipc=self.settings.cuda_ipc,
             hello_timeout=self.ctx.settings.connect_timeout,
+            max_bytes=self.ctx.settings.max_buffered_bytes,
             connections=self._incoming,
         )
         while True:
