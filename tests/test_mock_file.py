@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import math
 import os
+import resource
 import stat
 import threading
 import time
@@ -23,6 +24,7 @@ from _waiting import wait_until
 
 from sidecar_core import (
     AlreadyDoneError,
+    CapacityError,
     FrameError,
     RecvTimeoutError,
     SerializationError,
@@ -375,6 +377,35 @@ def test_files_that_cannot_be_read_raise_frame_errors(env: Env, tmp_path: Path) 
                 sidecar.recv_sync(key.removesuffix("-0"))
             assert str(path) in str(error.value)
     assert not marker.exists()
+
+
+def test_a_small_file_of_a_large_tensor_view_is_refused_before_it_is_copied(env: Env, tmp_path: Path) -> None:
+    # torch.save keeps an expanded view's one element; making it contiguous to send it on took all
+    # 512 MiB before the bound was checked, and a view of 2**50 bytes failed with RuntimeError.
+    files = {"wide-0": tmp_path / "wide.pt", "huge-0": tmp_path / "huge.pt"}
+    torch.save(torch.zeros(1, dtype=torch.uint8).expand(512 << 20), files["wide-0"])
+    torch.save(torch.zeros(1, dtype=torch.uint8).expand(1 << 50), files["huge-0"])
+    assert files["huge-0"].stat().st_size < 4096
+    env(**mapping_env(files))
+    with mock_sidecar(max_buffered_bytes=1 << 20) as sidecar:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for key, nbytes in (("wide", 512 << 20), ("huge", 1 << 50)):
+            with pytest.raises(CapacityError, match=f"holds {nbytes} bytes of tensors, more than SIDECAR_MAX_BUF"):
+                sidecar.recv_sync(key)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: nothing was copied
+
+
+def test_an_end_marker_that_cannot_be_read_is_a_frame_error(env: Env, tmp_path: Path) -> None:
+    env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
+    (tmp_path / "deep.end.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "folder.end.json").mkdir()
+    with mock_sidecar() as sidecar:
+        with pytest.raises(FrameError, match=r"deep\.end\.json is malformed"):
+            sidecar.recv_sync("deep", timeout=1.0)
+        with pytest.raises(FrameError, match=r"folder\.end\.json cannot be read"):
+            sidecar.recv_sync("folder", timeout=1.0)
+        sidecar.send(1, "after", 0).result(WAIT)  # still serving
+        assert sidecar.recv_sync("after") == 1
 
 
 # -- atomic writes and parts ----------------------------------------------------------------------

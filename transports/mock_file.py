@@ -60,6 +60,7 @@ import serializers.json as json_serializer
 import serializers.tensor as tensor_serializer
 from sidecar_core import (
     Buffer,
+    CapacityError,
     Frame,
     FrameError,
     Header,
@@ -322,6 +323,15 @@ class MockFileTransport(Transport):
 
     def _deliver(self, key: Key, obj: object, path: Path) -> None:
         id, chunk_id = key
+        limit = self.ctx.settings.max_buffered_bytes
+        nbytes = _tensor_bytes(obj)
+        if nbytes > limit:
+            # Checked before encoding, which makes every tensor contiguous: a small file may hold a
+            # view (expanded, strided) of far more bytes than it stores.
+            raise CapacityError(
+                f"mock-file: {_name(id, chunk_id)!r} in {path} holds {nbytes} bytes of tensors, more than "
+                f"SIDECAR_MAX_BUFFERED_BYTES={limit}; raise it, or store less per chunk"
+            )
         try:
             frames = self.ctx.codec.frames(
                 obj, id=id, chunk_id=chunk_id, num_chunks=None, src=self.ctx.rank, max_part_bytes=None
@@ -537,18 +547,34 @@ def _load(name: str, path: Path) -> object:
         ) from exc
 
 
+def _tensor_bytes(obj: object) -> int:
+    """The bytes of every tensor in ``obj`` and the lists, tuples and dicts it holds, once contiguous."""
+    total, pending = 0, [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return total
+
+
 def _read_end(marker: Path) -> int | None:
     """The ``num_chunks`` a ``close_stream`` recorded, or ``None``.
 
     Raises:
-        FrameError: The marker file is malformed.
+        FrameError: The marker file is malformed or cannot be read.
     """
     try:
         end = json.loads(marker.read_bytes())["num_chunks"]
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise FrameError(f"mock-file: end-of-stream marker {marker} is malformed ({exc}); delete it") from None
+    except OSError as exc:  # a directory, or not readable
+        raise FrameError(f"mock-file: end-of-stream marker {marker} cannot be read ({exc}); remove it") from None
     if type(end) is not int or end < 0:
         raise FrameError(f"mock-file: end-of-stream marker {marker} has num_chunks={end!r}; delete it")
     return end
