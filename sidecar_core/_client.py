@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sidecar_core._codec import Codec
-from sidecar_core._errors import SendTimeoutError, SidecarClosedError, SidecarError
+from sidecar_core._errors import PluginError, SendTimeoutError, SidecarClosedError, SidecarError
 from sidecar_core._frame import MAX_ID_CHARS, Frame, Header
 from sidecar_core._plugins import Registry, get_registry
 from sidecar_core._settings import SidecarSettings, check_recv_device, load_settings
@@ -39,6 +39,9 @@ from sidecar_core._store import ReceiveStore, Waiter, settle_waiter
 from sidecar_core._transport import Transport, TransportContext
 
 logger = logging.getLogger("sidecar")
+
+#: Seconds ``shutdown_sync`` waits for the transport's ``close`` before it stops the loop anyway.
+_CLOSE_LIMIT = 30.0
 
 #: Every Sidecar made in this process, so that a forked child can mark them all as its parent's.
 _made: weakref.WeakSet[Sidecar] = weakref.WeakSet()
@@ -550,9 +553,22 @@ class Sidecar:
             codec=self.codec,
             loop=asyncio.get_running_loop(),
         )
-        transport = transport_cls(ctx)
-        await transport.start()
+        try:
+            transport = transport_cls(ctx)
+            await transport.start()
+        except SidecarError:
+            raise
+        except Exception as exc:
+            raise self._plugin_failure("start", exc) from exc
         return transport
+
+    def _plugin_failure(self, method: str, exc: Exception) -> PluginError:
+        """What the caller gets for an exception a transport raised that is not a :class:`SidecarError`."""
+        return PluginError(
+            f"transport {self.transport_name!r} on rank {self.sidecar_rank} failed in {method}: "
+            f"{type(exc).__name__}: {exc}. A transport reports its failures as SidecarErrors: this one is a bug of "
+            "the transport's plugin (or of what it uses)"
+        )
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -661,8 +677,10 @@ class Sidecar:
             self._deadlines.add(future, expire)
             try:
                 taken = self._transport.send_nowait(rank, frame, done)
-            except BaseException:
+            except BaseException as exc:
                 self._deadlines.discard(future)
+                if isinstance(exc, Exception) and not isinstance(exc, SidecarError):
+                    raise self._plugin_failure("send_nowait", exc) from exc
                 raise
             if taken:
                 return future
@@ -762,9 +780,13 @@ class Sidecar:
             error = self._send_timeout_error(frames[0].header, rank)
             self._report_send(frames[0].header, rank, start, error)
             raise error from None
-        except Exception as error:
+        except SidecarError as error:
             self._report_send(frames[0].header, rank, start, error)
             raise
+        except Exception as exc:
+            failure = self._plugin_failure("send", exc)
+            self._report_send(frames[0].header, rank, start, failure)
+            raise failure from exc
         self._report_send(frames[0].header, rank, start, None)
 
     def _report_send(self, header: Header, rank: int, start: float, error: BaseException | None) -> None:
@@ -900,8 +922,13 @@ class Sidecar:
             waiter.started.set_result(None)
         try:
             await self._transport.want(id, chunk_id, timeout)
-        except Exception as error:
+        except (SidecarError, LookupError) as error:  # LookupError: it can never provide this key
             settle_waiter(waiter, error=error)
+            return
+        except Exception as exc:
+            failure = self._plugin_failure("want", exc)
+            failure.__cause__ = exc
+            settle_waiter(waiter, error=failure)
             return
         except asyncio.CancelledError:  # the receive gave up, or the transport closed under it (shutdown)
             settle_waiter(waiter, error=self._store.closed_error(id, chunk_id))
@@ -1035,8 +1062,10 @@ class Sidecar:
 
     async def _close(self) -> None:
         self._store.close()
-        with contextlib.suppress(Exception):
+        try:
             await self._transport.close()
+        except Exception:  # it must not raise; the sidecar shuts down all the same
+            logger.exception("%s: the transport failed to close; its resources may not be released", self)
 
     def shutdown_sync(self) -> None:
         """Stop the transport, release received memory and stop the loop thread. Idempotent.
@@ -1062,8 +1091,16 @@ class Sidecar:
             if self._closed:
                 return
             self._closed = True
-            with contextlib.suppress(Exception):
-                self._loop_thread.call(self._close(), timeout)
+            try:
+                self._loop_thread.call(self._close(), _CLOSE_LIMIT if timeout is None else timeout)
+            except TimeoutError:
+                logger.error(
+                    "%s: the transport did not close within %gs; stopping without it (its resources may leak)",
+                    self,
+                    _CLOSE_LIMIT if timeout is None else timeout,
+                )
+            except Exception:  # the loop already stopped
+                logger.debug("%s: closing the transport failed", self, exc_info=True)
             self._loop_thread.stop(10.0 if deadline is None else max(deadline - time.monotonic(), 0.0))
 
     async def shutdown(self) -> None:

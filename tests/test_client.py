@@ -27,6 +27,7 @@ from sidecar_core import (
     AlreadyDoneError,
     DuplicateChunkError,
     PeerUnreachableError,
+    PluginError,
     RecvTimeoutError,
     Registry,
     RemoteError,
@@ -41,6 +42,7 @@ from sidecar_core import (
 )
 from sidecar_core._client import flatten_ranks
 from sidecar_core.testing import MemoryPlugin
+from sidecar_core.testing._memory import MemoryTransport
 
 WAIT = 10.0
 
@@ -471,13 +473,18 @@ def test_errors_of_several_destinations_are_joined_whatever_their_class(
 ) -> None:
     a, _ = pair
 
+    class Coded(SidecarError):  # a plugin's own error, whose class needs more than a message
+        def __init__(self, message: str, code: int) -> None:
+            super().__init__(message)
+            self.code = code
+
     async def broken(dst: int, frame: Any) -> None:
-        raise asyncio.IncompleteReadError(b"", 100)  # its class needs more than a message
+        raise Coded("refused with a code", 7)
 
     monkeypatch.setattr(a._transport, "send", broken)
-    with pytest.raises(SidecarError, match=r"2 of 2 destinations failed: IncompleteReadError: 0 bytes read") as info:
+    with pytest.raises(SidecarError, match=r"2 of 2 destinations failed: Coded: refused with a code") as info:
         a.send(1, "both", [1, 2]).result(WAIT)
-    assert isinstance(info.value.__cause__, asyncio.IncompleteReadError)
+    assert isinstance(info.value.__cause__, Coded)
 
 
 def test_sidecars_left_open_at_exit_take_five_seconds_at_most_together(tmp_path: Path) -> None:
@@ -683,8 +690,9 @@ def test_a_fast_path_send_that_raises_leaves_no_deadline_behind(monkeypatch: pyt
 
         monkeypatch.setattr(sidecar, "_sends_nowait", True)
         monkeypatch.setattr(sidecar._transport, "send_nowait", broken)
-        with pytest.raises(OSError, match="the transport broke"):
+        with pytest.raises(PluginError, match="failed in send_nowait: OSError: the transport broke") as info:
             sidecar.send(1, "x", 1)
+        assert isinstance(info.value.__cause__, OSError)
         assert not sidecar._deadlines._filed
 
 
@@ -715,3 +723,53 @@ def test_a_callback_for_a_loop_that_ran_for_the_last_time_is_refused_not_lost() 
     with pytest.raises(SidecarClosedError, match="shut down"):
         loop_thread.call_soon(print, "never")
     loop_thread.loop.close()
+
+
+# -- a transport's own bugs ---------------------------------------------------------------------
+
+
+def test_a_transport_failing_with_a_foreign_error_reaches_the_caller_as_a_plugin_error(
+    registry: Registry, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The guide promises SidecarErrors only; a plugin's own bug used to reach the caller as a bare
+    # KeyError or OSError that named neither the transport nor the rank.
+    async def broken_send(self: MemoryTransport, dst: int, frame: Any) -> None:
+        raise KeyError("oops")
+
+    with make(registry, 0) as a, make(registry, 1):
+        monkeypatch.setattr(MemoryTransport, "send", broken_send)
+        with pytest.raises(PluginError, match=r"transport 'memory' on rank 0 failed in send: KeyError: 'oops'") as info:
+            a.send(1, "x", 1).result(WAIT)
+        assert isinstance(info.value.__cause__, KeyError)
+        assert recorder.errors[-1][0] == "send"
+        assert isinstance(recorder.errors[-1][1], PluginError)
+
+    async def broken_start(self: MemoryTransport) -> None:
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(MemoryTransport, "start", broken_start)
+    with pytest.raises(PluginError, match=r"failed in start: OSError: \[Errno 98\] Address already in use"):
+        make(registry, 2)
+
+
+def test_a_transport_that_fails_to_close_is_logged_and_one_that_hangs_is_given_up(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def raising_close(self: MemoryTransport) -> None:
+        raise RuntimeError("close broke")
+
+    monkeypatch.setattr(MemoryTransport, "close", raising_close)
+    make(registry, 3).shutdown_sync()
+    assert "the transport failed to close" in caplog.text
+    assert "close broke" in caplog.text
+
+    async def hanging_close(self: MemoryTransport) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(MemoryTransport, "close", hanging_close)
+    monkeypatch.setattr("sidecar_core._client._CLOSE_LIMIT", 0.5)
+    sidecar = make(registry, 4)
+    start = time.monotonic()
+    sidecar.shutdown_sync()  # it used to wait for ever
+    assert time.monotonic() - start < 5.0
+    assert "did not close within 0.5s" in caplog.text
