@@ -33,6 +33,7 @@ from sidecar_core._errors import (
     UnknownKeyError,
 )
 from sidecar_core._frame import (
+    PREFIX_BYTES,
     Buffer,
     Frame,
     Header,
@@ -43,7 +44,7 @@ from sidecar_core._frame import (
     encode_header,
     header_length,
 )
-from sidecar_core._hooks import hookimpl, hookspec
+from sidecar_core._hooks import Register, hookimpl, hookspec
 from sidecar_core._plugins import PluginEntry, Registry, build_registry, get_registry
 from sidecar_core._serializer import Encoded, Serializer
 from sidecar_core._settings import SidecarSettings, load_settings
@@ -52,6 +53,7 @@ from sidecar_core._transport import ArrivingParts, Inbox, PartRoutes, Transport,
 __version__ = "0.1.0"
 
 __all__ = [
+    "PREFIX_BYTES",
     "AlreadyDoneError",
     "ArrivingParts",
     "AuthenticationError",
@@ -71,6 +73,7 @@ __all__ = [
     "PluginError",
     "PluginUnavailableError",
     "RecvTimeoutError",
+    "Register",
     "Registry",
     "RemoteError",
     "SendFuture",

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 MAGIC = b"SCF1"
 PREFIX = struct.Struct("<4sI")
+#: Bytes of the prefix that starts every frame on the wire (read them, then check them with :func:`header_length`).
+PREFIX_BYTES = PREFIX.size
 MAX_HEADER_BYTES = 1 << 20
 MAX_BUFFERS = 4096
 #: Longest message id, in characters.

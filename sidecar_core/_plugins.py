@@ -102,9 +102,11 @@ class Registry:
             known = sorted(self.transports)
             close = difflib.get_close_matches(name, known, n=1)
             guess = f" Did you mean {close[0]!r}?" if close else ""
+            # A plugin that failed to load registered nothing: the transport may be its.
+            broken = "".join(f" Plugin {b.name!r} from {b.source} failed to load: {b.reason}." for b in self.broken)
             raise TransportNotFoundError(
                 f"unknown transport {name!r}.{guess} Installed transports: {', '.join(known) or 'none'} "
-                "(chosen with SIDECAR_TRANSPORT, SidecarConfig(transport=...) or a command's --transport)."
+                f"(chosen with SIDECAR_TRANSPORT, SidecarConfig(transport=...) or a command's --transport).{broken}"
             ) from None
 
     def load_transport(self, name: str) -> type[Transport]:
@@ -146,10 +148,15 @@ class Registry:
         entry = self.serializers[name]
         module = entry.load()
         missing = [n for n in ("NAME", "PRIORITY", "accepts", "encode", "decode") if not hasattr(module, n)]
-        if missing or getattr(module, "NAME", None) != entry.name:
+        if missing:
             raise PluginError(
                 f"serializer {entry.name!r} from {entry.source}: {entry.target} must define NAME="
                 f"{entry.name!r}, PRIORITY, accepts, encode and decode (missing: {', '.join(missing)})"
+            )
+        if entry.name != module.NAME:  # frames name their serializer by NAME: the receiver looks it up by that
+            raise PluginError(
+                f"serializer {entry.name!r} from {entry.source}: {entry.target} has NAME={module.NAME!r}; it must be "
+                f"the name it is registered under, {entry.name!r}"
             )
         priority = module.PRIORITY
         # Serializers are sorted by it: a str breaks every sidecar, a NaN sorts anywhere.

@@ -152,6 +152,10 @@ def test_broken_plugins_are_listed_and_break_nothing(
     assert {"localhost", "ucx", "mock-file"} <= set(registry.transports)
     assert "never" not in registry.transports
     assert {"tensor", "json"} <= {s.NAME for s in registry.load_serializers()}
+    # A transport that one of them would have registered is unknown: the error says why it may be.
+    with pytest.raises(TransportNotFoundError) as info:
+        registry.transport("theirs")
+    assert "Plugin 'missing' from broken-sidecar-plugin 0.1 failed to load: ModuleNotFoundError" in str(info.value)
 
 
 def test_transport_with_a_missing_requirement_is_unavailable_with_a_hint() -> None:
@@ -203,6 +207,14 @@ def test_unavailable_serializer_is_skipped_with_a_warning(caplog: pytest.LogCapt
     assert "needs-missing" not in names
     assert {"tensor", "chunked_tensor", "primitives", "json"} <= set(names)
     assert any("needs-missing" in r.getMessage() and "missing module" in r.getMessage() for r in caplog.records)
+
+
+def test_a_serializer_named_otherwise_than_registered_is_a_plugin_error_saying_so() -> None:
+    # Frames name their serializer by NAME; the error used to list nothing as missing.
+    plugin = make_plugin("renamed_plugin", serializers={"not-json": ("serializers.json", (), "")})
+    registry = build_registry(extra_plugins=(plugin,))
+    with pytest.raises(PluginError, match="has NAME='json'; it must be the name it is registered under, 'not-json'"):
+        registry.load_serializers()
 
 
 def test_serializer_module_without_the_protocol_is_a_plugin_error() -> None:

@@ -1,7 +1,6 @@
 """The plugin module named by the ``sidecar`` entry point: it registers the serializer lazily."""
 
-from sidecar_core import hookimpl
-from sidecar_core._hooks import Register
+from sidecar_core import Register, hookimpl
 
 
 @hookimpl

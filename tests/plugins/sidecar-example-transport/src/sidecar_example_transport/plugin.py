@@ -4,8 +4,7 @@ Registration names an import path; the transport module is imported only when a 
 ``example-tcp``, so installing this package costs nothing to processes that do not use it.
 """
 
-from sidecar_core import hookimpl
-from sidecar_core._hooks import Register
+from sidecar_core import Register, hookimpl
 
 
 @hookimpl

@@ -28,6 +28,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar_core import (
+    PREFIX_BYTES,
     AuthenticationError,
     Buffer,
     CapacityError,
@@ -45,7 +46,6 @@ from sidecar_core import (
     header_length,
     load_settings,
 )
-from sidecar_core._frame import PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ExampleTcpTransport(Transport):
 
     async def _receive_frame(self, rank: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Read, deliver and acknowledge one frame; return whether the connection can go on."""
-        prefix = await reader.readexactly(PREFIX.size)
+        prefix = await reader.readexactly(PREFIX_BYTES)
         try:
             header = decode_header(await reader.readexactly(header_length(prefix)))
             if header.frame_bytes > self.ctx.settings.max_buffered_bytes:
