@@ -12,7 +12,17 @@ import pytest
 import torch
 from sidecar_example_serializer import numpy_array
 
-from sidecar_core import Codec, FrameError, Header, SerializationError, Sidecar, get_registry
+from sidecar_core import (
+    PREFIX_BYTES,
+    Codec,
+    FrameError,
+    Header,
+    SerializationError,
+    Sidecar,
+    decode_header,
+    encode_header,
+    get_registry,
+)
 from sidecar_core.testing import Deployment
 
 #: The round trip between processes runs over the default transport.
@@ -59,7 +69,8 @@ def test_round_trip_through_frames(name: str) -> None:
     array = ARRAYS[name]
     for limit in (None, 5):  # in one frame, and split into 5-byte parts joined as one uint8 tensor
         frames = c.frames(array, id="a", chunk_id=0, num_chunks=1, src=0, max_part_bytes=limit)
-        header = frames[0].header
+        # As on the wire: the metadata travels as JSON (a tuple would come back as a list, NaN as None).
+        header = decode_header(encode_header(frames[0].header)[PREFIX_BYTES:])
         if len(frames) == 1:
             buffers: list[Any] = frames[0].buffers
         else:
