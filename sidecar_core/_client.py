@@ -718,6 +718,10 @@ class Sidecar:
         def done(error: Exception | None) -> None:
             if settled:
                 return
+            if error is not None and not isinstance(error, SidecarError):
+                failure = self._plugin_failure("send_nowait", error)
+                failure.__cause__ = error
+                error = failure
             if self._loop_thread.is_current():
                 settle(error)
             elif self._reports_sends or not future._settle_unless_callbacks(lambda: settle(error)):

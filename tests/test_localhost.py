@@ -47,6 +47,7 @@ from sidecar_core import (
     CapacityError,
     PeerLostError,
     PeerUnreachableError,
+    PluginError,
     RecvTimeoutError,
     RemoteError,
     SendTimeoutError,
@@ -859,8 +860,9 @@ def test_a_failed_copy_fails_its_send_and_the_peer_drops_the_frame(
             raise OSError("the copy failed on purpose")
 
         monkeypatch.setattr(copy_module, "copy_piece", broken)
-        with pytest.raises(OSError, match="on purpose"):
+        with pytest.raises(PluginError, match="failed in send: OSError: the copy failed on purpose") as info:
             own.send(random_bytes(4 * MiB, 5), "copy-broken", 1).result(WAIT)
+        assert isinstance(info.value.__cause__, OSError)
         monkeypatch.undo()
         wait_until(lambda: pool.used == 0, "the peer released the abandoned frame's slot")
         assert not peer.call(peer_holds, "copy-broken"), "the peer must drop a frame whose copy failed"
@@ -1177,7 +1179,7 @@ def test_a_failed_copy_on_a_copy_thread_fails_its_send(
             raise OSError("the copy failed on purpose")
 
         monkeypatch.setattr(copy_module, "copy_piece", broken)
-        with pytest.raises(OSError, match="on purpose"):
+        with pytest.raises(PluginError, match="failed in send_nowait: OSError: the copy failed on purpose"):
             own.send(random_bytes(8 * MiB, 51), "copy-thread-broken", 1).result(WAIT)
         monkeypatch.setattr(copy_module, "copy_piece", copy_piece)
         assert copied == [8 * MiB]
