@@ -39,6 +39,8 @@ PART_SIZE = 65536
 UNSERVED_RANK = 9
 #: A rank whose sidecar starts only after a send to it began.
 LATE_RANK = 4
+#: A rank served twice in the test process, one sidecar after the other.
+REUSED_RANK = 6
 
 
 @contextlib.contextmanager

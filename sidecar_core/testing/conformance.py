@@ -33,7 +33,14 @@ from sidecar_core._errors import (
     SendTimeoutError,
 )
 from sidecar_core.testing import _peer_ops as ops
-from sidecar_core.testing._deployment import LATE_RANK, PART_SENDER_RANK, PART_SIZE, UNSERVED_RANK, Deployment
+from sidecar_core.testing._deployment import (
+    LATE_RANK,
+    PART_SENDER_RANK,
+    PART_SIZE,
+    REUSED_RANK,
+    UNSERVED_RANK,
+    Deployment,
+)
 from sidecar_core.testing._payloads import PAYLOADS, fingerprint, payload
 from sidecar_core.testing._plugin import NEEDS_PEER, plugin_active
 from sidecar_core.testing._probe import NAME as PROBE_SERIALIZER
@@ -398,6 +405,29 @@ class TransportConformance:
             got = fingerprint(late.recv_sync(id, timeout=WAIT))
             late.mark_done_sync(id)
         assert got == expected("float32-matrix"), f"{dep.name}: the payload changed on its way to the late rank"
+
+    def test_a_rank_can_be_served_again_after_its_sidecar_shut_down(self, sidecar_deployment: Deployment) -> None:
+        """A sidecar's shutdown releases what its transport held: the next sidecar of that rank starts and receives.
+
+        A ``close()`` that leaves a listener, a socket file or a lock behind passes every other test.
+        """
+        dep = sidecar_deployment
+        for turn in ("first", "second"):
+            try:
+                with dep.local(REUSED_RANK) as reused:
+                    id = new_id(f"reused-{turn}")
+                    dep.sidecar.send(payload("float32-matrix"), id, REUSED_RANK).result(WAIT)
+                    got = fingerprint(reused.recv_sync(id, timeout=WAIT))
+                    reused.mark_done_sync(id)
+            except Exception as exc:
+                if turn == "first":
+                    raise
+                pytest.fail(
+                    f"{dep.name}: the {turn} sidecar of rank {REUSED_RANK} in this process failed after the first "
+                    f"one shut down ({exc!r}); the transport's close() must release its listener and whatever "
+                    "else serves the rank"
+                )
+            assert got == expected("float32-matrix"), f"{dep.name}: the payload changed on its way to the reused rank"
 
     @needs_peer
     def test_send_to_unserved_rank_fails(self, sidecar_deployment: Deployment) -> None:
