@@ -41,6 +41,9 @@ UNSERVED_RANK = 9
 LATE_RANK = 4
 #: A rank served twice in the test process, one sidecar after the other.
 REUSED_RANK = 6
+#: A rank started with an auth token of its own, and the rank that sends to it.
+TOKEN_RANK = 7
+TOKEN_SENDER_RANK = 8
 
 
 @contextlib.contextmanager
@@ -133,13 +136,15 @@ class Deployment:
         with environment(env, self._unset):
             return PeerProcess(rank, env)
 
-    def local(self, rank: int) -> contextlib.AbstractContextManager[Sidecar]:
-        """A sidecar of ``rank`` in this process, on the deployment's settings, shut down when the block ends.
+    def local(
+        self, rank: int, extra_env: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[Sidecar]:
+        """A sidecar of ``rank`` in this process, on the deployment's settings (and ``extra_env``), shut down after.
 
         Raises:
             SidecarError: The sidecar could not start (as :class:`~sidecar_core.Sidecar` raises it).
         """
-        return local_sidecar(self.env, rank, self._unset)
+        return local_sidecar({**self.env, **(extra_env or {})}, rank, self._unset)
 
     def close(self) -> None:
         """Stop every peer and rank 0."""

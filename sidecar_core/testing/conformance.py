@@ -26,6 +26,7 @@ import pytest
 
 from sidecar_core._errors import (
     AlreadyDoneError,
+    AuthenticationError,
     PeerLostError,
     PeerUnreachableError,
     RecvTimeoutError,
@@ -38,6 +39,8 @@ from sidecar_core.testing._deployment import (
     PART_SENDER_RANK,
     PART_SIZE,
     REUSED_RANK,
+    TOKEN_RANK,
+    TOKEN_SENDER_RANK,
     UNSERVED_RANK,
     Deployment,
 )
@@ -428,6 +431,32 @@ class TransportConformance:
                     "else serves the rank"
                 )
             assert got == expected("float32-matrix"), f"{dep.name}: the payload changed on its way to the reused rank"
+
+    @needs_peer
+    def test_a_peer_holding_another_auth_token_is_refused(self, sidecar_deployment: Deployment) -> None:
+        """With SIDECAR_AUTH_TOKEN set, a send to a peer holding another token fails with AuthenticationError.
+
+        The same two ranks holding the same token then move data, so the refusal was the token's.
+        """
+        dep = sidecar_deployment
+        ours = {"SIDECAR_AUTH_TOKEN": "conformance-token-ours-" + "0" * 32}
+        for theirs, refused in ({"SIDECAR_AUTH_TOKEN": "conformance-token-theirs-" + "1" * 32}, True), (ours, False):
+            id = new_id("token")
+            peer = dep.spawn(TOKEN_RANK, theirs)
+            try:
+                with dep.local(TOKEN_SENDER_RANK, ours) as sender:
+                    future = sender.send(payload("float32-matrix"), id, TOKEN_RANK)
+                    error = raised(lambda: future.result(WAIT))  # noqa: B023 - called at once
+                    if refused:
+                        assert isinstance(error, AuthenticationError), (
+                            f"{dep.name}: a peer holding another SIDECAR_AUTH_TOKEN was sent to: {error!r}"
+                        )
+                        assert "SIDECAR_AUTH_TOKEN" in str(error), f"the error must name the setting: {error}"
+                    else:
+                        assert error is None, f"{dep.name}: peers holding the same token could not talk: {error!r}"
+                        assert peer.call(ops.recv, id) == expected("float32-matrix")
+            finally:
+                peer.close()
 
     @needs_peer
     def test_send_to_unserved_rank_fails(self, sidecar_deployment: Deployment) -> None:
