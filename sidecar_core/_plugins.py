@@ -232,6 +232,10 @@ def build_registry(extra_plugins: tuple[ModuleType | object, ...] = ()) -> Regis
             registry.broken.append(BrokenPlugin(ep.name, source, f"invalid hook implementation: {exc}"))
             logger.warning("sidecar plugin %r from %s has an invalid hook implementation: %s", ep.name, source, exc)
             continue
+        if not manager.get_hookcallers(plugin):  # its functions lack @hookimpl: pluggy sees nothing to call
+            reason = "it implements no hook: mark its sidecar_register_* functions with @sidecar_core.hookimpl"
+            registry.broken.append(BrokenPlugin(ep.name, source, reason))
+            logger.warning("sidecar plugin %r from %s: %s", ep.name, source, reason)
         sources[name] = source
     for plugin in extra_plugins:
         try:

@@ -105,11 +105,16 @@ def test_broken_plugins_are_listed_and_break_nothing(
             "raising": "sidecar_test_raising",
             "bad-hook": "sidecar_test_bad_hook",
             "buggy-hook": "sidecar_test_buggy_hook",
+            "unmarked": "sidecar_test_unmarked",
             # The built-ins' entry-point name: names need only be unique within a distribution.
             "builtin-serializers": "sidecar_test_same_name",
         },
         {
             "sidecar_test_raising": "raise RuntimeError('plugin import exploded')\n",
+            "sidecar_test_unmarked": """
+                def sidecar_register_transports(register):  # no @hookimpl: pluggy never calls it
+                    register("unmarked", "sidecar_test_unmarked:Nothing")
+            """,
             "sidecar_test_buggy_hook": """
                 from sidecar_core import hookimpl
 
@@ -137,7 +142,8 @@ def test_broken_plugins_are_listed_and_break_nothing(
     with caplog.at_level(logging.WARNING, logger="sidecar_core._plugins"):
         registry = build_registry()
     broken = {plugin.name: plugin for plugin in registry.broken}
-    assert set(broken) == {"missing", "raising", "bad-hook", "buggy-hook"}
+    assert set(broken) == {"missing", "raising", "bad-hook", "buggy-hook", "unmarked"}
+    assert "mark its sidecar_register_* functions with @sidecar_core.hookimpl" in broken["unmarked"].reason
     assert "registering its transports raised AttributeError('a bug in the plugin')" in broken["buggy-hook"].reason
     # Registered beside the built-ins of the same entry-point name; its requirement's parent
     # package is missing, which makes it unavailable rather than breaking the registry.
@@ -148,7 +154,7 @@ def test_broken_plugins_are_listed_and_break_nothing(
     assert "plugin import exploded" in broken["raising"].reason
     assert "invalid hook implementation" in broken["bad-hook"].reason
     assert "unexpected" in broken["bad-hook"].reason
-    assert len([r for r in caplog.records if "broken-sidecar-plugin 0.1" in r.getMessage()]) == 4
+    assert len([r for r in caplog.records if "broken-sidecar-plugin 0.1" in r.getMessage()]) == 5
     assert {"localhost", "ucx", "mock-file"} <= set(registry.transports)
     assert "never" not in registry.transports
     assert {"tensor", "json"} <= {s.NAME for s in registry.load_serializers()}
