@@ -638,6 +638,17 @@ def test_a_shared_memory_frame_over_the_bound_is_refused_without_reading_its_slo
     assert f"{32 * MiB} bytes exceed SIDECAR_MAX_BUFFERED_BYTES={MiB}" in refusal.message
 
 
+def test_a_shared_memory_frame_within_the_bound_is_taken_whatever_its_slot_padding(env: dict[str, str]) -> None:
+    # The early refusal compares the payload with the bound, as the store does, not the slot (which
+    # pads every buffer): three buffers of 100,001 bytes fit a bound of 300,023.
+    shm_env = {**env, "SIDECAR_LOCALHOST__SHM_THRESHOLD": "4096"}
+    buffers = [torch.full((100_001,), i, dtype=torch.uint8) for i in range(3)]
+    with local_sidecar(shm_env, 43, max_buffered_bytes=300_023) as receiver, local_sidecar(shm_env, 44) as sender:
+        sender.send(buffers, "padded", 43).result(WAIT)
+        got = receiver.recv_sync("padded", timeout=WAIT)
+        assert [bytes(t.numpy()) for t in got] == [bytes(t.numpy()) for t in buffers]
+
+
 # -- shared memory -------------------------------------------------------------------------------
 
 

@@ -241,12 +241,13 @@ class Incoming:
             raise ProtocolError(f"{header.describe()}: {ready} bytes ready exceeds the slot's {span}")
         if seq in self._staged:
             raise ProtocolError(f"sequence number {seq} is already in use")
-        if span > self._options.max_bytes:
+        if header.frame_bytes > self._options.max_bytes:
             # Refused once the sender is done with the slot, which is never read here: reading a
             # slot commits its pages (a peer's pool may be sparse), and a landing would take GPU memory.
             refusal = CapacityError(
-                f"{header.describe()}: {span} bytes exceed SIDECAR_MAX_BUFFERED_BYTES={self._options.max_bytes} "
-                f"on rank {self._options.rank}; raise it there, or send smaller messages (SIDECAR_CHUNK_SIZE)"
+                f"{header.describe()}: {header.frame_bytes} bytes exceed SIDECAR_MAX_BUFFERED_BYTES="
+                f"{self._options.max_bytes} on rank {self._options.rank}; raise it there, or send smaller messages "
+                "(SIDECAR_CHUNK_SIZE)"
             )
             self._staged[seq] = _Staged(header, memoryview(b""), offsets, 0, None, span, refusal)
             self._ready(seq, ready)
@@ -279,8 +280,10 @@ class Incoming:
         if ready < staged.span:
             return
         del self._staged[seq]
-        if staged.refusal is not None:
+        if staged.refusal is not None:  # as the inbox would refuse it: the earlier parts of its message go too
             self._release(seq)
+            self._parts.arrived(staged.header)
+            self._parts.taken(staged.header, self._inbox, refused=True)
             self._nack(seq, staged.refusal)
             return
         if staged.landing is None:
