@@ -179,6 +179,21 @@ def test_json_round_trip(value: Any) -> None:
         assert_same(got, value)
 
 
+def test_json_refuses_containers_that_hold_themselves_or_nest_too_deep_through_sharing() -> None:
+    # Walking one level at a time (an earlier version) doubled the work per level here: it
+    # never returned. Depth first, the limit is reached along the first path.
+    loop: list[Any] = []
+    loop.append(loop)
+    loop.append(loop)
+    shared: list[Any] = []
+    for _ in range(json_serializer.MAX_DEPTH + 10):
+        shared = [shared, shared]
+    assert not json_serializer.accepts(loop)
+    assert not json_serializer.accepts(shared)
+    with pytest.raises(SerializationError):
+        CODEC.encode({"loop": loop})
+
+
 @PROPERTY
 @given(tensors())
 def test_tensor_round_trip_bit_exact(t: torch.Tensor) -> None:
