@@ -9,6 +9,7 @@ GPU paths are in ``tests/test_ucx_gpu.py``; two simulated hosts in ``tests/test_
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import os
@@ -50,7 +51,7 @@ from sidecar_core.testing import PeerProcess, environment, ids_sent_on_the_loop,
 from transports.ucx import UcxTransport
 from transports.ucx import _wire as wire
 from transports.ucx._addressing import TEST_PORTS, Address, Addressing, free_base_port, ports_free
-from transports.ucx._inbound import RECONNECT_GRACE, Inbound
+from transports.ucx._inbound import RECONNECT_GRACE, Absences, Inbound
 from transports.ucx._link import Link
 
 pytest.importorskip("ucxx", reason="ucxx is not installed: pip install 'sidecar[ucx]'")
@@ -918,12 +919,58 @@ def test_a_restarted_sender_does_not_rescue_the_receives_of_the_one_before(env: 
             first.send(torch.arange(3), "restart-stream", 39, chunk_id=0, stream=True).result(WAIT)
         assert receiver.recv_sync("restart-stream", 0, timeout=WAIT).tolist() == [0, 1, 2]
         start = time.monotonic()
-        with local_sidecar(env, 38) as second:  # rank 38 again, another incarnation
-            second.send(0, "restart-hello", 39).result(WAIT)
+        with local_sidecar(env, 38) as second:  # rank 38 again, another incarnation, within the grace
+            second.send(0, "fresh-stream", 39, chunk_id=0, stream=True).result(WAIT)
             with pytest.raises(PeerLostError, match="rank 38 was lost"):
                 receiver.recv_sync("restart-stream", 1, timeout=WAIT)
             assert time.monotonic() - start < RECONNECT_GRACE + 3.0
-        assert receiver.recv_sync("restart-hello", timeout=WAIT) == 0
+            # The new process's own stream goes on, past the end of the old one's grace.
+            assert receiver.recv_sync("fresh-stream", 0, timeout=WAIT) == 0
+            later = concurrent.futures.ThreadPoolExecutor(1).submit(receiver.recv_sync, "fresh-stream", 1, WAIT)
+            time.sleep(RECONNECT_GRACE + 0.5)
+            second.send(1, "fresh-stream", 39, chunk_id=1, stream=True).result(WAIT)
+            assert later.result(WAIT) == 1
+
+
+def test_a_rank_away_for_less_than_the_grace_each_time_is_never_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One absence per rank, ended by the same process connecting again: breaks one after another
+    # used to leave the first break's verdict running, which then reported the live rank lost.
+    monkeypatch.setattr(inbound_module, "RECONNECT_GRACE", 0.2)
+    said: list[tuple[str, int, object]] = []
+
+    class Told:
+        def parts_lost(self, rank: int, messages: set[int]) -> None:
+            said.append(("parts_lost", rank, set(messages)))
+
+        def peer_lost(self, rank: int, reason: str) -> None:
+            said.append(("peer_lost", rank, reason))
+
+    async def story() -> None:
+        absences = Absences(cast(Any, Told()))
+        absences.broke(5, "one", "reset", {1}, set())
+        await asyncio.sleep(0.15)
+        absences.arrived(5, "one", set())  # back in time: only its parts are lost
+        absences.broke(5, "one", "reset again", {2}, set())
+        await asyncio.sleep(0.1)  # 0.25 s after the first break
+        absences.arrived(5, "one", set())
+        await asyncio.sleep(0.3)
+        absences.broke(5, "one", "gone", {3}, set())
+        await asyncio.sleep(0.3)  # not back: lost
+        absences.broke(6, "old", "reset", set(), set())
+        absences.arrived(6, "new", set())  # restarted while away: lost as it comes
+        absences.arrived(7, "new", {"old"})  # restarted before its old connection broke: lost at once
+        absences.broke(8, "one", "reset", set(), set())
+        absences.close()
+        await asyncio.sleep(0.3)  # shutting down: no verdict
+
+    asyncio.run(story())
+    assert said == [
+        ("parts_lost", 5, {1}),
+        ("parts_lost", 5, {2}),
+        ("peer_lost", 5, "gone"),
+        ("peer_lost", 6, "reset; it came back as another process (restarted)"),
+        ("peer_lost", 7, "it connected again as another process (restarted)"),
+    ]
 
 
 def test_giving_up_one_send_leaves_another_sends_payload_alone(env: dict[str, str]) -> None:

@@ -110,6 +110,69 @@ class _Landing:
 
 
 @dataclass(slots=True)
+class _Absence:
+    incarnation: str
+    reason: str
+    #: The messages in parts that were arriving over the connections that broke.
+    messages: set[int]
+    timer: asyncio.TimerHandle
+
+
+class Absences:
+    """Ranks whose connection in broke, each given :data:`RECONNECT_GRACE` to connect again as the same process.
+
+    A rank whose process connects again in time lost only what was arriving over the broken
+    connections (``inbox.parts_lost``); one that does not, or that connects as another process
+    (restarted), is reported lost (``inbox.peer_lost``), the latter as soon as it connects: before
+    any frame of the new process arrives, so that only the old process's receives fail. Several
+    breaks of one process count as one absence, which a reconnection ends.
+
+    Concurrency: loop thread only. Closing: :meth:`close` drops every absence without a verdict.
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
+        self._pending: dict[int, _Absence] = {}
+
+    def broke(self, rank: int, incarnation: str, reason: str, messages: set[int], connected: set[str]) -> None:
+        """A connection of ``rank``'s process ``incarnation`` broke; ``connected``: the rank's other open ones."""
+        if connected:  # connected again already (a restarted process reported this one lost as it came)
+            self._inbox.parts_lost(rank, messages)
+            return
+        earlier = self._pending.pop(rank, None)
+        if earlier is not None:
+            earlier.timer.cancel()
+            if earlier.incarnation == incarnation:
+                messages = messages | earlier.messages
+            else:
+                self._inbox.peer_lost(rank, earlier.reason)
+        timer = asyncio.get_running_loop().call_later(RECONNECT_GRACE, self._expire, rank)
+        self._pending[rank] = _Absence(incarnation, reason, messages, timer)
+
+    def arrived(self, rank: int, incarnation: str, others: set[str]) -> None:
+        """A connection of ``rank``'s process ``incarnation`` proved itself; ``others``: the rank's other open ones."""
+        absence = self._pending.pop(rank, None)
+        if absence is not None:
+            absence.timer.cancel()
+            if absence.incarnation == incarnation:
+                self._inbox.parts_lost(rank, absence.messages)
+            else:
+                self._inbox.peer_lost(rank, f"{absence.reason}; it came back as another process (restarted)")
+        if others - {incarnation}:  # the rank's old process is still connected: its break has not shown yet
+            self._inbox.peer_lost(rank, "it connected again as another process (restarted)")
+
+    def _expire(self, rank: int) -> None:
+        absence = self._pending.pop(rank)
+        self._inbox.peer_lost(rank, absence.reason)
+
+    def close(self) -> None:
+        """Drop every absence without a verdict (this sidecar is shutting down)."""
+        for absence in self._pending.values():
+            absence.timer.cancel()
+        self._pending.clear()
+
+
+@dataclass(slots=True)
 class Arriving:
     """Bytes allocated for frames whose payloads are still arriving, over all of a transport's connections."""
 
@@ -130,8 +193,8 @@ class ServeOptions:
     arriving: Arriving
     #: The transport's open connections in: a rank still connected over another one is not lost.
     connections: set[Inbound]
-    #: Verdicts on broken connections' peers, due at the end of their grace (the transport cancels them).
-    verdicts: set[asyncio.TimerHandle] = field(default_factory=set)
+    #: Ranks whose connection broke, waiting to connect again (see :class:`Absences`).
+    absences: Absences
 
 
 class Inbound:
@@ -215,6 +278,7 @@ class Inbound:
             )
             return False
         self.rank, self.incarnation = hello.rank, hello.incarnation
+        self._options.absences.arrived(hello.rank, hello.incarnation, self._others())
         self._ack_tag = transcript.ack_tag(token)
         mine = None if token is None else transcript.proof(token, "listener", self._tag_base)
         reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base, proof=mine)
@@ -485,37 +549,17 @@ class Inbound:
             if task is not current:
                 task.cancel()
         if lost and self.rank is not None and self.incarnation is not None:
-            self._judge(self.rank, self.incarnation, reason)
+            messages = set(self._parts.messages)
+            self._options.absences.broke(self.rank, self.incarnation, reason, messages, self._others())
         self._on_closed(self)
 
-    def _judge(self, rank: int, incarnation: str, reason: str) -> None:
-        """Report the peer of this broken connection lost, unless its process is still connected.
-
-        Either way what was arriving over this connection is dropped (its sender's sends of it
-        failed). The peer has :data:`RECONNECT_GRACE` to connect again as the same process; one that
-        connected as another process (restarted) is lost at once.
-        """
-        options, messages = self._options, set(self._parts.messages)
-
-        def incarnations() -> set[str | None]:
-            return {other.incarnation for other in options.connections if other.rank == rank and not other.closed}
-
-        def decide() -> None:
-            if incarnation in incarnations():
-                options.inbox.parts_lost(rank, messages)
-            else:
-                options.inbox.peer_lost(rank, reason)
-
-        if incarnations():  # connected again already (as this process, or as a restarted one)
-            decide()
-            return
-
-        def at_grace_end() -> None:
-            options.verdicts.discard(handle)
-            decide()
-
-        handle = asyncio.get_running_loop().call_later(RECONNECT_GRACE, at_grace_end)
-        options.verdicts.add(handle)
+    def _others(self) -> set[str]:
+        """The incarnations of this rank's other open connections."""
+        return {
+            other.incarnation
+            for other in self._options.connections
+            if other is not self and other.rank == self.rank and not other.closed and other.incarnation is not None
+        }
 
     def close(self) -> None:
         """Close the connection without reporting a lost peer (this sidecar is shutting down)."""

@@ -44,7 +44,7 @@ from sidecar_core import (
 from transports.ucx import _wire as wire
 from transports.ucx._addressing import Addressing, free_base_port
 from transports.ucx._endpoint import Endpoint, describe_error
-from transports.ucx._inbound import Arriving, Inbound, ServeOptions
+from transports.ucx._inbound import Absences, Arriving, Inbound, ServeOptions
 from transports.ucx._link import Link, connect
 from transports.ucx._pool import HostPool
 from transports.ucx._worker import ProgressMode, UcxWorker
@@ -143,8 +143,8 @@ class UcxTransport(Transport):
         self._incarnation = wire.new_nonce()
         #: Connections made again at once after a link was given up (see :meth:`_forget`).
         self._reconnecting: set[asyncio.Task[Link]] = set()
-        #: Verdicts on the peers of broken connections in, still in their grace (see :class:`Inbound`).
-        self._verdicts: set[asyncio.TimerHandle] = set()
+        #: Ranks whose connection in broke, in their grace to connect again.
+        self._absences = Absences(ctx.inbox)
 
     def _recv_device(self) -> torch.device:
         """``SIDECAR_RECV_DEVICE`` with its index (the sidecar checked that this process has it)."""
@@ -183,7 +183,7 @@ class UcxTransport(Transport):
             pool=self._pool,
             arriving=Arriving(),
             connections=self._inbound,
-            verdicts=self._verdicts,
+            absences=self._absences,
         )
         try:
             self._listener = worker.api.UCXListener.create(
@@ -364,8 +364,7 @@ class UcxTransport(Transport):
         try:
             for task in [*self._connecting.values(), *self._reconnecting]:
                 task.cancel()
-            for verdict in self._verdicts:
-                verdict.cancel()
+            self._absences.close()
             for link in list(self._links.values()):
                 link.close("this sidecar is shutting down")
             for inbound in list(self._inbound):
