@@ -12,6 +12,11 @@ of processes::
 
     python benchmarks/ucx_window.py [DEVICE] [BYTES] [TRANSFERS] [WINDOW]    # e.g. cuda:0 1073741824 24 4
 
+A send completes, on the transport, once the receiver's inbox holds the tensor; on raw ucxx, once
+UCX is done with the source: for a large message (rendezvous) that is once it arrived, but a small
+one sent eagerly completes as soon as UCX has copied it, so below UCX's rendezvous threshold raw
+ucxx keeps more than ``WINDOW`` transfers in flight and the comparison favours it.
+
 ``DEVICE`` (default ``cpu``) holds both sides' tensors, and the receiver receives on it. ``BYTES``
 defaults to 1 MiB, ``TRANSFERS`` (timed, after ``WINDOW`` warm-up transfers) to 24, ``WINDOW`` to
 4. Every message is sent whole (``SIDECAR_CHUNK_SIZE`` is ignored). The progress mode is
@@ -43,10 +48,16 @@ def _value(i: int, window: int) -> int:
     return i % window + 1
 
 
-def _check(tensor: Any, i: int, window: int) -> None:
+def _check(tensor: Any, i: int, window: int, nbytes: int) -> None:
+    """Check transfer ``i``'s size and first and last byte, then clear those bytes.
+
+    Sources are reused every ``window`` transfers, and so is receive memory (raw ucxx's buffers, the
+    transport's from torch's cache): cleared, a buffer that nothing wrote into fails the next check.
+    """
     got = (int(tensor[0]), int(tensor[-1]))
-    if got != (_value(i, window),) * 2:
-        raise AssertionError(f"transfer {i} arrived wrong: first and last byte {got}")
+    if tensor.numel() != nbytes or got != (_value(i, window),) * 2:
+        raise AssertionError(f"transfer {i} arrived wrong: {tensor.numel()} bytes, first and last byte {got}")
+    tensor[0] = tensor[-1] = 0
 
 
 def _sources(device: str, nbytes: int, window: int) -> list[Any]:
@@ -79,7 +90,7 @@ def _transport_side(
                 tensor = sidecar.recv_sync(f"t{i}", timeout=WAIT)
                 if device != "cpu":  # as raw ucxx's side does
                     torch.cuda.synchronize()
-                _check(tensor, i, window)
+                _check(tensor, i, window, nbytes)
                 del tensor
                 sidecar.mark_done_sync(f"t{i}")
             sidecar.send(window + count, "checked", 0).result(WAIT)
@@ -149,7 +160,7 @@ def _raw_side(rank: int, device: str, nbytes: int, count: int, window: int, port
                     await posted.popleft()
                     if device != "cpu":
                         torch.cuda.synchronize()
-                    _check(buffers[i % window], i, window)
+                    _check(buffers[i % window], i, window, nbytes)
                     if i + window < window + count:
                         posted.append(asyncio.ensure_future(endpoint.recv(array(buffers[i % window]))))
                 done[0] = window + count

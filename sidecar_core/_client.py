@@ -566,8 +566,8 @@ class Sidecar:
         """What the caller gets for an exception a transport raised that is not a :class:`SidecarError`."""
         return PluginError(
             f"transport {self.transport_name!r} on rank {self.sidecar_rank} failed in {method}: "
-            f"{type(exc).__name__}: {exc}. A transport reports its failures as SidecarErrors: this one is a bug of "
-            "the transport's plugin (or of what it uses)"
+            f"{type(exc).__name__}: {exc}. A transport reports its failures as SidecarErrors; this one escaped it, "
+            "a bug of the transport or a failure it does not handle yet: report it to the transport's authors"
         )
 
     # -- sending ------------------------------------------------------------------------------
@@ -1076,7 +1076,8 @@ class Sidecar:
 
         Several threads may call it at once: one shuts down, the others return once it is done. In a
         forked child it only marks the parent's sidecar closed here: the connections, sockets and
-        memory it shares with the parent stay the parent's.
+        memory it shares with the parent stay the parent's. A transport whose ``close`` has not
+        returned after 30 seconds is left behind (logged as an error): the loop stops without it.
 
         Raises:
             RuntimeError: Called on the sidecar's own thread (in a send future's callback, say),

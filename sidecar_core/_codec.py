@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from msgspec.structs import replace
 
-from sidecar_core._errors import FrameError, SerializationError
+from sidecar_core._errors import FrameError, SerializationError, SidecarError
 from sidecar_core._frame import Buffer, Frame, Header, buffer_nbytes, check_header_size
 from sidecar_core._serializer import Encoded, Serializer
 
@@ -126,7 +126,7 @@ class Codec:
             )
         try:
             return serializer.decode(header.meta, buffers, device)
-        except FrameError:
+        except SidecarError:  # FrameError, or a refusal of another kind (CapacityError): passed on as it is
             raise
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
             raise FrameError(
