@@ -3,19 +3,16 @@
 ``sidecar bench`` and ``benchmarks/ucx_steps.py`` time one transfer at a time: the receiver checks
 the tensor and answers before the next one leaves, so every step of a transfer is on the clock. A
 pipeline with several requests in flight overlaps them instead. Here rank 0 keeps up to ``WINDOW``
-sends in flight (a send starts once the oldest of them has completed); rank 1 receives each
-tensor, checks its first and last byte and releases it; rank 0 stops the clock when rank 1 says it
-has checked the last one (over a connection made before the clock starts). Raw ucxx runs the
-same schedule: tagged sends from ``WINDOW`` source tensors into ``WINDOW`` receive buffers, each
-receive posted again once its tensor was checked. The two take turns, twice, each in a fresh pair
-of processes::
+transfers unanswered: rank 1 receives each tensor, checks its size and first and last byte,
+releases it and answers with its index (an int; over raw ucxx an 8-byte message), and rank 0
+sends the next tensor once the oldest unanswered one is answered. The answers keep the receiver's
+memory bounded, as a pipeline's flow control would (a send completes once the receiver holds the
+tensor, not once it used it). The clock runs from the first send after ``WINDOW`` warm-up
+transfers to the last answer. Raw ucxx runs the same schedule, tagged sends from ``WINDOW`` source
+tensors into ``WINDOW`` receive buffers, each receive posted again once its tensor was checked. The
+two take turns, twice, each in a fresh pair of processes::
 
     python benchmarks/ucx_window.py [DEVICE] [BYTES] [TRANSFERS] [WINDOW]    # e.g. cuda:0 1073741824 24 4
-
-A send completes, on the transport, once the receiver's inbox holds the tensor; on raw ucxx, once
-UCX is done with the source: for a large message (rendezvous) that is once it arrived, but a small
-one sent eagerly completes as soon as UCX has copied it, so below UCX's rendezvous threshold raw
-ucxx keeps more than ``WINDOW`` transfers in flight and the comparison favours it.
 
 ``DEVICE`` (default ``cpu``) holds both sides' tensors, and the receiver receives on it. ``BYTES``
 defaults to 1 MiB, ``TRANSFERS`` (timed, after ``WINDOW`` warm-up transfers) to 24, ``WINDOW`` to
@@ -84,8 +81,9 @@ def _transport_side(
     settings = {"recv_device": device} if rank == 1 else {}
     with Sidecar(SidecarConfig(sidecar_rank=rank, settings=settings)) as sidecar:
         if rank == 1:
-            # Connect back first: the answer at the end must not time a connection's set-up.
-            sidecar.send(0, "ready", 0).result(WAIT)
+            # Connect back first: the clock must not time a connection's set-up.
+            sidecar.send(-1, "ready", 0).result(WAIT)
+            answers: list[Any] = []
             for i in range(window + count):
                 tensor = sidecar.recv_sync(f"t{i}", timeout=WAIT)
                 if device != "cpu":  # as raw ucxx's side does
@@ -93,25 +91,33 @@ def _transport_side(
                 _check(tensor, i, window, nbytes)
                 del tensor
                 sidecar.mark_done_sync(f"t{i}")
-            sidecar.send(window + count, "checked", 0).result(WAIT)
+                answers.append(sidecar.send(i, f"a{i}", 0))
+            for answer in answers:
+                answer.result(WAIT)
             return
         sidecar.recv_sync("ready", timeout=WAIT)
         sidecar.mark_done_sync("ready")
         sources = _sources(device, nbytes, window)
-        in_flight: collections.deque[Any] = collections.deque()
+        unanswered: collections.deque[tuple[int, Any]] = collections.deque()
+
+        def answered() -> None:
+            j, sent = unanswered.popleft()
+            sent.result(WAIT)
+            if sidecar.recv_sync(f"a{j}", timeout=WAIT) != j:
+                raise AssertionError(f"rank 1 answered transfer {j} wrongly")
+            sidecar.mark_done_sync(f"a{j}")
+
         start = 0.0
         for i in range(window + count):
-            if i == window:  # the warm-up's transfers have all completed
-                while in_flight:
-                    in_flight.popleft().result(WAIT)
+            if i == window:  # the warm-up's transfers have all been answered
+                while unanswered:
+                    answered()
                 start = time.perf_counter()
-            if len(in_flight) == window:
-                in_flight.popleft().result(WAIT)
-            in_flight.append(sidecar.send(sources[i % window], f"t{i}", 1))
-        while in_flight:
-            in_flight.popleft().result(WAIT)
-        if sidecar.recv_sync("checked", timeout=WAIT) != window + count:
-            raise AssertionError("rank 1 did not check every transfer")
+            if len(unanswered) == window:
+                answered()
+            unanswered.append((i, sidecar.send(sources[i % window], f"t{i}", 1)))
+        while unanswered:
+            answered()
         out.put(time.perf_counter() - start)
 
 
@@ -136,7 +142,7 @@ def _raw_side(rank: int, device: str, nbytes: int, count: int, window: int, port
         return tensor if tensor.is_cuda else tensor.numpy()
 
     run(init())
-    done = numpy.zeros(1, dtype=numpy.int64)
+    answer = numpy.zeros(1, dtype=numpy.int64)
     try:
         if rank == 1:
             accepted: asyncio.Future[Any] = loop.create_future()
@@ -163,8 +169,8 @@ def _raw_side(rank: int, device: str, nbytes: int, count: int, window: int, port
                     _check(buffers[i % window], i, window, nbytes)
                     if i + window < window + count:
                         posted.append(asyncio.ensure_future(endpoint.recv(array(buffers[i % window]))))
-                done[0] = window + count
-                await endpoint.send(done)
+                    answer[0] = i
+                    await endpoint.send(answer)
 
             run(receive_all())
             run(_drain(ports))
@@ -174,21 +180,26 @@ def _raw_side(rank: int, device: str, nbytes: int, count: int, window: int, port
             sources = _sources(device, nbytes, window)
 
             async def send_all() -> float:
-                in_flight: collections.deque[asyncio.Future[None]] = collections.deque()
+                unanswered: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+                async def answered() -> None:
+                    j, sent = unanswered.popleft()
+                    await sent
+                    await endpoint.recv(answer)  # answers come in order
+                    if answer[0] != j:
+                        raise AssertionError(f"rank 1 answered transfer {j} wrongly")
+
                 start = 0.0
                 for i in range(window + count):
                     if i == window:
-                        while in_flight:
-                            await in_flight.popleft()
+                        while unanswered:
+                            await answered()
                         start = time.perf_counter()
-                    if len(in_flight) == window:
-                        await in_flight.popleft()
-                    in_flight.append(asyncio.ensure_future(endpoint.send(array(sources[i % window]))))
-                while in_flight:
-                    await in_flight.popleft()
-                await endpoint.recv(done)
-                if done[0] != window + count:
-                    raise AssertionError("rank 1 did not check every transfer")
+                    if len(unanswered) == window:
+                        await answered()
+                    unanswered.append((i, asyncio.ensure_future(endpoint.send(array(sources[i % window])))))
+                while unanswered:
+                    await answered()
                 return time.perf_counter() - start
 
             out.put(run(send_all()))
