@@ -117,6 +117,7 @@ class Codec:
             FrameError: Unknown serializer, metadata inconsistent with the buffers, or any other failure
                 of the serializer's ``decode`` (a bug in a plugin must not break the transport that
                 delivers: the sender is told why its frame was refused).
+            SidecarError: Another refusal the serializer raised itself (a ``CapacityError``), as it is.
         """
         serializer = self._by_name.get(header.serializer)
         if serializer is None:

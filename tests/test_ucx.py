@@ -947,18 +947,26 @@ def test_a_rank_away_for_less_than_the_grace_each_time_is_never_lost(monkeypatch
 
     async def story() -> None:
         absences = Absences(cast(Any, Told()))
+        absences.arrived(5, "one")
         absences.broke(5, "one", "reset", {1}, set())
         await asyncio.sleep(0.15)
-        absences.arrived(5, "one", set())  # back in time: only its parts are lost
+        absences.arrived(5, "one")  # back in time: only its parts are lost
         absences.broke(5, "one", "reset again", {2}, set())
         await asyncio.sleep(0.1)  # 0.25 s after the first break
-        absences.arrived(5, "one", set())
+        absences.arrived(5, "one")
         await asyncio.sleep(0.3)
         absences.broke(5, "one", "gone", {3}, set())
         await asyncio.sleep(0.3)  # not back: lost
+        absences.arrived(6, "old")
         absences.broke(6, "old", "reset", set(), set())
-        absences.arrived(6, "new", set())  # restarted while away: lost as it comes
-        absences.arrived(7, "new", {"old"})  # restarted before its old connection broke: lost at once
+        absences.arrived(6, "new")  # restarted while away: lost as it comes
+        absences.arrived(7, "old")
+        absences.arrived(7, "new")  # restarted before its old connection broke: lost at once, once
+        absences.arrived(7, "new")  # the new process connecting again (the old connection still open)
+        absences.broke(7, "old", "stale", {4}, {"new"})  # the old process's connection ends
+        absences.broke(7, "new", "reset", {5}, {"old"})  # a stale connection of the old one does not count
+        await asyncio.sleep(0.3)
+        absences.arrived(8, "one")
         absences.broke(8, "one", "reset", set(), set())
         absences.close()
         await asyncio.sleep(0.3)  # shutting down: no verdict
@@ -970,6 +978,8 @@ def test_a_rank_away_for_less_than_the_grace_each_time_is_never_lost(monkeypatch
         ("peer_lost", 5, "gone"),
         ("peer_lost", 6, "reset; it came back as another process (restarted)"),
         ("peer_lost", 7, "it connected again as another process (restarted)"),
+        ("parts_lost", 7, {4}),
+        ("peer_lost", 7, "reset"),
     ]
 
 

@@ -122,10 +122,11 @@ class Absences:
     """Ranks whose connection in broke, each given :data:`RECONNECT_GRACE` to connect again as the same process.
 
     A rank whose process connects again in time lost only what was arriving over the broken
-    connections (``inbox.parts_lost``); one that does not, or that connects as another process
-    (restarted), is reported lost (``inbox.peer_lost``), the latter as soon as it connects: before
-    any frame of the new process arrives, so that only the old process's receives fail. Several
-    breaks of one process count as one absence, which a reconnection ends.
+    connections (``inbox.parts_lost``); one that does not is reported lost (``inbox.peer_lost``).
+    Several breaks of one process count as one absence, which a reconnection ends. A rank that
+    connects as another process than the one last seen (restarted) has its old process reported
+    lost as it connects, once, before any frame of the new process arrives, so that only the old
+    process's receives fail; connections of the old process that break later lose only their parts.
 
     Concurrency: loop thread only. Closing: :meth:`close` drops every absence without a verdict.
     """
@@ -133,24 +134,27 @@ class Absences:
     def __init__(self, inbox: Inbox) -> None:
         self._inbox = inbox
         self._pending: dict[int, _Absence] = {}
+        #: The process that last connected as each rank.
+        self._current: dict[int, str] = {}
 
     def broke(self, rank: int, incarnation: str, reason: str, messages: set[int], connected: set[str]) -> None:
         """A connection of ``rank``'s process ``incarnation`` broke; ``connected``: the rank's other open ones."""
-        if connected:  # connected again already (a restarted process reported this one lost as it came)
+        if incarnation in connected or self._current.get(rank, incarnation) != incarnation:
+            # The process is still connected, or is not the rank's any more (reported lost as its
+            # successor came): only what was arriving over this connection is lost.
             self._inbox.parts_lost(rank, messages)
             return
         earlier = self._pending.pop(rank, None)
-        if earlier is not None:
+        if earlier is not None:  # an earlier break of the same process, whose absence goes on
             earlier.timer.cancel()
-            if earlier.incarnation == incarnation:
-                messages = messages | earlier.messages
-            else:
-                self._inbox.peer_lost(rank, earlier.reason)
+            messages = messages | earlier.messages
         timer = asyncio.get_running_loop().call_later(RECONNECT_GRACE, self._expire, rank)
         self._pending[rank] = _Absence(incarnation, reason, messages, timer)
 
-    def arrived(self, rank: int, incarnation: str, others: set[str]) -> None:
-        """A connection of ``rank``'s process ``incarnation`` proved itself; ``others``: the rank's other open ones."""
+    def arrived(self, rank: int, incarnation: str) -> None:
+        """A connection of ``rank``'s process ``incarnation`` proved itself and was accepted."""
+        previous = self._current.get(rank)
+        self._current[rank] = incarnation
         absence = self._pending.pop(rank, None)
         if absence is not None:
             absence.timer.cancel()
@@ -158,7 +162,7 @@ class Absences:
                 self._inbox.parts_lost(rank, absence.messages)
             else:
                 self._inbox.peer_lost(rank, f"{absence.reason}; it came back as another process (restarted)")
-        if others - {incarnation}:  # the rank's old process is still connected: its break has not shown yet
+        elif previous not in (None, incarnation):  # the old process's connections have not broken yet
             self._inbox.peer_lost(rank, "it connected again as another process (restarted)")
 
     def _expire(self, rank: int) -> None:
@@ -278,11 +282,13 @@ class Inbound:
             )
             return False
         self.rank, self.incarnation = hello.rank, hello.incarnation
-        self._options.absences.arrived(hello.rank, hello.incarnation, self._others())
         self._ack_tag = transcript.ack_tag(token)
         mine = None if token is None else transcript.proof(token, "listener", self._tag_base)
         reply = wire.Reply(version=wire.VERSION, rank=own, accepted=True, tag_base=self._tag_base, proof=mine)
         await endpoint.stream_send(wire.stream_message(reply))
+        # Accepted; frames are read only from now on. (Before the reply, a process that died while it
+        # was being answered would have ended its own absence without ever being reported lost.)
+        self._options.absences.arrived(hello.rank, hello.incarnation)
         return True
 
     async def _refuse(self, error: str, message: str) -> None:
