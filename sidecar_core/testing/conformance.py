@@ -55,6 +55,8 @@ WAIT = 60.0
 LOST_WAIT = 30.0
 #: Time given to a receive to start waiting before the matching send (the test stays valid without).
 SETTLE = 0.3
+#: How long a receive may wait for what a completed send delivered (it should be there already).
+DELIVERED_WAIT = 5.0
 
 needs_peer: pytest.MarkDecorator = getattr(pytest.mark, NEEDS_PEER)
 
@@ -107,8 +109,15 @@ class TransportConformance:
         peer = dep.peer(1)  # started before anything is sent to it
         id = new_id(name)
         dep.sidecar.send(payload(name), id, [[1]]).result(WAIT)
-        got = peer.call(ops.recv, id)
-        assert got == expected(name), f"{dep.name}: payload {name!r} changed on its way from rank 0 to rank 1"
+        outcome = peer.call(ops.outcome, id, 0, DELIVERED_WAIT)
+        if outcome[0] == "error":
+            pytest.fail(
+                f"{dep.name}: the send of {id!r} to rank 1 completed, but rank 1 could not receive it within "
+                f"{DELIVERED_WAIT:g}s ({outcome[1]}: {outcome[2]}). A send completes only once the receiver's "
+                "inbox holds the frame: deliver it (ctx.inbox.deliver) before acknowledging it"
+            )
+        peer.call(ops.mark_done, id)
+        assert outcome[1] == expected(name), f"{dep.name}: payload {name!r} changed on its way from rank 0 to rank 1"
 
     @pytest.mark.parametrize("name", PAYLOADS)
     def test_round_trip_from_peer(self, sidecar_deployment: Deployment, name: str) -> None:
@@ -117,7 +126,14 @@ class TransportConformance:
         peer = dep.peer(1)  # started before anything is sent to it
         id = new_id(name)
         peer.call(ops.send, name, id, 0)
-        got = fingerprint(dep.sidecar.recv_sync(id, timeout=WAIT))
+        try:
+            got = fingerprint(dep.sidecar.recv_sync(id, timeout=DELIVERED_WAIT))
+        except RecvTimeoutError as exc:
+            pytest.fail(
+                f"{dep.name}: rank 1's send of {id!r} completed, but rank 0 could not receive it within "
+                f"{DELIVERED_WAIT:g}s ({exc}). A send completes only once the receiver's inbox holds the frame: "
+                "deliver it (ctx.inbox.deliver) before acknowledging it"
+            )
         dep.sidecar.mark_done_sync(id)
         assert got == expected(name), f"{dep.name}: payload {name!r} changed on its way from rank 1 to rank 0"
 
