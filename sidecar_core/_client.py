@@ -556,19 +556,25 @@ class Sidecar:
         try:
             transport = transport_cls(ctx)
             await transport.start()
-        except SidecarError:
-            raise
         except Exception as exc:
-            raise self._plugin_failure("start", exc) from exc
+            raise self._sidecar_error("start", exc)  # noqa: B904 - chained by _sidecar_error
         return transport
 
-    def _plugin_failure(self, method: str, exc: Exception) -> PluginError:
-        """What the caller gets for an exception a transport raised that is not a :class:`SidecarError`."""
-        return PluginError(
+    def _sidecar_error(self, method: str, exc: Exception) -> SidecarError:
+        """What the caller gets for an exception the transport raised in ``method``.
+
+        A :class:`SidecarError` as it is; anything else as a :class:`PluginError` naming the transport,
+        the rank and the method, with ``exc`` as its cause.
+        """
+        if isinstance(exc, SidecarError):
+            return exc
+        failure = PluginError(
             f"transport {self.transport_name!r} on rank {self.sidecar_rank} failed in {method}: "
             f"{type(exc).__name__}: {exc}. A transport reports its failures as SidecarErrors; this one escaped it, "
             "a bug of the transport or a failure it does not handle yet: report it to the transport's authors"
         )
+        failure.__cause__ = exc
+        return failure
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -679,8 +685,8 @@ class Sidecar:
                 taken = self._transport.send_nowait(rank, frame, done)
             except BaseException as exc:
                 self._deadlines.discard(future)
-                if isinstance(exc, Exception) and not isinstance(exc, SidecarError):
-                    raise self._plugin_failure("send_nowait", exc) from exc
+                if isinstance(exc, Exception):
+                    raise self._sidecar_error("send_nowait", exc)  # noqa: B904 - chained by _sidecar_error
                 raise
             if taken:
                 return future
@@ -718,10 +724,8 @@ class Sidecar:
         def done(error: Exception | None) -> None:
             if settled:
                 return
-            if error is not None and not isinstance(error, SidecarError):
-                failure = self._plugin_failure("send_nowait", error)
-                failure.__cause__ = error
-                error = failure
+            if error is not None:
+                error = self._sidecar_error("send_nowait", error)
             if self._loop_thread.is_current():
                 settle(error)
             elif self._reports_sends or not future._settle_unless_callbacks(lambda: settle(error)):
@@ -784,13 +788,10 @@ class Sidecar:
             error = self._send_timeout_error(frames[0].header, rank)
             self._report_send(frames[0].header, rank, start, error)
             raise error from None
-        except SidecarError as error:
-            self._report_send(frames[0].header, rank, start, error)
-            raise
         except Exception as exc:
-            failure = self._plugin_failure("send", exc)
+            failure = self._sidecar_error("send", exc)
             self._report_send(frames[0].header, rank, start, failure)
-            raise failure from exc
+            raise failure  # noqa: B904 - chained by _sidecar_error
         self._report_send(frames[0].header, rank, start, None)
 
     def _report_send(self, header: Header, rank: int, start: float, error: BaseException | None) -> None:
@@ -926,13 +927,8 @@ class Sidecar:
             waiter.started.set_result(None)
         try:
             await self._transport.want(id, chunk_id, timeout)
-        except (SidecarError, LookupError) as error:  # LookupError: it can never provide this key
-            settle_waiter(waiter, error=error)
-            return
-        except Exception as exc:
-            failure = self._plugin_failure("want", exc)
-            failure.__cause__ = exc
-            settle_waiter(waiter, error=failure)
+        except Exception as exc:  # a LookupError says it can never provide this key: passed on as it is
+            settle_waiter(waiter, error=exc if isinstance(exc, LookupError) else self._sidecar_error("want", exc))
             return
         except asyncio.CancelledError:  # the receive gave up, or the transport closed under it (shutdown)
             settle_waiter(waiter, error=self._store.closed_error(id, chunk_id))
@@ -1090,19 +1086,23 @@ class Sidecar:
         self._shutdown(None)
 
     def _shutdown(self, timeout: float | None) -> None:
-        """Shut down (not on the loop's thread) in about ``timeout`` seconds at most (``None``: no limit)."""
+        """Shut down (not on the loop's thread) in about ``timeout`` seconds at most.
+
+        ``None``: the transport's ``close`` gets :data:`_CLOSE_LIMIT` seconds, the loop's thread 10 more.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        close_limit = _CLOSE_LIMIT if timeout is None else timeout
         with self._shutting_down:
             if self._closed:
                 return
             self._closed = True
             try:
-                self._loop_thread.call(self._close(), _CLOSE_LIMIT if timeout is None else timeout)
+                self._loop_thread.call(self._close(), close_limit)
             except TimeoutError:
                 logger.error(
                     "%s: the transport did not close within %gs; stopping without it (its resources may leak)",
                     self,
-                    _CLOSE_LIMIT if timeout is None else timeout,
+                    close_limit,
                 )
             except Exception:  # the loop already stopped
                 logger.debug("%s: closing the transport failed", self, exc_info=True)
