@@ -395,6 +395,21 @@ def test_a_small_file_of_a_large_tensor_view_is_refused_before_it_is_copied(env:
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: nothing was copied
 
 
+def test_a_file_holding_a_list_that_contains_itself_is_refused_not_walked_for_ever(env: Env, tmp_path: Path) -> None:
+    # torch.load rebuilds shared and self-containing lists; counting a file's tensor bytes walked
+    # such a list without end, on the sidecar's loop, its memory growing.
+    looped: list[Any] = [torch.ones(4)]
+    looped.append(looped)
+    files = {"looped-0": tmp_path / "looped.pt", "fine-0": tmp_path / "fine.pt"}
+    torch.save(looped, files["looped-0"])
+    torch.save(torch.arange(3), files["fine-0"])
+    env(**mapping_env(files))
+    with mock_sidecar() as sidecar:
+        with pytest.raises(FrameError, match="holds what no serializer takes"):
+            sidecar.recv_sync("looped", timeout=5.0)
+        assert_same(sidecar.recv_sync("fine"), torch.arange(3))  # still serving
+
+
 def test_an_end_marker_that_cannot_be_read_is_a_frame_error(env: Env, tmp_path: Path) -> None:
     env(SIDECAR_MOCK_FILE__DIR=str(tmp_path))
     (tmp_path / "deep.end.json").write_text("[" * 100_000 + "]" * 100_000)

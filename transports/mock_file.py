@@ -548,16 +548,18 @@ def _load(name: str, path: Path) -> object:
 
 
 def _tensor_bytes(obj: object) -> int:
-    """The bytes of every tensor in ``obj`` and the lists, tuples and dicts it holds, once contiguous."""
-    total, pending = 0, [obj]
+    """The bytes of every tensor in ``obj`` and the lists, tuples and dicts it holds, once contiguous.
+
+    Each container is walked once: a loaded file may hold one that contains itself.
+    """
+    total, pending, seen = 0, [obj], set()
     while pending:
         item = pending.pop()
         if isinstance(item, torch.Tensor):
             total += item.numel() * item.element_size()
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
-        elif isinstance(item, dict):
-            pending.extend(item.values())
+        elif isinstance(item, list | tuple | dict) and id(item) not in seen:
+            seen.add(id(item))
+            pending.extend(item.values() if isinstance(item, dict) else item)
     return total
 
 
