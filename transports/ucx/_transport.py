@@ -103,6 +103,12 @@ def _tcp_port(fd: int) -> int | None:
         probe.detach()
 
 
+def _log_failed_reconnection(task: asyncio.Task[Link]) -> None:
+    """Log why connecting again after giving a link up failed (the next send tries again)."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.info("ucx: connecting again after giving a link up failed: %s", task.exception())
+
+
 class UcxTransport(Transport):
     """Frames over UCX; see the module docstring."""
 
@@ -141,8 +147,6 @@ class UcxTransport(Transport):
         self._closed = False
         #: Named in every hello this transport sends: the peers tell a reconnection from a restart by it.
         self._incarnation = wire.new_nonce()
-        #: Connections made again at once after a link was given up (see :meth:`_forget`).
-        self._reconnecting: set[asyncio.Task[Link]] = set()
         #: Ranks whose connection in broke, in their grace to connect again.
         self._absences = Absences(ctx.inbox)
 
@@ -295,13 +299,17 @@ class UcxTransport(Transport):
         link = self._links.get(dst)
         if link is not None and not link.closed:
             return link
+        # Shielded: one cancelled send must not cancel the connection other sends wait for.
+        return await asyncio.shield(self._connection(dst))
+
+    def _connection(self, dst: int) -> asyncio.Task[Link]:
+        """The task connecting to ``dst``, started unless one is under way (loop thread)."""
         task = self._connecting.get(dst)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect(dst), name=f"sidecar-ucx-connect-{dst}")
             self._connecting[dst] = task
             task.add_done_callback(lambda done: self._connected(dst, done))
-        # Shielded: one cancelled send must not cancel the connection other sends wait for.
-        return await asyncio.shield(task)
+        return task
 
     def _connected(self, dst: int, task: asyncio.Task[Link]) -> None:
         if self._connecting.get(dst) is task:
@@ -338,14 +346,7 @@ class UcxTransport(Transport):
         if self._links.get(link.rank) is link:
             del self._links[link.rank]
         if link.given_up and not self._closed:
-            task = asyncio.get_running_loop().create_task(self._link(link.rank))
-            self._reconnecting.add(task)
-            task.add_done_callback(self._reconnected)
-
-    def _reconnected(self, task: asyncio.Task[Link]) -> None:
-        self._reconnecting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.info("ucx: connecting again after giving a link up failed: %s", task.exception())
+            self._connection(link.rank).add_done_callback(_log_failed_reconnection)
 
     def describe_peer(self, rank: int) -> str:
         """``rank N at host:port``, as this sidecar resolves it."""
@@ -362,7 +363,7 @@ class UcxTransport(Transport):
             return
         self._closed = True
         try:
-            for task in [*self._connecting.values(), *self._reconnecting]:
+            for task in list(self._connecting.values()):
                 task.cancel()
             self._absences.close()
             for link in list(self._links.values()):
