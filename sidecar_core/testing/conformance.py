@@ -20,7 +20,7 @@ import concurrent.futures
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import pytest
 
@@ -79,6 +79,15 @@ def raised(call: Callable[[], object]) -> Exception | None:
     return None
 
 
+def _not_delivered(dep: Deployment, id: str, src: int, dst: int, why: str) -> NoReturn:
+    """Fail a test whose send completed although its receiver cannot receive what it sent."""
+    pytest.fail(
+        f"{dep.name}: rank {src}'s send of {id!r} to rank {dst} completed, but rank {dst} could not receive it within "
+        f"{DELIVERED_WAIT:g}s ({why}). A send completes only once the receiver's inbox holds the frame: deliver it "
+        "(ctx.inbox.deliver) before acknowledging it"
+    )
+
+
 def expected(name: str) -> Any:
     """The fingerprint of the payload called ``name``."""
     return fingerprint(payload(name))
@@ -111,11 +120,7 @@ class TransportConformance:
         dep.sidecar.send(payload(name), id, [[1]]).result(WAIT)
         outcome = peer.call(ops.outcome, id, 0, DELIVERED_WAIT)
         if outcome[0] == "error":
-            pytest.fail(
-                f"{dep.name}: the send of {id!r} to rank 1 completed, but rank 1 could not receive it within "
-                f"{DELIVERED_WAIT:g}s ({outcome[1]}: {outcome[2]}). A send completes only once the receiver's "
-                "inbox holds the frame: deliver it (ctx.inbox.deliver) before acknowledging it"
-            )
+            _not_delivered(dep, id, 0, 1, f"{outcome[1]}: {outcome[2]}")
         peer.call(ops.mark_done, id)
         assert outcome[1] == expected(name), f"{dep.name}: payload {name!r} changed on its way from rank 0 to rank 1"
 
@@ -129,11 +134,7 @@ class TransportConformance:
         try:
             got = fingerprint(dep.sidecar.recv_sync(id, timeout=DELIVERED_WAIT))
         except RecvTimeoutError as exc:
-            pytest.fail(
-                f"{dep.name}: rank 1's send of {id!r} completed, but rank 0 could not receive it within "
-                f"{DELIVERED_WAIT:g}s ({exc}). A send completes only once the receiver's inbox holds the frame: "
-                "deliver it (ctx.inbox.deliver) before acknowledging it"
-            )
+            _not_delivered(dep, id, 1, 0, f"RecvTimeoutError: {exc}")
         dep.sidecar.mark_done_sync(id)
         assert got == expected(name), f"{dep.name}: payload {name!r} changed on its way from rank 1 to rank 0"
 
